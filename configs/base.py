@@ -1,0 +1,89 @@
+"""Base config: every field dsjax reads, with defaults. Other configs start from this one.
+
+Override any field from the command line, e.g.
+  python train.py --config=configs/tiny.py --config.model.attention.kind=sparse --config.train.steps=50
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+
+  # ---------------------------------------------------------------- model
+  m = cfg.model = ml_collections.ConfigDict()
+  m.vocab_size = 32256
+  m.hidden_size = 2048
+  m.num_layers = 24
+  m.num_heads = 16
+  m.num_kv_heads = 16          # < num_heads: grouped-query attention; 1: multi-query
+  m.head_dim = 0               # 0: hidden_size // num_heads
+  m.mlp_dim = 5504             # SwiGLU inner size
+  m.norm_eps = 1e-6
+  m.max_positions = 16384
+  m.tie_embeddings = False
+  m.dropout_rate = 0.0
+  m.dtype = 'bfloat16'         # compute dtype of activations and matmuls
+  m.param_dtype = 'float32'    # storage dtype of the (master) parameters
+  m.remat = 'none'             # none | full | dots (save matmul outputs, recompute the rest)
+  m.init_std = 0.02
+
+  p = m.positions = ml_collections.ConfigDict()
+  p.kind = 'rope'              # rope | xl
+  p.rope_theta = 10000.0
+  p.rope_scaling_factor = 1.0  # linear scaling (DeepSeek-Coder uses 4.0): positions / factor
+  p.mem_len = 0                # xl: number of previous hidden states kept per layer as memory
+
+  a = m.attention = ml_collections.ConfigDict()
+  a.kind = 'full'              # full | sparse | routed
+  a.impl = 'reference'         # reference (pure jnp); Pallas kernels plug in behind the same switch
+  a.window = 128               # sparse (and routed with sparse_mask): keys within the last `window` positions
+  a.num_global = 4             # sparse: first tokens of each document every query may attend to (sinks)
+  a.top_k = 4                  # routed: active routed heads per token
+  a.num_shared_heads = 0       # routed: heads always active (the first ones), not routed
+  a.sparse_mask = False        # routed: also apply the sparse window + global mask
+  a.router_aux_weight = 0.01   # routed: weight of the load-balance loss in the training loss
+
+  # ---------------------------------------------------------------- data
+  d = cfg.data = ml_collections.ConfigDict()
+  d.source = 'stdlib'          # stdlib | path to a directory of text files, a .txt or a .jsonl file
+  d.include_stdlib_tests = False
+  d.jsonl_field = 'text'
+  d.validation_fraction = 0.05  # of documents, chosen by a stable hash of the document name
+  d.tokenizer = 'byte'         # byte | path to a Hugging Face tokenizer.json
+  d.seq_len = 2048
+  d.shuffle_seed = 0
+  d.num_threads = 1            # grain read threads
+  d.eval_batches = 16
+
+  # ---------------------------------------------------------------- training
+  t = cfg.train = ml_collections.ConfigDict()
+  t.steps = 1000
+  t.batch_size = 32            # global batch, in sequences
+  t.log_every = 10
+  t.eval_every = 200
+  t.progress_bar = True
+  t.z_loss_weight = 0.0
+  t.workdir = ''               # metrics.jsonl (and later checkpoints) go here; '' = no files
+  t.num_samples = 3            # completions printed at the end of training
+  t.sample_prompts = ('def ', 'import ', 'class ')
+
+  # ---------------------------------------------------------------- optimizer
+  o = cfg.optim = ml_collections.ConfigDict()
+  o.learning_rate = 3e-4
+  o.warmup_steps = 100
+  o.min_lr_ratio = 0.1         # cosine decays to learning_rate * min_lr_ratio
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.01        # not applied to norms and biases
+  o.clip_norm = 1.0
+
+  # ---------------------------------------------------------------- sampling
+  s = cfg.sample = ml_collections.ConfigDict()
+  s.max_new_tokens = 128
+  s.temperature = 0.8          # 0: greedy
+  s.top_k = 0                  # 0: off
+  s.seed = 0
+
+  return cfg
