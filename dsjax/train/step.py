@@ -56,7 +56,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     (_, metrics), grads = grad_fn(state.params, model, batch, dropout_rng, **weights)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
