@@ -1,0 +1,146 @@
+"""Multi-head attention (MHA / GQA / MQA) with full, sparse (window + global) and routed (MoH) kinds.
+
+`attend` is the one dispatch point on `impl`; every implementation takes positions and segment ids, never a
+dense mask, so block-sparse kernels can skip empty blocks.
+"""
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsjax.model.layers import Linear, to_dtype
+from dsjax.model.masks import make_attention_mask
+from dsjax.model.positions import apply_rope, sinusoid_embedding
+from dsjax.model.routing import HeadRouter
+
+ATTENTION_KINDS = ('full', 'sparse', 'routed')
+ATTENTION_IMPLS = ('reference',)
+
+
+class RelativeBias(NamedTuple):
+  """Transformer-XL position term: score += (q + v) . r[q_pos - k_pos]; content uses (q + u) . k."""
+  r: jax.Array  # [L, N, H]: r[d] for distances d = 0..L-1 (larger distances are clipped to L-1)
+  u: jax.Array  # [N, H]
+  v: jax.Array  # [N, H]
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                        q_seg: jax.Array, k_seg: jax.Array, *, window: int | None = None,
+                        num_global: int = 0, gates: jax.Array | None = None,
+                        rel: RelativeBias | None = None, scale: float | None = None) -> jax.Array:
+  """Pure-jnp masked softmax attention; softmax in float32.
+
+  Args:
+    q: [B, T, N, H]. k, v: [B, S, K, H] with K dividing N (query head n uses kv head n // (N // K)).
+    q_pos, q_seg: int [B, T]; k_pos, k_seg: int [B, S] (see `make_attention_mask`).
+    window, num_global: sparse mask parameters (window None = causal only).
+    gates: optional [B, T, N] per-head output multipliers (routed attention).
+    rel: optional Transformer-XL relative position term.
+    scale: score scale, default 1/sqrt(H).
+  Returns:
+    [B, T, N, H] in v.dtype. Queries with no visible key return zeros.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  scale = h ** -0.5 if scale is None else scale
+  qg = q.reshape(b, t, kh, g, h)
+  q_content = qg if rel is None else qg + rel.u.reshape(kh, g, h).astype(q.dtype)
+  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q_content, k, preferred_element_type=jnp.float32)
+  if rel is not None:
+    length = rel.r.shape[0]
+    q_position = qg + rel.v.reshape(kh, g, h).astype(q.dtype)
+    by_distance = jnp.einsum('BTKGH,LKGH->BKGTL', q_position, rel.r.reshape(length, kh, g, h).astype(q.dtype),
+                             preferred_element_type=jnp.float32)
+    distance = jnp.clip(q_pos[:, :, None] - k_pos[:, None, :], 0, length - 1)  # [B, T, S]
+    scores += jnp.take_along_axis(by_distance, distance[:, None, None], axis=-1)
+  mask = make_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global)[:, None, None]
+  scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v).reshape(b, t, n, h)
+  if gates is not None:
+    out = out * gates[..., None].astype(out.dtype)
+  return out
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
+           k_seg: jax.Array, *, impl: str = 'reference', **kwargs) -> jax.Array:
+  """Dispatches to the attention implementation named by `impl` (same arguments as reference_attention)."""
+  if impl == 'reference':
+    return reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kwargs)
+  raise ValueError(f'model.attention.impl: unknown {impl!r}, expected one of {ATTENTION_IMPLS}')
+
+
+def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int]:
+  """(window, num_global) for the configured attention kind; (None, 0) means plain causal."""
+  a = attention_cfg
+  if a.kind not in ATTENTION_KINDS:
+    raise ValueError(f'model.attention.kind: unknown {a.kind!r}, expected one of {ATTENTION_KINDS}')
+  if a.kind == 'sparse' or (a.kind == 'routed' and a.sparse_mask):
+    return a.window, a.num_global
+  return None, 0
+
+
+def head_dim_of(cfg: ml_collections.ConfigDict) -> int:
+  """cfg.head_dim, or hidden_size // num_heads when it is 0."""
+  return cfg.head_dim or cfg.hidden_size // cfg.num_heads
+
+
+class Attention(nn.Module):
+  """Attention block body: projections, RoPE or XL encoding, masked attention, optional head routing.
+
+  `cfg` is the `model` config section.
+  """
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               memory: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Attention over x [B, T, D] with positions, segment_ids int [B, T].
+
+    memory: optional (hidden [B, M, D], positions [B, M], segment ids [B, M]) prepended to the keys/values.
+    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed).
+    """
+    cfg, a = self.cfg, self.cfg.attention
+    d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, head_dim_of(cfg)
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
+
+    kv_in, k_pos, k_seg = x, positions, segment_ids
+    if memory is not None:
+      mem_hidden, mem_pos, mem_seg = memory
+      kv_in = jnp.concatenate([mem_hidden.astype(x.dtype), x], axis=1)
+      k_pos = jnp.concatenate([mem_pos, positions], axis=1)
+      k_seg = jnp.concatenate([mem_seg, segment_ids], axis=1)
+
+    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **kw)(x)
+    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw)(kv_in)
+    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw)(kv_in)
+
+    rel = None
+    if cfg.positions.kind == 'rope':
+      rope = dict(theta=cfg.positions.rope_theta, scaling_factor=cfg.positions.rope_scaling_factor)
+      q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
+    elif cfg.positions.kind == 'xl':
+      zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))
+      u = self.param('u_bias', zeros, (n, h), param_dtype)
+      vb = self.param('v_bias', zeros, (n, h), param_dtype)
+      # 0..S-1 covers every visible distance when positions step by 1 within a document.
+      distances = jnp.arange(k.shape[1])
+      r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
+                 **kw)(sinusoid_embedding(distances, d))
+      rel = RelativeBias(r, u, vb)
+    else:
+      raise ValueError(f'model.positions.kind: unknown {cfg.positions.kind!r}, expected rope or xl')
+
+    window, num_global = mask_args(a)
+    gates, router_loss = None, jnp.zeros((), jnp.float32)
+    if a.kind == 'routed':
+      gates, router_loss = HeadRouter(n, a.num_shared_heads, a.top_k, cfg.init_std, param_dtype,
+                                      name='router')(x, segment_ids > 0)
+    out = attend(q, k, v, positions, k_pos, segment_ids, k_seg, impl=a.impl, window=window,
+                 num_global=num_global, gates=gates, rel=rel)
+    out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw)(out)
+    return out, router_loss

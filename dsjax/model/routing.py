@@ -1,0 +1,63 @@
+"""Mixture-of-Head routing: a linear router picks the top-k heads per token and gates their outputs."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsjax.model.layers import normal_init
+
+
+def route(probs: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k selection over routed heads.
+
+  Args:
+    probs: float32 [B, T, R] router probabilities (softmax over the R routed heads).
+  Returns:
+    gates [B, T, R]: top_k * p_i / sum_{active} p_j on the top_k heads, exactly 0 elsewhere (active gates
+      sum to top_k, so the average active weight is 1 as in plain multi-head attention).
+    active: bool [B, T, R].
+  """
+  _, idx = jax.lax.top_k(probs, top_k)
+  active = jnp.any(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.bool_), axis=-2)
+  selected = jnp.where(active, probs, 0.0)
+  gates = top_k * selected / jnp.sum(selected, axis=-1, keepdims=True)
+  return gates, active
+
+
+def load_balance_loss(probs: jax.Array, active: jax.Array, valid: jax.Array, top_k: int) -> jax.Array:
+  """Switch-Transformer load-balance loss R * sum_i f_i P_i over valid tokens; 1.0 when use is uniform.
+
+  f_i = (valid tokens routed to head i) / (top_k * n_valid), without gradient; P_i = mean router prob.
+  Args:
+    probs: float32 [B, T, R]. active: bool [B, T, R]. valid: bool [B, T].
+  """
+  num_routed = probs.shape[-1]
+  w = valid.astype(jnp.float32)[..., None]
+  n_valid = jnp.maximum(jnp.sum(w), 1.0)
+  f = jax.lax.stop_gradient(jnp.sum(active * w, axis=(0, 1)) / (top_k * n_valid))
+  p = jnp.sum(probs * w, axis=(0, 1)) / n_valid
+  return num_routed * jnp.sum(f * p)
+
+
+class HeadRouter(nn.Module):
+  """Per-token head gates: x [B, T, D] -> (gates float32 [B, T, N], load-balance loss float32 scalar).
+
+  The first `num_shared_heads` heads are always active with gate 1; the remaining N_r are routed.
+  """
+  num_heads: int
+  num_shared_heads: int
+  top_k: int
+  init_std: float = 0.02
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    num_routed = self.num_heads - self.num_shared_heads
+    kernel = self.param('kernel', normal_init(self.init_std, ('embed', 'heads')),
+                        (x.shape[-1], num_routed), self.param_dtype)
+    logits = jnp.einsum('BTD,DR->BTR', x.astype(jnp.float32), kernel.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, active = route(probs, self.top_k)
+    shared = jnp.ones(gates.shape[:-1] + (self.num_shared_heads,), gates.dtype)
+    return jnp.concatenate([shared, gates], axis=-1), load_balance_loss(probs, active, valid, self.top_k)

@@ -1,0 +1,135 @@
+"""LLaMA-style decoder: embedding, a scanned stack of pre-norm blocks, final norm, LM head; XL memory."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsjax.model.attention import Attention, head_dim_of
+from dsjax.model.layers import MLP, Embedder, Linear, RMSNorm, to_dtype
+
+Memory = dict[str, jax.Array]  # hidden [L, B, M, D], positions [B, M] int32, segment_ids [B, M] int32
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing, recompute the whole block
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the `model.*` field that the model cannot be built with."""
+  if cfg.num_heads % cfg.num_kv_heads:
+    raise ValueError(f'model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}')
+  if not cfg.head_dim and cfg.hidden_size % cfg.num_heads:
+    raise ValueError(f'model.num_heads={cfg.num_heads} must divide model.hidden_size={cfg.hidden_size}')
+  if head_dim_of(cfg) % 2 and cfg.positions.kind == 'rope':
+    raise ValueError(f'model.head_dim={head_dim_of(cfg)} must be even for RoPE')
+  if cfg.positions.kind == 'xl' and cfg.hidden_size % 2:
+    raise ValueError(f'model.hidden_size={cfg.hidden_size} must be even for xl positions')
+  if cfg.remat not in ('none', *REMAT_POLICIES):
+    raise ValueError(f'model.remat: unknown {cfg.remat!r}, expected none, full or dots')
+  a = cfg.attention
+  if a.kind in ('sparse',) or (a.kind == 'routed' and a.sparse_mask):
+    if a.window < 1:
+      raise ValueError(f'model.attention.window={a.window} must be >= 1')
+  if a.kind == 'routed' and not 1 <= a.top_k <= cfg.num_heads - a.num_shared_heads:
+    raise ValueError(f'model.attention.top_k={a.top_k} must be in [1, num_heads - num_shared_heads]')
+
+
+def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
+  """True when the model carries Transformer-XL memory (positions.kind 'xl' and mem_len > 0)."""
+  return cfg.positions.kind == 'xl' and cfg.positions.mem_len > 0
+
+
+def init_memory(cfg: ml_collections.ConfigDict, batch_size: int, dtype: Any = None) -> Memory:
+  """Empty XL memory for the `model` config: all slots carry segment id -1, so no query sees them."""
+  m = cfg.positions.mem_len
+  return dict(
+      hidden=jnp.zeros((cfg.num_layers, batch_size, m, cfg.hidden_size), to_dtype(dtype or cfg.dtype)),
+      positions=jnp.zeros((batch_size, m), jnp.int32),
+      segment_ids=jnp.full((batch_size, m), -1, jnp.int32))
+
+
+class Block(nn.Module):
+  """x + attention(rmsnorm(x)); x + mlp(rmsnorm(x)). Called by nn.scan: (x, per-layer memory) -> (x, out)."""
+  cfg: ml_collections.ConfigDict
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mem_hidden: jax.Array | None, positions: jax.Array,
+               segment_ids: jax.Array, mem_pos: jax.Array | None, mem_seg: jax.Array | None):
+    cfg = self.cfg
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    attn_norm = RMSNorm(name='attn_norm', **norm)
+    # Memory holds raw layer inputs; keys/values see them through the same norm as the current inputs.
+    memory = None if mem_hidden is None else (attn_norm(mem_hidden), mem_pos, mem_seg)
+
+    h, router_loss = Attention(cfg, name='attention')(attn_norm(x), positions, segment_ids, memory)
+    y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
+            name='mlp')(RMSNorm(name='mlp_norm', **norm)(y))
+    y = y + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+
+    new_mem = None
+    if mem_hidden is not None:  # keep the last M layer inputs of (old memory, this segment)
+      m = mem_hidden.shape[1]
+      new_mem = jax.lax.stop_gradient(
+          jnp.concatenate([mem_hidden, x.astype(mem_hidden.dtype)], axis=1)[:, -m:])
+    return y, (router_loss, new_mem)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. `cfg` is the `model` config section.
+
+  apply({'params': p}, tokens [B, T], positions [B, T], segment_ids=None, memory=None, deterministic=True)
+  -> (logits float32 [B, T, V], aux dict(router_loss=float32 scalar, memory=Memory | None)).
+  Positions restart at 0 in each document; segment_ids None means one document per row; 0 marks padding.
+  """
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+               memory: Memory | None = None, deterministic: bool = True) -> tuple[jax.Array, dict[str, Any]]:
+    cfg = self.cfg
+    validate(cfg)
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    positions = positions.astype(jnp.int32)
+    segment_ids = jnp.ones_like(positions) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+    if uses_memory(cfg):
+      memory = init_memory(cfg, tokens.shape[0], dtype) if memory is None else memory
+      mem_hidden, mem_pos, mem_seg = memory['hidden'], memory['positions'], memory['segment_ids']
+    elif memory is not None:
+      raise ValueError('memory given, but the model has none (needs positions.kind=xl and mem_len > 0)')
+    else:
+      mem_hidden = mem_pos = mem_seg = None
+
+    embedder = Embedder(cfg.vocab_size, cfg.hidden_size, cfg.init_std, dtype, param_dtype, name='embedder')
+    x = embedder.encode(tokens)
+
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, (router_losses, new_hidden) = stack(cfg, deterministic, name='layers')(
+        x, mem_hidden, positions, segment_ids, mem_pos, mem_seg)
+
+    x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embedder.decode(x)
+    else:
+      logits = Linear((cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), 'BTD,DV->BTV', cfg.init_std,
+                      dtype, param_dtype, preferred_element_type=jnp.float32, name='lm_head')(x)
+
+    new_memory = None
+    if mem_hidden is not None:
+      m = cfg.positions.mem_len
+      new_memory = dict(
+          hidden=new_hidden,
+          positions=jax.lax.stop_gradient(jnp.concatenate([mem_pos, positions], axis=1)[:, -m:]),
+          segment_ids=jax.lax.stop_gradient(jnp.concatenate([mem_seg, segment_ids], axis=1)[:, -m:]))
+    return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory)
