@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dsjax import config as config_lib
 from dsjax.model.layers import Linear, to_dtype
 from dsjax.model.masks import make_attention_mask
 from dsjax.model.positions import apply_rope, sinusoid_embedding
 from dsjax.model.routing import HeadRouter
 
-ATTENTION_KINDS = ('full', 'sparse', 'routed')
-ATTENTION_IMPLS = ('reference',)
 
 
 class RelativeBias(NamedTuple):
@@ -70,22 +69,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   """Dispatches to the attention implementation named by `impl` (same arguments as reference_attention)."""
   if impl == 'reference':
     return reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kwargs)
-  raise ValueError(f'model.attention.impl: unknown {impl!r}, expected one of {ATTENTION_IMPLS}')
+  raise ValueError(f'model.attention.impl: unknown {impl!r}, expected one of {config_lib.ATTENTION_IMPLS}')
 
 
 def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int]:
   """(window, num_global) for the configured attention kind; (None, 0) means plain causal."""
   a = attention_cfg
-  if a.kind not in ATTENTION_KINDS:
-    raise ValueError(f'model.attention.kind: unknown {a.kind!r}, expected one of {ATTENTION_KINDS}')
   if a.kind == 'sparse' or (a.kind == 'routed' and a.sparse_mask):
     return a.window, a.num_global
   return None, 0
-
-
-def head_dim_of(cfg: ml_collections.ConfigDict) -> int:
-  """cfg.head_dim, or hidden_size // num_heads when it is 0."""
-  return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
 
 class Attention(nn.Module):
@@ -104,7 +96,7 @@ class Attention(nn.Module):
     Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed).
     """
     cfg, a = self.cfg, self.cfg.attention
-    d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, head_dim_of(cfg)
+    d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, config_lib.head_dim(cfg)
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
 

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsjax.model.attention import Attention, head_dim_of
+from dsjax import config as config_lib
+from dsjax.model.attention import Attention
 from dsjax.model.layers import MLP, Embedder, Linear, RMSNorm, to_dtype
 
 Memory = dict[str, jax.Array]  # hidden [L, B, M, D], positions [B, M] int32, segment_ids [B, M] int32
@@ -15,26 +16,6 @@ REMAT_POLICIES = {
     'full': None,  # save nothing, recompute the whole block
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the `model.*` field that the model cannot be built with."""
-  if cfg.num_heads % cfg.num_kv_heads:
-    raise ValueError(f'model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}')
-  if not cfg.head_dim and cfg.hidden_size % cfg.num_heads:
-    raise ValueError(f'model.num_heads={cfg.num_heads} must divide model.hidden_size={cfg.hidden_size}')
-  if head_dim_of(cfg) % 2 and cfg.positions.kind == 'rope':
-    raise ValueError(f'model.head_dim={head_dim_of(cfg)} must be even for RoPE')
-  if cfg.positions.kind == 'xl' and cfg.hidden_size % 2:
-    raise ValueError(f'model.hidden_size={cfg.hidden_size} must be even for xl positions')
-  if cfg.remat not in ('none', *REMAT_POLICIES):
-    raise ValueError(f'model.remat: unknown {cfg.remat!r}, expected none, full or dots')
-  a = cfg.attention
-  if a.kind in ('sparse',) or (a.kind == 'routed' and a.sparse_mask):
-    if a.window < 1:
-      raise ValueError(f'model.attention.window={a.window} must be >= 1')
-  if a.kind == 'routed' and not 1 <= a.top_k <= cfg.num_heads - a.num_shared_heads:
-    raise ValueError(f'model.attention.top_k={a.top_k} must be in [1, num_heads - num_shared_heads]')
 
 
 def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
@@ -93,7 +74,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                memory: Memory | None = None, deterministic: bool = True) -> tuple[jax.Array, dict[str, Any]]:
     cfg = self.cfg
-    validate(cfg)
+    config_lib.validate_model(cfg)
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     positions = positions.astype(jnp.int32)
     segment_ids = jnp.ones_like(positions) if segment_ids is None else segment_ids.astype(jnp.int32)

@@ -1,7 +1,6 @@
 """The minimal sampler against a naive decode loop (one growing sequence, one full forward per token)."""
 import os
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from dsjax import config as config_lib
 from dsjax.model import Transformer
 from dsjax.sample import sampler
+from tests.model import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,36 +17,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def tiny_model(kind='full', positions='rope'):
   cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py')).model
   cfg.unlock()
-  cfg.update(dict(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
-                  init_std=0.5))
+  cfg.update(dict(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48))
   cfg.attention.kind = kind
   cfg.attention.window = 3
   cfg.attention.num_global = 1
   cfg.attention.top_k = 2
   cfg.positions.kind = positions
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32),
-                                    jnp.arange(8, dtype=jnp.int32)[None])['params'])
+  shapes = helpers.init_shapes(model, jnp.zeros((1, 8), jnp.int32), jnp.arange(8, dtype=jnp.int32)[None])
+  params = helpers.random_like(shapes, seed=1, std=0.5)
   return model, params
 
 
 def naive_greedy(model, params, prompt, steps, vocab_limit):
+  """One growing sequence, a full forward pass per new token (compiled per length, cheaply)."""
+  forward = helpers.jit(lambda p, x: model.apply({'params': p}, x, jnp.arange(x.shape[1], dtype=jnp.int32)[None]))
   tokens = list(prompt)
   for _ in range(steps):
-    x = jnp.asarray([tokens], jnp.int32)
-    logits, _ = model.apply({'params': params}, x, jnp.arange(len(tokens), dtype=jnp.int32)[None])
+    logits, _ = forward(params, jnp.asarray([tokens], jnp.int32))
     tokens.append(int(np.argmax(np.asarray(logits[0, -1, :vocab_limit]))))
   return tokens[len(prompt):]
 
 
-@pytest.mark.parametrize('kind, positions', [('full', 'rope'), ('sparse', 'rope'), ('routed', 'rope'),
-                                             ('full', 'xl')])
+# The buffer trick relies on causality, which tests/model checks for every kind; two kinds suffice here.
+@pytest.mark.parametrize('kind, positions', [('sparse', 'rope'), ('routed', 'xl')])
 def test_greedy_matches_naive_decoding_for_ragged_prompts(kind, positions):
   model, params = tiny_model(kind, positions)
-  prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7]]
-  got = sampler.generate(model, params, prompts, jax.random.key(0), max_new_tokens=6, temperature=0.0,
+  prompts = [[1, 2, 3, 4, 5], [7], [9, 8]]
+  got = sampler.generate(model, params, prompts, jax.random.key(0), max_new_tokens=5, temperature=0.0,
                          vocab_limit=35)
-  assert got == [naive_greedy(model, params, p, 6, 35) for p in prompts]
+  assert got == [naive_greedy(model, params, p, 5, 35) for p in prompts]
 
 
 def test_rows_stop_at_eos_and_drop_it():
