@@ -13,6 +13,7 @@ _CONFIG = cli.define_config_flag('configs/tiny.py')
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.quiet_logging()
   cfg = cli.resolve_config(_CONFIG)
   from dsjax.train import loop  # imported after flag parsing so that bad flags fail fast
   try:

@@ -11,6 +11,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from absl import flags
+from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -36,6 +37,13 @@ def _unknown_field_message(error: Exception, argv: Sequence[str]) -> str:
     if flag.startswith('config.') and re.search(rf'(^|\.){re.escape(key)}(\.|$)', flag[len('config.'):]):
       return f'unknown config field {flag}{hint}'
   return f'unknown config field {key!r}{hint}'
+
+
+def quiet_logging() -> None:
+  """Shows warnings and errors only, unless `--verbosity` was given (absl's default, INFO, prints every
+  accelerator backend JAX probes and fails to find). Call after flag parsing."""
+  if not flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def define_config_flag(default: str, name: str = 'config') -> flags.FlagHolder:

@@ -117,9 +117,11 @@ def run_train(*args):
     (['--config.model.num_heads=7'], 'model.num_heads'),
     (['--config.model.attention.kind=dense'], 'model.attention.kind'),
     (['--config=configs/missing.py'], 'configs/missing.py'),
+    (['--config.data.source=/no/such/corpus'], '/no/such/corpus'),
+    (['--config.data.source=EMPTY_DIR'], 'config.data.source'),
 ])
-def test_cli_errors_are_one_line_and_name_the_problem(args, fragment):
-  result = run_train(*args)
+def test_cli_errors_are_one_line_and_name_the_problem(args, fragment, tmp_path):
+  result = run_train(*[a.replace('EMPTY_DIR', str(tmp_path)) for a in args])
   assert result.returncode == 2, result.stderr
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], result.stderr

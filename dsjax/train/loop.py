@@ -58,16 +58,20 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   token_bytes = np.zeros((cfg.model.vocab_size,), np.int32)
   token_bytes[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
 
+  try:
+    train_iter = iter(pipeline.make_dataset(
+        cfg.data, tokenizer, split='train', batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count(), repeat=True))
+    eval_batches = load_eval_batches(cfg, tokenizer)
+  except ValueError as e:  # an empty source or split: name the config field that points at it
+    raise config_lib.ConfigError(f'config.data.source={cfg.data.source!r}: {e}') from e
+
   model = Transformer(cfg.model)
   optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
   init_rng, dropout_rng, sample_rng = jax.random.split(jax.random.key(cfg.seed), 3)
   state = state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len)
   num_params = state_lib.param_count(state.params)
 
-  train_iter = iter(pipeline.make_dataset(
-      cfg.data, tokenizer, split='train', batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count(), repeat=True))
-  eval_batches = load_eval_batches(cfg, tokenizer)
   train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes)))
   unigram = metrics_lib.UnigramBaseline(cfg.model.vocab_size)
