@@ -102,3 +102,19 @@ def test_train_py_runs_with_command_line_overrides():
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'attention=sparse' in result.stdout + result.stderr
   assert 'final held-out loss' in result.stdout and '--- sample ---' in result.stdout
+
+
+@pytest.mark.slow
+def test_default_train_py_run_beats_unigram_by_a_wide_margin(tmp_path):
+  """The README's first command, as users run it (about 7 minutes on 2 cores)."""
+  result = subprocess.run([sys.executable, 'train.py', f'--config.train.workdir={tmp_path}',
+                           '--config.train.progress_bar=False'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  final = [r for r in records if r['split'] == 'validation'][-1]
+  cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py'))
+  from dsjax.data import tokenizer as tokenizer_lib
+  unigram_nats = byte_unigram_nats(cfg, loop.load_eval_batches(cfg, tokenizer_lib.load_tokenizer('byte')))
+  assert final['loss'] < unigram_nats - 1.0, (final, unigram_nats)
+  assert result.stdout.count('--- sample ---') == cfg.train.num_samples
