@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.jsonl_field = 'text'
   d.validation_fraction = 0.05  # of documents, chosen by a stable hash of the document name
   d.tokenizer = 'byte'         # byte | path to a Hugging Face tokenizer.json
+  d.bos_token = ''             # HF tokenizers: names of the special tokens ('' = the usual names)
+  d.eos_token = ''
+  d.pad_token = ''
   d.seq_len = 2048
   d.shuffle_seed = 0
   d.num_threads = 1            # grain read threads
@@ -65,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.progress_bar = True
   t.z_loss_weight = 0.0
   t.workdir = ''               # metrics.jsonl (and later checkpoints) go here; '' = no files
+  t.init_from = ''             # a dsjax checkpoint directory (e.g. from dsjax.convert.hf) to start from
   t.num_samples = 3            # completions printed at the end of training
   t.sample_prompts = ('def ', 'import ', 'class ')
 
@@ -78,6 +82,23 @@ def get_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.01        # not applied to norms and biases
   o.clip_norm = 1.0
+
+  # ---------------------------------------------------------------- device mesh
+  me = cfg.mesh = ml_collections.ConfigDict()
+  me.data = -1                 # -1: all devices not used by the other axes
+  me.fsdp = 1
+  me.tensor = 1
+  # Logical parameter/activation axis -> mesh axes (None: replicated). Model code names axes, never devices.
+  me.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('head_dim', None),
+      ('layers', None),
+  )
 
   # ---------------------------------------------------------------- sampling
   s = cfg.sample = ml_collections.ConfigDict()

@@ -127,6 +127,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail('optim.min_lr_ratio', cfg.optim.min_lr_ratio, 'must be <= 1')
   if not 0 < cfg.data.validation_fraction < 1:
     _fail('data.validation_fraction', cfg.data.validation_fraction, 'must be in (0, 1)')
+  if cfg.train.init_from and not os.path.isdir(cfg.train.init_from):
+    _fail('train.init_from', cfg.train.init_from, 'must be a dsjax checkpoint directory')
   if cfg.data.tokenizer != 'byte' and not os.path.exists(cfg.data.tokenizer):
     _fail('data.tokenizer', cfg.data.tokenizer, "must be 'byte' or the path of a tokenizer.json file")
 

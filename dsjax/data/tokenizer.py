@@ -157,6 +157,12 @@ def load_tokenizer(spec: str, **kwargs: Any) -> Tokenizer:
   return HFTokenizer(path, **kwargs)
 
 
+def from_config(data_cfg: Any) -> Tokenizer:
+  """The tokenizer of a `data` config section (spec plus optional special-token names)."""
+  names = {f'{role}_token': data_cfg.get(f'{role}_token') or None for role in ('bos', 'eos', 'pad')}
+  return load_tokenizer(data_cfg.tokenizer, **({} if data_cfg.tokenizer == 'byte' else names))
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, *, pad_token: str = '<pad>',
               bos_token: str = '<s>', eos_token: str = '</s>', min_frequency: int = 2,
               show_progress: bool = False) -> HFTokenizer:

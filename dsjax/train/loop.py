@@ -20,6 +20,7 @@ from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.sample import sampler
+from dsjax.train import checkpoint
 from dsjax.train import metrics as metrics_lib
 from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import state as state_lib
@@ -51,7 +52,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   `unigram` (baseline on the same eval batches), `samples` and timings.
   """
   start_time = time.time()
-  tokenizer = tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
+  tokenizer = tokenizer_lib.from_config(cfg.data)
   if cfg.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(f'config.model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer\'s '
                      f'{tokenizer.vocab_size} ids')
@@ -69,7 +70,10 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   model = Transformer(cfg.model)
   optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
   init_rng, dropout_rng, sample_rng = jax.random.split(jax.random.key(cfg.seed), 3)
-  state = state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len)
+  if cfg.train.init_from:
+    state = state_lib.train_state_from_params(initial_params(cfg), optimizer)
+  else:
+    state = state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len)
   num_params = state_lib.param_count(state.params)
 
   train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), donate_argnums=0)
@@ -125,6 +129,17 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       'final_eval': final, 'unigram': baseline, 'samples': samples, 'train_seconds': train_time,
       'total_seconds': time.time() - start_time,
   }
+
+
+def initial_params(cfg: ml_collections.ConfigDict) -> Any:
+  """The params of the checkpoint `train.init_from`, checked against `cfg.model` (any mismatch names the field)."""
+  saved = checkpoint.load_config(cfg.train.init_from).model
+  for field in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+                'tie_embeddings'):
+    if saved[field] != cfg.model[field]:
+      raise config_lib.ConfigError(f'config.model.{field}={cfg.model[field]!r}: the checkpoint in '
+                                   f'train.init_from={cfg.train.init_from!r} has {saved[field]!r}')
+  return checkpoint.load_params(cfg.train.init_from, cfg.model)
 
 
 def complete(model, params: Any, tokenizer, prompts: list[str], rng: jax.Array,

@@ -28,7 +28,11 @@ def init_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
 def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
                      seq_len: int) -> TrainState:
   """A fresh state: unboxed params and the optimizer state built from them."""
-  params = nn.meta.unbox(init_params(model, rng, seq_len))
+  return train_state_from_params(nn.meta.unbox(init_params(model, rng, seq_len)), optimizer)
+
+
+def train_state_from_params(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  """A state at step 0 around existing params (e.g. an imported checkpoint), with a fresh optimizer state."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 

@@ -1,0 +1,1 @@
+"""Converters between dsjax checkpoints and other ecosystems (Hugging Face safetensors)."""

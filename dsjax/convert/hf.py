@@ -1,0 +1,482 @@
+"""Hugging Face LlamaForCausalLM / DeepSeek-Coder checkpoints <-> dsjax checkpoints.
+
+  python -m dsjax.convert.hf import <hf_dir> <dsjax_dir> [--param_dtype=float32] [--config=configs/base.py]
+  python -m dsjax.convert.hf export <dsjax_dir> <hf_dir> [--dtype=bfloat16] [--max_shard_size=5GB]
+
+Import reads `config.json`, the safetensors weights (one file or shards listed in `model.safetensors.index.json`)
+and the tokenizer files, and writes a dsjax checkpoint (dsjax.train.checkpoint) that `train.py` and the sampler
+load directly. Tensors are read one at a time (memory-mapped by safetensors) into one stacked [layers, ...] buffer
+per parameter, which is then placed on the mesh shard by shard and dropped, so host memory never holds a second
+copy of the model. Export streams the other way, one output shard at a time, and writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+The tensor mapping is hand-written: it is the contract between two parameter layouts, which no library knows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dsjax import config as config_lib
+from dsjax import sharding as sharding_lib
+from dsjax.train import checkpoint
+
+SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM',)
+SUPPORTED_MODEL_TYPES = ('llama',)
+INDEX_FILE = 'model.safetensors.index.json'
+SINGLE_FILE = 'model.safetensors'
+ORIGINAL_CONFIG = 'hf_config.json'  # the imported config.json, kept in the dsjax checkpoint
+# Tensors some exporters add that carry no learned state.
+_IGNORED_TENSORS = re.compile(r'.*\.rotary_emb\.inv_freq$')
+_DTYPES = {'float32': np.dtype(np.float32), 'float16': np.dtype(np.float16),
+           'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted; the message names the file, field or tensor."""
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+def _rope(hf: dict[str, Any]) -> tuple[float, float]:
+  """(theta, linear scaling factor) from either transformers 4 (`rope_theta`, `rope_scaling`) or 5
+  (`rope_parameters`) style config.json files."""
+  params = hf.get('rope_parameters') or {}
+  scaling = hf.get('rope_scaling') or params
+  theta = float(hf.get('rope_theta') or params.get('rope_theta') or 10000.0)
+  kind = scaling.get('rope_type', scaling.get('type', 'default')) if scaling else 'default'
+  if kind == 'default':
+    return theta, 1.0
+  if kind != 'linear':
+    raise ConversionError(f"config.json: rope_scaling type {kind!r} is not supported (dsjax implements 'linear' "
+                          'position interpolation, as DeepSeek-Coder uses)')
+  return theta, float(scaling['factor'])
+
+
+def model_config_from_hf(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The dsjax `model` section for a HF LLaMA config.json (dict), starting from `base` (a model section)."""
+  architectures = hf.get('architectures') or []
+  if hf.get('model_type') not in SUPPORTED_MODEL_TYPES or not set(architectures) <= set(SUPPORTED_ARCHITECTURES):
+    raise ConversionError(f'config.json: model_type={hf.get("model_type")!r}, architectures={architectures} is not '
+                          f'supported (supported: {SUPPORTED_ARCHITECTURES}, model_type llama)')
+  for field, wanted in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False),
+                        ('pretraining_tp', 1)):
+    if field in hf and hf[field] not in (wanted, None):
+      raise ConversionError(f'config.json: {field}={hf[field]!r} is not supported (dsjax needs {wanted!r})')
+  for field in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
+    if field not in hf:
+      raise ConversionError(f'config.json: required field {field!r} is missing')
+  theta, factor = _rope(hf)
+  m = ml_collections.ConfigDict(base.to_dict())
+  heads = int(hf['num_attention_heads'])
+  head_dim = int(hf.get('head_dim') or hf['hidden_size'] // heads)
+  m.update(dict(
+      vocab_size=int(hf['vocab_size']), hidden_size=int(hf['hidden_size']), mlp_dim=int(hf['intermediate_size']),
+      num_layers=int(hf['num_hidden_layers']), num_heads=heads,
+      num_kv_heads=int(hf.get('num_key_value_heads') or heads),
+      head_dim=0 if head_dim * heads == hf['hidden_size'] else head_dim,
+      norm_eps=float(hf.get('rms_norm_eps', 1e-6)), max_positions=int(hf.get('max_position_embeddings', 4096)),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False))))
+  m.positions.update(dict(kind='rope', rope_theta=theta, rope_scaling_factor=factor, mem_len=0))
+  m.attention.kind = 'full'
+  try:
+    config_lib.validate_model(m)
+  except config_lib.ConfigError as e:
+    raise ConversionError(f'config.json gives an impossible model: {e}') from e
+  return m
+
+
+def hf_config_from_model(m: ml_collections.ConfigDict, *, dtype: str, bos_token_id: int | None,
+                         eos_token_id: int | None, pad_token_id: int | None) -> dict[str, Any]:
+  """A LlamaForCausalLM config.json dict for a dsjax `model` section (full attention, RoPE positions only)."""
+  if m.positions.kind != 'rope' or m.attention.kind != 'full':
+    raise ConversionError(f'only full attention with RoPE exports to LlamaForCausalLM; this model has '
+                          f'model.attention.kind={m.attention.kind!r}, model.positions.kind={m.positions.kind!r}')
+  factor = float(m.positions.rope_scaling_factor)
+  scaling = None if factor == 1.0 else {'type': 'linear', 'rope_type': 'linear', 'factor': factor}
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': m.vocab_size,
+      'hidden_size': m.hidden_size, 'intermediate_size': m.mlp_dim, 'num_hidden_layers': m.num_layers,
+      'num_attention_heads': m.num_heads, 'num_key_value_heads': m.num_kv_heads,
+      'head_dim': config_lib.head_dim(m), 'hidden_act': 'silu', 'rms_norm_eps': m.norm_eps,
+      'max_position_embeddings': m.max_positions, 'tie_word_embeddings': bool(m.tie_embeddings),
+      'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': m.init_std,
+      'rope_theta': float(m.positions.rope_theta), 'rope_scaling': scaling,
+      'rope_parameters': {'rope_type': 'linear' if scaling else 'default', 'rope_theta': float(m.positions.rope_theta),
+                          **({'factor': factor} if scaling else {})},
+      'bos_token_id': bos_token_id, 'eos_token_id': eos_token_id, 'pad_token_id': pad_token_id,
+      'torch_dtype': dtype, 'dtype': dtype, 'use_cache': True,
+  }
+
+
+# ------------------------------------------------------------------------------------------------ tensor map
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """One dsjax parameter and the HF tensor(s) it comes from: `hf_name` has `{i}` for per-layer tensors, which
+  dsjax stacks along a leading layer axis."""
+  path: tuple[str, ...]
+  hf_name: str
+  to_dsjax: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+  @property
+  def per_layer(self) -> bool:
+    return '{i}' in self.hf_name
+
+
+def tensor_maps(m: ml_collections.ConfigDict) -> list[TensorMap]:
+  """The full mapping for a model section. HF stores Linear weights as [out, in]; dsjax kernels are [in, ...out]."""
+  d, n, k, h = m.hidden_size, m.num_heads, m.num_kv_heads, config_lib.head_dim(m)
+  same = lambda x: x
+  transpose = lambda x: x.T
+  heads_in = lambda heads: (lambda x: x.T.reshape(d, heads, h), lambda x: x.reshape(d, heads * h).T)
+  layer = 'model.layers.{i}.'
+  maps = [
+      TensorMap(('embedder', 'embedding'), 'model.embed_tokens.weight', same, same),
+      TensorMap(('layers', 'attn_norm', 'scale'), layer + 'input_layernorm.weight', same, same),
+      TensorMap(('layers', 'attention', 'q_proj', 'kernel'), layer + 'self_attn.q_proj.weight', *heads_in(n)),
+      TensorMap(('layers', 'attention', 'k_proj', 'kernel'), layer + 'self_attn.k_proj.weight', *heads_in(k)),
+      TensorMap(('layers', 'attention', 'v_proj', 'kernel'), layer + 'self_attn.v_proj.weight', *heads_in(k)),
+      TensorMap(('layers', 'attention', 'o_proj', 'kernel'), layer + 'self_attn.o_proj.weight',
+                lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T),
+      TensorMap(('layers', 'mlp_norm', 'scale'), layer + 'post_attention_layernorm.weight', same, same),
+      TensorMap(('layers', 'mlp', 'gate_proj', 'kernel'), layer + 'mlp.gate_proj.weight', transpose, transpose),
+      TensorMap(('layers', 'mlp', 'up_proj', 'kernel'), layer + 'mlp.up_proj.weight', transpose, transpose),
+      TensorMap(('layers', 'mlp', 'down_proj', 'kernel'), layer + 'mlp.down_proj.weight', transpose, transpose),
+      TensorMap(('final_norm', 'scale'), 'model.norm.weight', same, same),
+  ]
+  if not m.tie_embeddings:
+    maps.append(TensorMap(('lm_head', 'kernel'), 'lm_head.weight', transpose, transpose))
+  return maps
+
+
+def hf_tensor_names(m: ml_collections.ConfigDict) -> list[str]:
+  """Every HF tensor name the model has, in file order."""
+  names = []
+  for t in tensor_maps(m):
+    names += [t.hf_name.format(i=i) for i in range(m.num_layers)] if t.per_layer else [t.hf_name]
+  return names
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+class SafetensorsReader:
+  """Tensor name -> file over one `model.safetensors` or the shards of `model.safetensors.index.json`.
+
+  Files are opened lazily and memory-mapped by safetensors: `read` copies one tensor into host memory.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        weight_map = json.load(f).get('weight_map')
+      if not isinstance(weight_map, dict):
+        raise ConversionError(f'{index_path}: no "weight_map" object')
+      self.files = dict(weight_map)
+    else:
+      files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
+      if not files:
+        raise ConversionError(f'{directory}: no *.safetensors weights (and no {INDEX_FILE})')
+      if len(files) > 1:
+        raise ConversionError(f'{directory}: {len(files)} safetensors files but no {INDEX_FILE} saying which tensor '
+                              'is in which')
+      with safe_open(os.path.join(directory, files[0]), framework='numpy') as f:
+        self.files = {name: files[0] for name in f.keys()}
+    missing = sorted({f for f in self.files.values() if not os.path.isfile(os.path.join(directory, f))})
+    if missing:
+      raise ConversionError(f'{directory}: missing weight shard(s) {missing} listed in {INDEX_FILE}')
+    self._handles: dict[str, Any] = {}
+
+  def names(self) -> set[str]:
+    return set(self.files)
+
+  def read(self, name: str) -> np.ndarray:
+    if name not in self.files:
+      raise ConversionError(f'{self.directory}: tensor {name!r} is missing')
+    file = self.files[name]
+    if file not in self._handles:
+      self._handles[file] = safe_open(os.path.join(self.directory, file), framework='numpy')
+    return self._handles[file].get_tensor(name)
+
+  def close(self) -> None:
+    self._handles.clear()
+
+
+def _declared_dtype(hf: dict[str, Any]) -> np.dtype | None:
+  name = hf.get('torch_dtype') or hf.get('dtype')
+  return _DTYPES.get(str(name).replace('torch.', '')) if name else None
+
+
+def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, param_dtype: np.dtype,
+                   declared_dtype: np.dtype | None, place: Callable[[tuple[str, ...], np.ndarray], Any]) -> dict:
+  """Builds the dsjax params tree, one parameter at a time: read (and check) its tensors, stack per layer, cast to
+  `param_dtype`, then hand the host buffer to `place` (which puts it on devices) before reading the next one."""
+  expected = set(hf_tensor_names(m))
+  unexpected = sorted(n for n in reader.names() - expected if not _IGNORED_TENSORS.match(n))
+  if unexpected:
+    raise ConversionError(f'{reader.directory}: tensors not in a LlamaForCausalLM with this config.json: '
+                          f'{unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
+  missing = sorted(expected - reader.names())
+  if missing:
+    raise ConversionError(f'{reader.directory}: missing tensors {missing[:8]}{" ..." if len(missing) > 8 else ""}')
+  shapes = _dsjax_shapes(m)
+  params: dict[str, Any] = {}
+  for t in tensor_maps(m):
+    shape = shapes[t.path]
+    layers = range(m.num_layers) if t.per_layer else [None]
+    buffer = np.empty(((m.num_layers,) if t.per_layer else ()) + shape, param_dtype)
+    for i in layers:
+      name = t.hf_name.format(i=i)
+      tensor = reader.read(name)
+      if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != _DTYPES['bfloat16']:
+        raise ConversionError(f'tensor {name}: dtype {tensor.dtype} is not a float type (quantized checkpoints are '
+                              'not supported)')
+      if declared_dtype is not None and tensor.dtype != declared_dtype:
+        raise ConversionError(f'tensor {name}: dtype mismatch, stored as {tensor.dtype} but config.json declares '
+                              f'{declared_dtype}')
+      value = t.to_dsjax(tensor)
+      if value.shape != shape:
+        raise ConversionError(f'tensor {name}: shape {tensor.shape} does not fit config.json (expected '
+                              f'{t.to_hf(np.empty(shape)).shape})')
+      if i is None:
+        buffer[...] = value
+      else:
+        buffer[i] = value
+      del tensor, value
+    node = params
+    for key in t.path[:-1]:
+      node = node.setdefault(key, {})
+    node[t.path[-1]] = place(t.path, buffer)
+    del buffer
+  return params
+
+
+def _dsjax_shapes(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Per-layer shape of every parameter (without the leading layer axis), from the model's abstract init."""
+  from flax import linen as nn
+  flat = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(checkpoint.abstract_params(m)))
+  shapes = {}
+  for path, leaf in flat:
+    key = tuple(p.key for p in path)
+    shapes[key] = tuple(leaf.shape[1:]) if key[0] == 'layers' else tuple(leaf.shape)
+  return shapes
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+def default_base_config() -> str:
+  """configs/base.py of the repository this package lives in."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs',
+                      'base.py')
+
+
+def import_hf(hf_dir: str, out_dir: str, *, base_config: str | None = None, param_dtype: str = 'float32',
+              mesh_cfg: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """Converts a HF LLaMA / DeepSeek-Coder directory into a dsjax checkpoint at `out_dir`; returns its config.
+
+  Parameters are placed on the mesh of `mesh_cfg` (default: the base config's mesh) with the shardings their
+  logical axes ask for, so no device ever holds a full copy of a sharded parameter.
+  """
+  config_path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{hf_dir}: no config.json (is this a Hugging Face model directory?)')
+  with open(config_path) as f:
+    hf = json.load(f)
+  if param_dtype not in _DTYPES:
+    raise ConversionError(f'param_dtype={param_dtype!r}: expected one of {sorted(_DTYPES)}')
+  cfg = config_lib.load_config(base_config or default_base_config())
+  with cfg.unlocked():
+    cfg.model = model_config_from_hf(hf, cfg.model)
+    cfg.model.param_dtype = param_dtype
+    if mesh_cfg is not None:
+      cfg.mesh = mesh_cfg
+    cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_positions)
+  tokenizer_files = [os.path.join(hf_dir, f) for f in checkpoint.TOKENIZER_FILES
+                     if os.path.isfile(os.path.join(hf_dir, f))]
+  if os.path.isfile(os.path.join(hf_dir, 'tokenizer.json')):
+    cfg.data.tokenizer = os.path.join(hf_dir, 'tokenizer.json')
+    _set_special_tokens(cfg, hf, os.path.join(hf_dir, 'tokenizer.json'))
+
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  shardings = sharding_lib.param_shardings(checkpoint.abstract_params(cfg.model), mesh, cfg.mesh)
+
+  def place(path: tuple[str, ...], host: np.ndarray) -> jax.Array:
+    sharding = shardings
+    for key in path:
+      sharding = sharding[key]
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  reader = SafetensorsReader(hf_dir)
+  try:
+    params = read_hf_params(reader, cfg.model, param_dtype=_DTYPES[param_dtype],
+                            declared_dtype=_declared_dtype(hf), place=place)
+  finally:
+    reader.close()
+  checkpoint.save_model(out_dir, cfg, params, tokenizer_files)
+  shutil.copyfile(config_path, os.path.join(out_dir, ORIGINAL_CONFIG))
+  return checkpoint.load_config(out_dir)
+
+
+def _set_special_tokens(cfg: ml_collections.ConfigDict, hf: dict[str, Any], tokenizer_path: str) -> None:
+  """Names the tokenizer's bos/eos/pad tokens after the ids config.json gives (pad falls back to eos)."""
+  import tokenizers
+  tok = tokenizers.Tokenizer.from_file(tokenizer_path)
+  for role in ('bos', 'eos', 'pad'):
+    token_id = hf.get(f'{role}_token_id')
+    if isinstance(token_id, list):
+      token_id = token_id[0] if token_id else None
+    if token_id is None:
+      continue
+    name = tok.id_to_token(int(token_id))
+    if name is None:
+      raise ConversionError(f'config.json: {role}_token_id={token_id} is not in {tokenizer_path}')
+    cfg.data[f'{role}_token'] = name
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def _parse_size(text: str) -> int:
+  match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*', text.upper())
+  if not match:
+    raise ConversionError(f'max_shard_size={text!r}: expected a size such as 5GB, 200MB or 1000000')
+  scale = {'': 1, 'B': 1, 'K': 1e3, 'KB': 1e3, 'M': 1e6, 'MB': 1e6, 'G': 1e9, 'GB': 1e9}[match.group(2)]
+  return int(float(match.group(1)) * scale)
+
+
+def _hf_tensors(params: dict, m: ml_collections.ConfigDict, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, host tensor in `dtype`) one at a time; per-layer slices are fetched from devices one by one."""
+  for t in tensor_maps(m):
+    value = params
+    for key in t.path:
+      value = value[key]
+    if t.per_layer:
+      for i in range(m.num_layers):
+        yield t.hf_name.format(i=i), np.ascontiguousarray(t.to_hf(np.asarray(value[i]).astype(dtype)))
+    else:
+      yield t.hf_name, np.ascontiguousarray(t.to_hf(np.asarray(value).astype(dtype)))
+
+
+def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, max_shard_size: str = '5GB') -> None:
+  """Writes a dsjax checkpoint as a HF LlamaForCausalLM directory (config.json, safetensors, tokenizer files)."""
+  cfg = checkpoint.load_config(ckpt_dir)
+  dtype = dtype or cfg.model.param_dtype
+  if dtype not in _DTYPES:
+    raise ConversionError(f'dtype={dtype!r}: expected one of {sorted(_DTYPES)}')
+  np_dtype = _DTYPES[dtype]
+  token_ids = _special_token_ids(cfg, ckpt_dir)
+  hf_config = hf_config_from_model(cfg.model, dtype=dtype, **token_ids)
+  params = checkpoint.load_params(ckpt_dir, cfg.model)
+
+  # Plan the shards from shapes alone, then stream tensors into them.
+  limit = _parse_size(max_shard_size)
+  names = hf_tensor_names(cfg.model)
+  sizes = _hf_tensor_bytes(cfg.model, np_dtype.itemsize)
+  shards: list[list[str]] = [[]]
+  used = 0
+  for name in names:
+    if shards[-1] and used + sizes[name] > limit:
+      shards.append([])
+      used = 0
+    shards[-1].append(name)
+    used += sizes[name]
+  files = ([SINGLE_FILE] if len(shards) == 1 else
+           [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
+  os.makedirs(hf_dir, exist_ok=True)
+  tensors = _hf_tensors(params, cfg.model, np_dtype)
+  weight_map = {}
+  for file, shard in zip(files, shards):
+    batch = {}
+    for expected_name in shard:
+      name, value = next(tensors)
+      assert name == expected_name, (name, expected_name)
+      batch[name] = value
+      weight_map[name] = file
+    save_file(batch, os.path.join(hf_dir, file), metadata={'format': 'pt'})
+    del batch
+  if len(files) > 1:
+    with open(os.path.join(hf_dir, INDEX_FILE), 'w') as f:
+      json.dump({'metadata': {'total_size': int(sum(sizes.values()))}, 'weight_map': weight_map}, f, indent=2)
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    json.dump(hf_config, f, indent=2)
+  for name in checkpoint.TOKENIZER_FILES:
+    source = os.path.join(os.path.abspath(ckpt_dir), name)
+    if os.path.isfile(source):
+      shutil.copyfile(source, os.path.join(hf_dir, name))
+
+
+def _hf_tensor_bytes(m: ml_collections.ConfigDict, itemsize: int) -> dict[str, int]:
+  shapes = _dsjax_shapes(m)
+  sizes = {}
+  for t in tensor_maps(m):
+    count = int(np.prod(shapes[t.path]))
+    for i in (range(m.num_layers) if t.per_layer else [None]):
+      sizes[t.hf_name.format(i=i)] = count * itemsize
+  return sizes
+
+
+def _special_token_ids(cfg: ml_collections.ConfigDict, ckpt_dir: str) -> dict[str, int | None]:
+  """bos/eos/pad ids for config.json: the HF tokenizer's; with the byte tokenizer, those of the HF config.json the
+  checkpoint was imported from (kept as hf_config.json), else the byte ids that fit the vocabulary."""
+  roles = ('bos', 'eos', 'pad')
+  original = os.path.join(os.path.abspath(ckpt_dir), ORIGINAL_CONFIG)
+  if cfg.data.tokenizer == 'byte' and os.path.isfile(original):
+    with open(original) as f:
+      hf = json.load(f)
+    return {f'{r}_token_id': hf.get(f'{r}_token_id') for r in roles}
+  from dsjax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.from_config(cfg.data)
+  ids = {'bos': tok.bos_id, 'eos': tok.eos_id, 'pad': tok.pad_id}
+  return {f'{r}_token_id': int(ids[r]) if ids[r] < cfg.model.vocab_size else None for r in roles}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m dsjax.convert.hf', description=__doc__.split('\n\n')[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+  imp = sub.add_parser('import', help='HF directory -> dsjax checkpoint')
+  imp.add_argument('hf_dir')
+  imp.add_argument('out_dir')
+  imp.add_argument('--param_dtype', default='float32', choices=sorted(_DTYPES),
+                   help='dtype of the imported params (float32: training master weights; bfloat16: serving)')
+  imp.add_argument('--config', default=None, help='base dsjax config file (default: configs/base.py)')
+  exp = sub.add_parser('export', help='dsjax checkpoint -> HF directory')
+  exp.add_argument('ckpt_dir')
+  exp.add_argument('hf_dir')
+  exp.add_argument('--dtype', default=None, choices=sorted(_DTYPES), help='default: the params dtype')
+  exp.add_argument('--max_shard_size', default='5GB')
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'import':
+      cfg = import_hf(args.hf_dir, args.out_dir, base_config=args.config, param_dtype=args.param_dtype)
+      m = cfg.model
+      print(f'imported {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} KV), '
+            f'vocab {m.vocab_size} -> {os.path.abspath(args.out_dir)}\n'
+            f'train:  python train.py --config={os.path.join(os.path.abspath(args.out_dir), "config.py")}')
+    else:
+      export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size)
+      print(f'exported {os.path.abspath(args.ckpt_dir)} -> {os.path.abspath(args.hf_dir)}')
+  except (ConversionError, config_lib.ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,50 @@
+"""Sample completions from a dsjax checkpoint (e.g. one imported with dsjax.convert.hf):
+
+  python sample.py --checkpoint=DIR --prompt='def fibonacci(n):' [--max_new_tokens=128 --temperature=0]
+
+A thin CLI over dsjax.sample.sampler; the checkpoint's own config and tokenizer are used.
+"""
+import sys
+
+from absl import app
+from absl import flags
+import jax
+
+from dsjax import cli
+from dsjax import config as config_lib
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'dsjax checkpoint directory.', required=True)
+_PROMPT = flags.DEFINE_multi_string('prompt', ['def '], 'Prompt text; repeat the flag for several prompts.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, '0: no top-k filtering.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.quiet_logging()
+  from dsjax.data import tokenizer as tokenizer_lib
+  from dsjax.model import Transformer
+  from dsjax.train import checkpoint
+  from dsjax.train import loop
+  try:
+    cfg = checkpoint.load_config(_CHECKPOINT.value)
+    if _DTYPE.value:
+      cfg.model.dtype = _DTYPE.value
+    cfg.sample.update(dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value))
+    config_lib.validate(cfg)
+    params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
+    tokenizer = tokenizer_lib.from_config(cfg.data)
+  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  completions = loop.complete(Transformer(cfg.model), params, tokenizer, list(_PROMPT.value),
+                              jax.random.key(_SEED.value), cfg.sample)
+  for prompt, text in zip(_PROMPT.value, completions):
+    sys.stdout.write(f'{prompt}{text}\n')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
