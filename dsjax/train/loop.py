@@ -6,6 +6,7 @@ multi-host add around this loop rather than rewriting it.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Any
 
@@ -114,6 +115,11 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   evals.append(final)
   writer.write({'split': 'validation', **final})
   baseline = unigram.evaluate(eval_batches, token_bytes)
+  saved_to = None
+  if cfg.train.workdir:
+    saved_to = os.path.join(os.path.abspath(cfg.train.workdir), 'checkpoint')
+    checkpoint.save_model(saved_to, cfg, state.params, _tokenizer_files(cfg.data.tokenizer))
+    print(f'saved the final model to {saved_to}')
   print(f'final held-out loss {final["loss"]:.4f} nats/token = {final["bits_per_byte"]:.3f} bits/byte '
         f'(unigram baseline {baseline["bits_per_byte"]:.3f} bits/byte); {num_params:,} parameters; '
         f'{train_time:.0f} s')
@@ -127,6 +133,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       'params': state.params, 'num_params': num_params, 'history': history, 'evals': evals,
       'final_eval': final, 'unigram': baseline, 'samples': samples, 'train_seconds': train_time,
+      'checkpoint': saved_to,
       'total_seconds': time.time() - start_time,
   }
 
@@ -150,6 +157,15 @@ def complete(model, params: Any, tokenizer, prompts: list[str], rng: jax.Array,
       model, params, encoded, rng, max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
       top_k=sample_cfg.top_k, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
   return [tokenizer.decode(t) for t in new_tokens]
+
+
+def _tokenizer_files(spec: str) -> list[str]:
+  """tokenizer.json and its sibling config files, for a HF tokenizer; nothing for the byte tokenizer."""
+  if spec == 'byte':
+    return []
+  folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
+  return [os.path.join(folder, name) for name in checkpoint.TOKENIZER_FILES
+          if os.path.isfile(os.path.join(folder, name))]
 
 
 def _log(step: int, device_metrics, clock: dict, tokens_per_step: int, bar, history: list,

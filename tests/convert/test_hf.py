@@ -244,3 +244,20 @@ def test_train_py_starts_from_an_imported_checkpoint(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'final held-out loss' in result.stdout
+
+
+def test_published_deepseek_coder_config_maps_onto_the_preset():
+  """config.json of deepseek-ai/deepseek-coder-1.3b-base as published (transformers 4.33 style)."""
+  published = {
+      'architectures': ['LlamaForCausalLM'], 'bos_token_id': 32013, 'eos_token_id': 32014, 'hidden_act': 'silu',
+      'hidden_size': 2048, 'initializer_range': 0.02, 'intermediate_size': 5504, 'max_position_embeddings': 16384,
+      'model_type': 'llama', 'num_attention_heads': 16, 'num_hidden_layers': 24, 'num_key_value_heads': 16,
+      'pretraining_tp': 1, 'rms_norm_eps': 1e-06, 'rope_scaling': {'factor': 4.0, 'type': 'linear'},
+      'rope_theta': 100000, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16', 'use_cache': True,
+      'vocab_size': 32256}
+  from dsjax import config as config_lib
+  preset = config_lib.load_config(os.path.join(ROOT, 'configs', 'deepseek_coder_1p3b.py')).model
+  mapped = hf.model_config_from_hf(published, preset)
+  assert mapped.to_dict() == preset.to_dict()
+  assert hf.hf_tensor_names(mapped)[:2] == ['model.embed_tokens.weight', 'model.layers.0.input_layernorm.weight']
+  assert len(hf.hf_tensor_names(mapped)) == 2 + 24 * 9 + 1

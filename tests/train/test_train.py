@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -70,6 +71,11 @@ def test_short_run_beats_the_unigram_baseline(tmp_path):
   assert {r['split'] for r in records} == {'train', 'validation'}
   assert all(r['tokens_per_sec'] > 0 for r in records if r['split'] == 'train')
   assert len(summary['samples']) == 1 and isinstance(summary['samples'][0], str)
+  # The final model is saved as a checkpoint that loads back bit for bit.
+  from dsjax.train import checkpoint
+  restored = checkpoint.load_params(summary['checkpoint'], checkpoint.load_config(summary['checkpoint']).model)
+  for a, b in zip(jax.tree_util.tree_leaves(summary['params']), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize('overrides', [
