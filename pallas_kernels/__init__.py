@@ -1,0 +1,1 @@
+"""Standalone Pallas kernels (no dependency on dsjax)."""
