@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 ATTENTION_KINDS = ('full', 'sparse', 'routed')
-ATTENTION_IMPLS = ('reference',)
+ATTENTION_IMPLS = ('reference', 'pallas')
 POSITION_KINDS = ('rope', 'xl')
 REMAT_POLICIES = ('none', 'full', 'dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -104,6 +104,9 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
   if m.positions.kind == 'xl' and m.hidden_size % 2:
     fail('hidden_size', 'must be even for the sinusoidal relative encoding')
   a = m.attention
+  if a.impl == 'pallas' and m.positions.kind != 'rope':
+    fail('attention.impl', f"the Pallas kernel needs {prefix}.positions.kind='rope' (xl adds relative-position "
+         'scores and memory, which only the reference implements)')
   if a.kind == 'routed':
     routed = m.num_heads - a.num_shared_heads
     if routed < 1:

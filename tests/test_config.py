@@ -71,6 +71,7 @@ def test_every_config_file_loads_and_validates():
     ('model.attention.window', 0, 'model.attention.window'),
     ('model.attention.kind', 'dense', 'model.attention.kind'),
     ('model.attention.impl', 'cuda', 'model.attention.impl'),
+    ('model.positions.kind', 'xl', 'model.attention.impl'),  # with impl=pallas, set below
     ('model.positions.kind', 'alibi', 'model.positions.kind'),
     ('model.dtype', 'int8', 'model.dtype'),
     ('model.remat', 'sometimes', 'model.remat'),
@@ -86,6 +87,8 @@ def test_impossible_values_name_the_field(field, value, fragment):
   for part in section.split('.'):
     node = node[part]
   node[key] = value
+  if (field, value) == ('model.positions.kind', 'xl'):
+    cfg.model.attention.impl = 'pallas'
   with pytest.raises(config_lib.ConfigError, match=fragment.replace('.', r'\.')):
     config_lib.validate(cfg)
 

@@ -69,7 +69,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   """Dispatches to the attention implementation named by `impl` (same arguments as reference_attention)."""
   if impl == 'reference':
     return reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kwargs)
+  if impl == 'pallas':
+    return _pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kwargs)
   raise ValueError(f'model.attention.impl: unknown {impl!r}, expected one of {config_lib.ATTENTION_IMPLS}')
+
+
+def _pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, gates=None, rel=None,
+                      scale=None):
+  """The block-sparse Pallas kernel (self-attention over packed rows); routed gates are applied to its output.
+
+  Every head is still computed for `routed`: skipping inactive (token, head) work is the routed kernel's job.
+  """
+  from pallas_kernels.sparse_attention import sparse_attention  # optional dependency of the model
+  if rel is not None or k.shape[1] != q.shape[1]:
+    raise ValueError("model.attention.impl='pallas' supports RoPE self-attention only (no Transformer-XL "
+                     'relative positions or memory); use impl=reference')
+  out = sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global, scale=scale)
+  if gates is not None:
+    out = out * gates[..., None].astype(out.dtype)
+  return out
 
 
 def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int]:
