@@ -1,5 +1,6 @@
 """Block-sparse flash attention (causal, packed segments, sliding window, global tokens)."""
 from pallas_kernels.sparse_attention.api import sparse_attention
+from pallas_kernels.sparse_attention.decode import default_num_splits, sparse_decode_attention
 from pallas_kernels.sparse_attention.reference import sparse_attention_mask, sparse_attention_reference
 from pallas_kernels.sparse_attention.schedule import (
     count_visited_blocks,
@@ -9,6 +10,8 @@ from pallas_kernels.sparse_attention.schedule import (
 
 __all__ = [
     'sparse_attention',
+    'sparse_decode_attention',
+    'default_num_splits',
     'sparse_attention_reference',
     'sparse_attention_mask',
     'make_schedule',

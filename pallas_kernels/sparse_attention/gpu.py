@@ -12,6 +12,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+# Lower through Triton explicitly: some jax versions otherwise pick Mosaic GPU for CUDA, which rejects these block
+# shapes.
+_TRITON = pltriton.CompilerParams()  # Pallas' Triton defaults
 
 _F32 = jnp.float32
 
@@ -138,6 +143,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q,
                              num_global=num_global)
   return pl.pallas_call(
       kernel,
+      compiler_params=_TRITON,
       grid=(B, nq, N),
       in_specs=[
           pl.BlockSpec((None, None, 4), lambda b, i, n: (b, i, 0)),
@@ -175,6 +181,7 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_k=block_k, window=window,
                         num_global=num_global),
+      compiler_params=_TRITON,
       grid=(B, nq, N),
       in_specs=[
           pl.BlockSpec((None, None, 4), lambda b, i, n: (b, i, 0)),
@@ -199,6 +206,7 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, block_q=block_q, window=window,
                         num_global=num_global),
+      compiler_params=_TRITON,
       grid=(B, nk, N),
       in_specs=[
           pl.BlockSpec((None, None, 2), lambda b, j, n: (b, j, 0)),
