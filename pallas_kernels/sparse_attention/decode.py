@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.sparse_attention.api import _validate
-from pallas_kernels.sparse_attention.gpu import _dot, _dot_t, _mask
+from pallas_kernels.sparse_attention.gpu import online_softmax_block
 
 _F32 = jnp.float32
 MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows on GPU.
@@ -42,20 +42,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, 
   rows, h = q.shape
   num_blocks = k_ref.shape[0] // block_k
 
-  def body(j, carry):
-    acc, m, l = carry
-    sl = pl.ds(j * block_k, block_k)
-    k = k_ref[sl, :]
-    v = v_ref[sl, :]
-    mask = _mask(qp, qs, kpos_ref[sl], kseg_ref[sl], window, num_global)
-    s = jnp.where(mask, _dot_t(q, k) * scale, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])  # masked -> 0
-    corr = jnp.exp(m - m_safe)  # m == -inf -> 0
-    l = corr * l + jnp.sum(p, axis=-1)
-    acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+  body = functools.partial(online_softmax_block, q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, scale=scale,
+                           block_k=block_k, window=window, num_global=num_global)
 
   carry = (jnp.zeros((rows, h), _F32), jnp.full((rows,), -jnp.inf, _F32),
            jnp.zeros((rows,), _F32))

@@ -41,6 +41,27 @@ def _dot_t(a, b):
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
 
 
+def online_softmax_block(q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, j, carry, *, scale, block_k, window,
+                         num_global):
+  """One flash-attention step over key block `j`: carry (acc [rows, H], max [rows], sum [rows]) in float32.
+
+  Shared by the prefill forward kernel and the decode kernel (as a `fori_loop` body).
+  """
+  acc, m, l = carry
+  sl = pl.ds(j * block_k, block_k)
+  k = k_ref[sl, :]
+  v = v_ref[sl, :]
+  mask = _mask(qp, qs, kpos_ref[sl], kseg_ref[sl], window, num_global)
+  s = jnp.where(mask, _dot_t(q, k) * scale, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p = jnp.exp(s - m_safe[:, None])  # masked -> exp(-inf) = 0
+  corr = jnp.exp(m - m_safe)  # m == -inf -> 0
+  l = corr * l + jnp.sum(p, axis=-1)
+  acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v)
+  return acc, m_new, l
+
+
 def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
                 o_ref, lse_ref, *, scale, block_k, window, num_global):
   q = q_ref[...]
@@ -48,21 +69,8 @@ def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, ks
   qs = qseg_ref[...]
   bq, h = q.shape
 
-  def body(j, carry):
-    acc, m, l = carry
-    sl = pl.ds(j * block_k, block_k)
-    k = k_ref[sl, :]
-    v = v_ref[sl, :]
-    mask = _mask(qp, qs, kpos_ref[sl], kseg_ref[sl], window, num_global)
-    s = jnp.where(mask, _dot_t(q, k) * scale, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])  # masked -> exp(-inf) = 0
-    corr = jnp.exp(m - m_safe)  # m == -inf -> 0
-    l = corr * l + jnp.sum(p, axis=-1)
-    acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
-
+  body = functools.partial(online_softmax_block, q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, scale=scale,
+                           block_k=block_k, window=window, num_global=num_global)
   carry = (jnp.zeros((bq, h), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
   carry = lax.fori_loop(sched_ref[0], sched_ref[1], body, carry)  # global key blocks
   acc, m, l = lax.fori_loop(sched_ref[2], sched_ref[3], body, carry)  # local key blocks
