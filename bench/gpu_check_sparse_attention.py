@@ -1,3 +1,12 @@
+"""Compiled-kernel check for the GPU machine: Pallas prefill (forward + gradients) and decode kernels against the
+pure-jnp reference in bf16, printing the max error relative to max|reference| (expect a few 1e-3).
+
+  python bench/gpu_check_sparse_attention.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax, jax.numpy as jnp, numpy as np
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference, sparse_decode_attention
 print(jax.devices())
