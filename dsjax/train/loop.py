@@ -50,13 +50,14 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains `cfg.model` on `cfg.data` for `cfg.train.steps` steps; returns a summary of the run.
 
   The summary holds `params`, `num_params`, `history` (logged train metrics), `evals`, `final_eval`,
-  `unigram` (baseline on the same eval batches), `samples` and timings.
+  `unigram` (baseline on the same eval batches), `samples`, `checkpoint` (where the final model was saved, when
+  `train.workdir` is set) and timings.
   """
   start_time = time.time()
   tokenizer = tokenizer_lib.from_config(cfg.data)
   if cfg.model.vocab_size < tokenizer.vocab_size:
-    raise config_lib.ConfigError(f'config.model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer\'s '
-                     f'{tokenizer.vocab_size} ids')
+    raise config_lib.ConfigError(f'config.model.vocab_size={cfg.model.vocab_size}: smaller than the '
+                                 f"tokenizer's {tokenizer.vocab_size} ids")
   token_bytes = np.zeros((cfg.model.vocab_size,), np.int32)
   token_bytes[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
 
