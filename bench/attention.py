@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels.sparse_attention import api  # pylint: disable=g-import-not-at-top
@@ -33,6 +32,14 @@ def time_fn(fn, *args, repeats: int = 10) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def write_results(path: str, rows: list[dict], **meta) -> None:
+  """The JSON every bench script writes: device name, date, settings and the table's rows."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump({'device': jax.devices()[0].device_kind, 'date': datetime.date.today().isoformat(), **meta,
+               'rows': rows}, f, indent=2)
 
 
 def inputs(b, n, t, h, dtype=jnp.bfloat16):
@@ -89,10 +96,7 @@ def main() -> None:
       print(f'{r["shape"]:>14} {r["window"]:>7} {r["impl"]:>10} {r["error"]}')
     else:
       print(f'{r["shape"]:>14} {r["window"]:>7} {r["impl"]:>10} {r["fwd_ms"]:9.2f} {r["fwd_bwd_ms"]:11.2f}')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump({'device': jax.devices()[0].device_kind, 'date': datetime.date.today().isoformat(),
-               'head_dim': args.head_dim, 'rows': rows}, f, indent=2)
+  write_results(args.out, rows, head_dim=args.head_dim)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,6 @@ cache of sparse attention. Prints a table and writes JSON with the device name a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.attention import time_fn  # pylint: disable=g-import-not-at-top
+from bench.attention import time_fn, write_results  # pylint: disable=g-import-not-at-top
 from pallas_kernels.sparse_attention import sparse_attention_reference, sparse_decode_attention
 
 CASES = [  # (name, batch, query heads, kv heads, cache length, window, num_global)
@@ -52,10 +51,7 @@ def main() -> None:
   print(f'\n{"case":>16} {"pallas us":>10} {"reference us":>13} {"cache GB/s":>11}')
   for r in rows:
     print(f'{r["case"]:>16} {r["pallas_us"]:10.1f} {r["reference_us"]:13.1f} {r["pallas_cache_GBps"]:11.0f}')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump({'device': jax.devices()[0].device_kind, 'date': datetime.date.today().isoformat(),
-               'head_dim': args.head_dim, 'rows': rows}, f, indent=2)
+  write_results(args.out, rows, head_dim=args.head_dim)
 
 
 if __name__ == '__main__':
