@@ -7,6 +7,7 @@ int32, lse/delta [B, N, T] float32, sched [B, nq, 4] int32 (see schedule.py), ts
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,18 @@ def _row_spec(block, index_map):
   return pl.BlockSpec((None, block), index_map)
 
 
+def _query_grid_specs(block_q, T, H, group):
+  """BlockSpecs shared by the kernels whose grid is (batch, query block, query head): the forward and dq."""
+  heads = pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0))  # q, o, do, dq blocks
+  return types.SimpleNamespace(
+      sched=pl.BlockSpec((None, None, 4), lambda b, i, n: (b, i, 0)),
+      heads=heads,
+      kv=pl.BlockSpec((None, T, None, H), lambda b, i, n: (b, 0, n // group, 0)),  # the whole K or V row
+      stats=pl.BlockSpec((None, None, block_q), lambda b, i, n: (b, n, i)),  # lse, delta
+      q_rows=_row_spec(block_q, lambda b, i, n: (b, i)),  # query positions / segments
+      k_rows=_row_spec(T, lambda b, i, n: (b, 0)))  # key positions / segments
+
+
 def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q, block_k, window,
                   num_global, interpret):
   """Returns (out [B,T,N,H] q.dtype, lse [B,N,T] float32)."""
@@ -149,24 +162,13 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q,
   nq = T // block_q
   kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, window=window,
                              num_global=num_global)
+  spec = _query_grid_specs(block_q, T, H, group)
   return pl.pallas_call(
       kernel,
       compiler_params=_TRITON,
       grid=(B, nq, N),
-      in_specs=[
-          pl.BlockSpec((None, None, 4), lambda b, i, n: (b, i, 0)),
-          pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0)),
-          pl.BlockSpec((None, T, None, H), lambda b, i, n: (b, 0, n // group, 0)),
-          pl.BlockSpec((None, T, None, H), lambda b, i, n: (b, 0, n // group, 0)),
-          _row_spec(block_q, lambda b, i, n: (b, i)),
-          _row_spec(block_q, lambda b, i, n: (b, i)),
-          _row_spec(T, lambda b, i, n: (b, 0)),
-          _row_spec(T, lambda b, i, n: (b, 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0)),
-          pl.BlockSpec((None, None, block_q), lambda b, i, n: (b, n, i)),
-      ],
+      in_specs=[spec.sched, spec.heads, spec.kv, spec.kv, spec.q_rows, spec.q_rows, spec.k_rows, spec.k_rows],
+      out_specs=[spec.heads, spec.stats],
       out_shape=[
           jax.ShapeDtypeStruct(q.shape, q.dtype),
           jax.ShapeDtypeStruct((B, N, T), _F32),
@@ -186,25 +188,15 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
   delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))  # rowsum(dO * O)
   do = do.astype(q.dtype)
 
+  spec = _query_grid_specs(block_q, T, H, group)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_k=block_k, window=window,
                         num_global=num_global),
       compiler_params=_TRITON,
       grid=(B, nq, N),
-      in_specs=[
-          pl.BlockSpec((None, None, 4), lambda b, i, n: (b, i, 0)),
-          pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0)),
-          pl.BlockSpec((None, T, None, H), lambda b, i, n: (b, 0, n // group, 0)),
-          pl.BlockSpec((None, T, None, H), lambda b, i, n: (b, 0, n // group, 0)),
-          pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0)),
-          pl.BlockSpec((None, None, block_q), lambda b, i, n: (b, n, i)),
-          pl.BlockSpec((None, None, block_q), lambda b, i, n: (b, n, i)),
-          _row_spec(block_q, lambda b, i, n: (b, i)),
-          _row_spec(block_q, lambda b, i, n: (b, i)),
-          _row_spec(T, lambda b, i, n: (b, 0)),
-          _row_spec(T, lambda b, i, n: (b, 0)),
-      ],
-      out_specs=pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0)),
+      in_specs=[spec.sched, spec.heads, spec.kv, spec.kv, spec.heads, spec.stats, spec.stats, spec.q_rows,
+                spec.q_rows, spec.k_rows, spec.k_rows],
+      out_specs=spec.heads,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=interpret,
       name='sparse_attention_dq',
