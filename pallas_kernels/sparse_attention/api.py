@@ -13,72 +13,108 @@ from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 from pallas_kernels.sparse_attention.schedule import make_schedule, transpose_schedule
 
 
-class _Config(NamedTuple):
+class FlashConfig(NamedTuple):
+  """Static settings of one kernel call (hashable: it is a nondiff argument of the custom VJP)."""
   window: int | None
   num_global: int
   scale: float
+  softcap: float | None
   block_q: int
   block_k: int
+  backend: str  # 'gpu' (Triton) or 'tpu' (Mosaic TPU)
   interpret: bool
 
 
-def _pad_len(t, block_q, block_k):
+DEFAULT_BLOCKS = {'gpu': 64, 'tpu': 128}  # Mosaic TPU tiles want lane dimensions in multiples of 128
+
+
+def _kernels(backend):
+  if backend == 'tpu':
+    from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
+    return tpu
+  return gpu
+
+
+def padded_length(t: int, block_q: int, block_k: int) -> int:
+  """The smallest multiple of both block sizes that holds t tokens."""
   m = block_q * block_k // math.gcd(block_q, block_k)
   return -(-t // m) * m
 
 
-def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg):
-  """Pad the sequence to a block multiple (padded tokens: segment -1, position 0); build schedules."""
-  T = q.shape[1]
-  Tp = _pad_len(T, cfg.block_q, cfg.block_k)
-  pad = Tp - T
-
-  def pad_seq(x, value=0):
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-  arrays = (pad_seq(q), pad_seq(k), pad_seq(v), pad_seq(q_pos.astype(jnp.int32)),
-            pad_seq(k_pos.astype(jnp.int32)), pad_seq(q_seg.astype(jnp.int32), -1),
-            pad_seq(k_seg.astype(jnp.int32), -1))
-  sched = make_schedule(arrays[3], arrays[5], block_q=cfg.block_q, block_k=cfg.block_k,
-                        window=cfg.window, num_global=cfg.num_global)
-  return arrays, sched
+def pad_tokens(x: jax.Array, length: int, value=0, axis: int = 1) -> jax.Array:
+  """Pads axis `axis` of x to `length` with `value` (padded tokens get segment -1, position 0)."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
 
 
-def _kw(cfg):
+def block_schedule(q_pos, q_seg, cfg: FlashConfig, q_index=None):
+  """Forward schedule for padded query metadata: [B, T] -> [B, nq, 4], or per head [B, N, T] -> [B, N, nq, 4]."""
+  kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, window=cfg.window, num_global=cfg.num_global)
+  if q_pos.ndim == 2:
+    return make_schedule(q_pos, q_seg, q_index=q_index, **kw)
+  B, N, T = q_pos.shape
+  flat = lambda x: None if x is None else x.reshape(B * N, T)
+  sched = make_schedule(flat(q_pos), flat(q_seg), q_index=flat(q_index), **kw)
+  return sched.reshape(B, N, *sched.shape[1:])
+
+
+def _transposed(sched, num_k_blocks):
+  if sched.ndim == 3:
+    return transpose_schedule(sched, num_k_blocks)
+  B, N = sched.shape[:2]
+  return transpose_schedule(sched.reshape(B * N, *sched.shape[2:]), num_k_blocks).reshape(B, N, num_k_blocks, 2)
+
+
+def _kernel_kw(cfg):
   return dict(scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k, window=cfg.window,
-              num_global=cfg.num_global, interpret=cfg.interpret)
+              num_global=cfg.num_global, softcap=cfg.softcap, interpret=cfg.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _sparse_attention_kernel(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg):
-  return _fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def flash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg: FlashConfig):
+  """The kernels on padded inputs (see gpu.py for shapes, including per-head query metadata) -> out [B,T,N,H].
+
+  Backward is flash-style: the dq and dk/dv kernels recompute probabilities from the saved logsumexp.
+  """
+  return _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg)[0]
 
 
-def _fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg):
-  T = q.shape[1]
-  arrays, sched = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg)
-  out_p, lse = gpu.flash_forward(*arrays, sched, **_kw(cfg))
-  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, out_p, lse)
-  return out_p[:, :T], res
+def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg):
+  out, lse = _kernels(cfg.backend).flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, **_kernel_kw(cfg))
+  return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, sched, out, lse)
 
 
-def _bwd(cfg, res, do):
-  q, k, v, q_pos, k_pos, q_seg, k_seg, out_p, lse = res
-  T = q.shape[1]
-  arrays, sched = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg)
-  Tp = arrays[0].shape[1]
-  tsched = transpose_schedule(sched, Tp // cfg.block_k)
-  do_p = jnp.pad(do, [(0, 0), (0, Tp - T), (0, 0), (0, 0)])
-  dq, dk, dv = gpu.flash_backward(*arrays, sched, tsched, out_p, lse, do_p, **_kw(cfg))
-  return dq[:, :T], dk[:, :T], dv[:, :T], None, None, None, None
+def _flash_bwd(cfg, res, do):
+  q, k, v, q_pos, k_pos, q_seg, k_seg, sched, out, lse = res
+  tsched = _transposed(sched, k.shape[1] // cfg.block_k)
+  dq, dk, dv = _kernels(cfg.backend).flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, out,
+                                                    lse, do, **_kernel_kw(cfg))
+  return dq, dk, dv, None, None, None, None, None
 
 
-_sparse_attention_kernel.defvjp(_fwd, _bwd)
+flash_attention.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global):
+def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, backend, interpret) -> FlashConfig:
+  """Validates the kernel settings shared by sparse and routed attention and fills the defaults."""
+  if backend is None:
+    backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+  if backend not in ('gpu', 'tpu'):
+    raise ValueError(f"backend must be None, 'gpu', 'tpu' or 'reference'; got {backend!r}")
+  block_q = DEFAULT_BLOCKS[backend] if block_q is None else block_q
+  block_k = DEFAULT_BLOCKS[backend] if block_k is None else block_k
+  if int(block_q) != block_q or int(block_k) != block_k or block_q < 1 or block_k < 1:
+    raise ValueError(f'block sizes must be positive ints; got block_q={block_q}, block_k={block_k}')
+  if interpret is None:
+    interpret = jax.default_backend() != backend
+  return FlashConfig(None if window is None else int(window), int(num_global),
+                     float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale),
+                     None if softcap is None else float(softcap), int(block_q), int(block_k), backend,
+                     bool(interpret))
+
+
+def _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap=None):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f'q, k, v must be 4-D [B, T, N, H] / [B, S, K, H]; got {q.shape}, {k.shape}, '
                      f'{v.shape}')
@@ -100,39 +136,39 @@ def _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global):
     raise ValueError(f'window must be None or a positive int; got {window!r}')
   if int(num_global) != num_global or num_global < 0:
     raise ValueError(f'num_global must be a non-negative int; got {num_global!r}')
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f'softcap must be None or positive; got {softcap!r}')
 
 
 def sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, scale=None,
-                     block_q=64, block_k=64, backend=None, interpret=None):
+                     softcap=None, block_q=None, block_k=None, backend=None, interpret=None):
   """Block-sparse attention. q [B,T,N,H], k/v [B,S,K,H] (K | N), positions/segments int32 [B,T]/[B,S].
 
   Key j is visible to query i iff q_seg == k_seg (segment -1 never matches), k_pos <= q_pos and
-  (window is None or q_pos - k_pos < window or k_pos < num_global). Softmax in float32, rows with no
-  visible key give 0, output in q.dtype.
+  (window is None or q_pos - k_pos < window or k_pos < num_global). Scores are scale * q.k (scale default
+  1/sqrt(H)), soft-capped to softcap * tanh(s / softcap) when softcap is set. Softmax in float32, rows with
+  no visible key give 0, output in q.dtype.
 
-  backend: 'gpu' (Pallas kernels; the default) or 'reference' (dense jnp). The kernel path is
-  self-attention over packed rows: it needs S == T, and its block schedule assumes documents are
-  contiguous runs with positions increasing by 1 (see schedule.py); the element mask itself is exact.
-  interpret: None -> True unless the default backend is a GPU.
+  backend: 'gpu' (Pallas Triton kernels), 'tpu' (Pallas Mosaic TPU kernels) or 'reference' (dense jnp);
+  None picks 'tpu' on a TPU and 'gpu' elsewhere. The kernel paths are self-attention over packed rows: they
+  need S == T, and their block schedule assumes documents are contiguous runs with positions increasing by 1
+  (see schedule.py); the element mask itself is exact.
+  block_q, block_k: kernel tiles (None: 64 on GPU, 128 on TPU). interpret: None -> True unless the
+  default device is the kernel's backend (so CPU runs the kernels in Pallas interpret mode).
   """
-  _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global)
-  if scale is None:
-    scale = 1.0 / math.sqrt(q.shape[-1])
-  window = None if window is None else int(window)
-  num_global = int(num_global)
-  if backend is None:
-    backend = 'gpu'
+  _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap)
   if backend == 'reference':
     return sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window,
-                                      num_global=num_global, scale=scale)
-  if backend != 'gpu':
-    raise ValueError(f"backend must be None, 'gpu' or 'reference'; got {backend!r}")
-  if k.shape[1] != q.shape[1]:
-    raise ValueError(f'the gpu kernel path is self-attention and needs S == T; got S={k.shape[1]}, '
-                     f'T={q.shape[1]}')
-  if block_q < 1 or block_k < 1:
-    raise ValueError(f'block sizes must be positive; got block_q={block_q}, block_k={block_k}')
-  if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
-  cfg = _Config(window, num_global, float(scale), int(block_q), int(block_k), bool(interpret))
-  return _sparse_attention_kernel(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg)
+                                      num_global=int(num_global), scale=scale, softcap=softcap)
+  cfg = kernel_config(q, window=window, num_global=num_global, scale=scale, softcap=softcap, block_q=block_q,
+                      block_k=block_k, backend=backend, interpret=interpret)
+  T = q.shape[1]
+  if k.shape[1] != T:
+    raise ValueError(f'the kernel path is self-attention and needs S == T; got S={k.shape[1]}, T={T}')
+  Tp = padded_length(T, cfg.block_q, cfg.block_k)
+  pad = functools.partial(pad_tokens, length=Tp)
+  q_pos, k_pos = pad(q_pos.astype(jnp.int32)), pad(k_pos.astype(jnp.int32))
+  q_seg, k_seg = pad(q_seg.astype(jnp.int32), value=-1), pad(k_seg.astype(jnp.int32), value=-1)
+  sched = block_schedule(q_pos, q_seg, cfg)
+  out = flash_attention(pad(q), pad(k), pad(v), q_pos, k_pos, q_seg, k_seg, sched, cfg)
+  return out[:, :T]

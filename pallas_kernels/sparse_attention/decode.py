@@ -35,7 +35,7 @@ def default_num_splits(s, block_k=64):
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, o_ref, m_ref, l_ref,
-                   *, scale, block_k, window, num_global):
+                   *, scale, block_k, window, num_global, softcap):
   q = q_ref[...]  # [R, H]: rows = (query head in group, token), padded rows have segment -1
   qp = qpos_ref[...]
   qs = qseg_ref[...]
@@ -43,7 +43,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, 
   num_blocks = k_ref.shape[0] // block_k
 
   body = functools.partial(online_softmax_block, q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, scale=scale,
-                           block_k=block_k, window=window, num_global=num_global)
+                           block_k=block_k, window=window, num_global=num_global, softcap=softcap)
 
   carry = (jnp.zeros((rows, h), _F32), jnp.full((rows,), -jnp.inf, _F32),
            jnp.zeros((rows,), _F32))
@@ -55,7 +55,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, 
 
 
 def decode_partials(q, k, v, q_pos, k_pos, q_seg, k_seg, *, num_splits, scale, block_k, window,
-                    num_global, interpret):
+                    num_global, interpret, softcap=None):
   """Split-K kernel on padded, grouped inputs.
 
   q [B, K, R, H] (R rows per kv head), k/v [B, S, K, H] with S a multiple of block_k * num_splits,
@@ -66,7 +66,7 @@ def decode_partials(q, k, v, q_pos, k_pos, q_seg, k_seg, *, num_splits, scale, b
   S = k.shape[1]
   L = S // num_splits
   kernel = functools.partial(_decode_kernel, scale=scale, block_k=block_k, window=window,
-                             num_global=num_global)
+                             num_global=num_global, softcap=softcap)
   row = pl.BlockSpec((None, R), lambda b, g, s: (b, 0))
   key = pl.BlockSpec((None, L), lambda b, g, s: (b, s))
   kv = pl.BlockSpec((None, L, None, H), lambda b, g, s: (b, s, g, 0))
@@ -106,19 +106,20 @@ def combine_splits(out, m, l):
 
 
 def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, window=None,
-                            num_global=0, scale=None, block_k=64, num_splits=None, interpret=None):
+                            num_global=0, scale=None, softcap=None, block_k=64, num_splits=None,
+                            interpret=None):
   """Decode attention of a few new tokens against a (possibly unordered) KV cache.
 
   q [B, Tq, N, H]; k_cache/v_cache [B, S, K, H] (K | N); q_pos/q_seg [B, Tq], k_pos/k_seg [B, S]
   int32. Cache slots may be in any order; empty slots have segment -1. Key j is visible to query i
   iff q_seg == k_seg, k_seg != -1, k_pos <= q_pos and (window is None or q_pos - k_pos < window or
-  k_pos < num_global) -- exactly `sparse_attention_reference`. Softmax in float32, rows with no
+  k_pos < num_global) -- exactly `sparse_attention_reference` (including `softcap`). Softmax in float32, rows with no
   visible key give 0, output [B, Tq, N, H] in q.dtype. Forward only.
 
   num_splits: key splits (flash decoding); None -> `default_num_splits(S, block_k)`.
   interpret: None -> True unless the default backend is a GPU.
   """
-  _validate(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, window, num_global)
+  _validate(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap)
   B, Tq, N, H = q.shape
   S, K = k_cache.shape[1], k_cache.shape[2]
   if S < 1 or Tq < 1:
@@ -159,7 +160,7 @@ def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, 
 
   out, m, l = decode_partials(qg, kc, vc, qp, kp, qs, ks, num_splits=num_splits, scale=float(scale),
                               block_k=block_k, window=window, num_global=num_global,
-                              interpret=bool(interpret))
+                              interpret=bool(interpret), softcap=None if softcap is None else float(softcap))
   o = combine_splits(out, m, l)[:, :, :rows]  # [B, K, G*Tq, H]
   o = o.reshape(B, K, G, Tq, H).transpose(0, 3, 1, 2, 4).reshape(B, Tq, N, H)
   return o.astype(q.dtype)

@@ -27,8 +27,11 @@ def sparse_attention_mask(q_pos, k_pos, q_seg, k_seg, *, window=None, num_global
 
 
 def sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0,
-                               scale=None):
-  """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; softmax in float32; fully masked rows give 0."""
+                               scale=None, softcap=None):
+  """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; softmax in float32; fully masked rows give 0.
+
+  softcap: if set, scores s = scale * q.k become softcap * tanh(s / softcap) before the softmax.
+  """
   B, T, N, H = q.shape
   K = k.shape[2]
   if N % K:
@@ -40,6 +43,8 @@ def sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=No
   vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
   logits = jnp.einsum('btnh,bsnh->bnts', q.astype(jnp.float32), kf,
                       precision=jax.lax.Precision.HIGHEST) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   mask = sparse_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window,
                                num_global=num_global)[:, None]  # [B,1,T,S]
   logits = jnp.where(mask, logits, -jnp.inf)

@@ -20,15 +20,22 @@ import jax.numpy as jnp
 _BIG = 2**30
 
 
-def make_schedule(pos, seg, *, block_q, block_k, window=None, num_global=0):
-  """pos, seg: [B, T] int32 with T a multiple of block_q and block_k. Returns [B, nq, 4] int32
-  (g_lo, g_hi, l_lo, l_hi) in key-block units."""
+def make_schedule(pos, seg, *, block_q, block_k, window=None, num_global=0, q_index=None):
+  """pos, seg: [B, T] int32 query positions/segments, T a multiple of block_q and block_k. Returns
+  [B, nq, 4] int32 (g_lo, g_hi, l_lo, l_hi) in key-block units.
+
+  q_index: optional [B, T] int32 token index of each query row (default: row t is token t). Routed
+  attention passes the compacted rows of one head here; the keys are always tokens 0..T-1.
+  """
   B, T = pos.shape
   if T % block_q or T % block_k:
     raise ValueError(f'T={T} must be a multiple of block_q={block_q} and block_k={block_k}')
   nq, nk = T // block_q, T // block_k
   pos = pos.astype(jnp.int32)
-  t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+  if q_index is None:
+    t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+  else:
+    t = q_index.astype(jnp.int32)
   start = jnp.clip(t - pos, 0, t)  # document start index
   valid = seg != -1
   lo = start if window is None else jnp.maximum(start, t - window + 1)

@@ -53,12 +53,13 @@ def make_inputs(rng, B, Tq, N, K, S, H, dtype):
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def check(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, **kw):
+def check(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, softcap=None, **kw):
   args = tuple(jnp.asarray(x) for x in (q_pos, k_pos, q_seg, k_seg))
   # jit both: one XLA compile each instead of op-by-op dispatch (keeps the suite fast on CPU).
   fn = jax.jit(functools.partial(sparse_decode_attention, window=window, num_global=num_global,
-                                 interpret=True, **kw))
-  ref = jax.jit(functools.partial(sparse_attention_reference, window=window, num_global=num_global))
+                                 softcap=softcap, interpret=True, **kw))
+  ref = jax.jit(functools.partial(sparse_attention_reference, window=window, num_global=num_global,
+                                  softcap=softcap))
   got = fn(q, k, v, *args)
   want = ref(q, k, v, *args)
   assert got.shape == q.shape and got.dtype == q.dtype
@@ -99,9 +100,9 @@ def test_decode_matches_reference_random_cache(case):
         num_global=num_global, block_k=block_k, num_splits=num_splits)
 
 
-@pytest.mark.parametrize('Tq,num_splits,dtype', [(1, 1, jnp.float32), (4, 3, jnp.float32),
-                                                 (4, None, jnp.bfloat16)])
-def test_ring_buffer_cache(Tq, num_splits, dtype):
+@pytest.mark.parametrize('Tq,num_splits,dtype,softcap', [(1, 1, jnp.float32, None), (4, 3, jnp.float32, 1.0),
+                                                         (4, None, jnp.bfloat16, None)])
+def test_ring_buffer_cache(Tq, num_splits, dtype, softcap):
   """Bounded num_global + window cache in ring-buffer order (shuffled) with empty slots."""
   rng = np.random.default_rng(Tq)
   window, num_global = 24, 2
@@ -112,7 +113,7 @@ def test_ring_buffer_cache(Tq, num_splits, dtype):
   q_pos = np.array([np.arange(n - Tq, n) for n in lengths], np.int32)
   got, _ = check(q, k, v, q_pos, np.stack([c[0] for c in caches]), np.ones_like(q_pos),
                  np.stack([c[1] for c in caches]), window=window, num_global=num_global,
-                 block_k=16, num_splits=num_splits)
+                 block_k=16, num_splits=num_splits, softcap=softcap)
   assert np.abs(got).min() >= 0 and np.all(np.abs(got).sum(-1) > 0)  # every row sees something
 
 

@@ -40,7 +40,7 @@ def layout(rows):
   return jnp.asarray(np.stack(pos)), jnp.asarray(np.stack(seg))
 
 
-def brute_force_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, scale):
+def brute_force_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, scale, softcap=None):
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
@@ -59,6 +59,8 @@ def brute_force_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_globa
         if not vis:
           continue
         logits = np.array([scale * q[b, i, n] @ k[b, j, kh] for j in vis])
+        if softcap is not None:
+          logits = softcap * np.tanh(logits / softcap)
         w = np.exp(logits - logits.max())
         w /= w.sum()
         out[b, i, n] = sum(wj * v[b, j, kh] for wj, j in zip(w, vis))
@@ -73,37 +75,41 @@ def test_reference_matches_brute_force():
   v = rng.standard_normal((B, S, K, H)).astype(np.float32)
   pos = np.array([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0]], np.int32)
   seg = np.array([[1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, -1, 0]], np.int32)
-  for window, num_global in [(None, 0), (3, 0), (3, 2), (100, 1)]:
+  for window, num_global, softcap in [(None, 0, None), (3, 0, None), (3, 2, 0.5), (100, 1, None)]:
     scale = 1 / math.sqrt(H)
-    want = brute_force_attention(q, k, v, pos, pos, seg, seg, window, num_global, scale)
+    want = brute_force_attention(q, k, v, pos, pos, seg, seg, window, num_global, scale, softcap)
     got = sparse_attention_reference(q, k, v, pos, pos, seg, seg, window=window,
-                                     num_global=num_global)
+                                     num_global=num_global, softcap=softcap)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
   # The segment -1 query sees nothing: output 0.
   assert np.all(np.asarray(got)[1, 10] == 0)
 
 
-# (name, dtype, B, N, K, H, rows (doc_lens, pad, never), window, num_global, block_q, block_k)
+# (name, dtype, B, N, K, H, rows (doc_lens, pad, never), window, num_global, block_q, block_k, softcap)
 CASES = [
-    ('f32_causal_single_doc_mha', jnp.float32, 1, 4, 4, 16, [([64],)], None, 0, 16, 16),
+    ('f32_causal_single_doc_mha', jnp.float32, 1, 4, 4, 16, [([64],)], None, 0, 16, 16, None),
     ('f32_window8_global2_gqa2_packed_tail', jnp.float32, 2, 4, 2, 16,
-     [([30, 35, 10], 5, (40,)), ([80],)], 8, 2, 16, 32),
-    ('f32_window_gt_T_global2_gqa4_tail', jnp.float32, 1, 4, 1, 32, [([60, 30], 10)], 200, 2, 32, 16),
+     [([30, 35, 10], 5, (40,)), ([80],)], 8, 2, 16, 32, None),
+    ('f32_window_gt_T_global2_gqa4_tail', jnp.float32, 1, 4, 1, 32, [([60, 30], 10)], 200, 2, 32, 16, None),
     ('f32_window16_gqa2_packed', jnp.float32, 2, 4, 2, 16, [([50, 46],), ([20, 20, 40], 16)], 16, 0,
-     32, 32),
-    ('f32_causal_global_noop_gqa4_tail', jnp.float32, 1, 4, 1, 16, [([40, 25], 5)], None, 2, 16, 16),
-    ('f32_window5_global2_long', jnp.float32, 1, 4, 2, 16, [([150], 10)], 5, 2, 16, 16),
+     32, 32, None),
+    ('f32_causal_global_noop_gqa4_tail', jnp.float32, 1, 4, 1, 16, [([40, 25], 5)], None, 2, 16, 16, None),
+    ('f32_window5_global2_long', jnp.float32, 1, 4, 2, 16, [([150], 10)], 5, 2, 16, 16, None),
+    # A cap of 1.0 bends scores of size ~1 hard, so a wrong tanh' in the backward shows.
+    ('f32_softcap_window8_global2_gqa2_tail', jnp.float32, 1, 4, 2, 16, [([45, 30], 7)], 8, 2, 16, 16, 1.0),
+    ('f32_softcap_causal_mha', jnp.float32, 1, 2, 2, 16, [([64],)], None, 0, 32, 16, 2.0),
     ('bf16_window8_global2_gqa2_packed_tail', jnp.bfloat16, 1, 4, 2, 32, [([45, 30], 5, (3,))], 8, 2,
-     16, 32),
-    ('bf16_causal_mha', jnp.bfloat16, 1, 4, 4, 16, [([64],)], None, 0, 32, 32),
+     16, 32, None),
+    ('bf16_causal_mha', jnp.bfloat16, 1, 4, 4, 16, [([64],)], None, 0, 32, 32, None),
+    ('bf16_softcap_window16_gqa2', jnp.bfloat16, 1, 4, 2, 16, [([70],)], 16, 1, 16, 16, 1.0),
 ]
 
 
-@functools.partial(jax.jit, static_argnames=('window', 'num_global', 'block_q', 'block_k', 'backend'))
-def _fwd_bwd(q, k, v, pos, seg, ct, *, window, num_global, block_q, block_k, backend):
+@functools.partial(jax.jit, static_argnames=('window', 'num_global', 'block_q', 'block_k', 'backend', 'softcap'))
+def _fwd_bwd(q, k, v, pos, seg, ct, *, window, num_global, block_q, block_k, backend, softcap):
   def f(q, k, v):
     return sparse_attention(q, k, v, pos, pos, seg, seg, window=window, num_global=num_global,
-                            block_q=block_q, block_k=block_k, backend=backend)
+                            block_q=block_q, block_k=block_k, backend=backend, softcap=softcap)
 
   out, vjp = jax.vjp(f, q, k, v)
   return (out, *vjp(ct))
@@ -120,7 +126,7 @@ def _close(got, want, tol, name):
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_reference(case):
-  name, dtype, B, N, K, H, rows, window, num_global, block_q, block_k = case
+  name, dtype, B, N, K, H, rows, window, num_global, block_q, block_k, softcap = case
   pos, seg = layout(rows)
   T = pos.shape[1]
   assert T % block_q or T % block_k or 'tail' not in name
@@ -129,7 +135,7 @@ def test_kernel_matches_reference(case):
   k = jnp.asarray(rng.standard_normal((B, T, K, H)), dtype)
   v = jnp.asarray(rng.standard_normal((B, T, K, H)), dtype)
   ct = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
-  kw = dict(window=window, num_global=num_global, block_q=block_q, block_k=block_k)
+  kw = dict(window=window, num_global=num_global, block_q=block_q, block_k=block_k, softcap=softcap)
   got = _fwd_bwd(q, k, v, pos, seg, ct, backend='gpu', **kw)
   want = _fwd_bwd(q, k, v, pos, seg, ct, backend='reference', **kw)
   # float32: same math up to summation order. bfloat16: the kernel rounds the probabilities (and ds in
@@ -217,7 +223,9 @@ def test_validation_errors():
   with pytest.raises(ValueError, match='window'):
     sparse_attention(q, k, k, p, p, p, p, window=0)
   with pytest.raises(ValueError, match='backend'):
-    sparse_attention(q, k, k, p, p, p, p, backend='tpu')
+    sparse_attention(q, k, k, p, p, p, p, backend='cuda')
+  with pytest.raises(ValueError, match='softcap'):
+    sparse_attention(q, k, k, p, p, p, p, softcap=0.0)
   # The reference backend allows S != T (cross attention).
   out = sparse_attention(q, jnp.zeros((1, 48, 2, 16)), jnp.zeros((1, 48, 2, 16)), p, p48, p, p48,
                          backend='reference')
