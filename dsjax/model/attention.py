@@ -76,18 +76,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
 
 def _pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, gates=None, rel=None,
                       scale=None):
-  """The block-sparse Pallas kernel (self-attention over packed rows); routed gates are applied to its output.
-
-  Every head is still computed for `routed`: skipping inactive (token, head) work is the routed kernel's job.
-  """
-  from pallas_kernels.sparse_attention import sparse_attention  # optional dependency of the model
+  """The Pallas kernels (self-attention over packed rows): block-sparse attention, or, with routing gates,
+  the routed kernel that computes only the active (token, head) pairs (those with a nonzero gate)."""
+  # Optional dependency of the model, imported where used.
+  from pallas_kernels.routed_attention import routed_attention  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.sparse_attention import sparse_attention  # pylint: disable=g-import-not-at-top
   if rel is not None or k.shape[1] != q.shape[1]:
     raise ValueError("model.attention.impl='pallas' supports RoPE self-attention only (no Transformer-XL "
                      'relative positions or memory); use impl=reference')
-  out = sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global, scale=scale)
-  if gates is not None:
-    out = out * gates[..., None].astype(out.dtype)
-  return out
+  kw = dict(window=window, num_global=num_global, scale=scale)
+  if gates is None:
+    return sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw)
+  return routed_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, gates, **kw)
 
 
 def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int]:

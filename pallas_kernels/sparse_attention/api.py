@@ -28,6 +28,11 @@ class FlashConfig(NamedTuple):
 DEFAULT_BLOCKS = {'gpu': 64, 'tpu': 128}  # Mosaic TPU tiles want lane dimensions in multiples of 128
 
 
+def default_backend() -> str:
+  """The kernel backend for the default device: 'tpu' on a TPU, else 'gpu' (interpreted off-GPU)."""
+  return 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+
+
 def _kernels(backend):
   if backend == 'tpu':
     from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
@@ -99,7 +104,7 @@ flash_attention.defvjp(_flash_fwd, _flash_bwd)
 def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, backend, interpret) -> FlashConfig:
   """Validates the kernel settings shared by sparse and routed attention and fills the defaults."""
   if backend is None:
-    backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+    backend = default_backend()
   if backend not in ('gpu', 'tpu'):
     raise ValueError(f"backend must be None, 'gpu', 'tpu' or 'reference'; got {backend!r}")
   block_q = DEFAULT_BLOCKS[backend] if block_q is None else block_q

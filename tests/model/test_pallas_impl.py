@@ -1,4 +1,4 @@
-"""impl='pallas' (the block-sparse kernel, interpret mode on CPU) against impl='reference' on the whole model:
+"""impl='pallas' (the block-sparse and routed kernels, interpret mode on CPU) against impl='reference' on the whole model:
 same logits and same gradients for every kind the kernel serves."""
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from dsjax.model import Transformer
 from tests.model.helpers import init_shapes, random_like, random_packed, tiny_config
 
 
-@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed_sparse'])
+@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed', 'routed_sparse'])
 def test_pallas_matches_reference_logits_and_grads(kind):
   rng = np.random.default_rng(0)
   batch, t_len = 2, 40  # 40 is not a multiple of the kernel's blocks
