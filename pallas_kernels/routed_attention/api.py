@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.routed_attention import grouping
