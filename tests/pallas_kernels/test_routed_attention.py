@@ -15,7 +15,7 @@ from pallas_kernels.routed_attention import (
     routed_attention_reference,
     scatter_rows,
 )
-from pallas_kernels.sparse_attention import count_visited_blocks
+from pallas_kernels.sparse_attention import count_visited_blocks, sparse_attention
 from tests.pallas_kernels.test_sparse_attention import layout
 
 
@@ -140,3 +140,28 @@ def test_validation_errors():
     routed_attention(q, k, k, p, p, p, p, jnp.zeros((1, 32, 4)), jnp.zeros((1, 32), bool))
   with pytest.raises(ValueError, match='must divide'):
     routed_attention(q, jnp.zeros((1, 32, 3, 16)), jnp.zeros((1, 32, 3, 16)), p, p, p, p, jnp.zeros((1, 32, 4)))
+
+
+@pytest.mark.parametrize('kernel', ['sparse', 'routed'])
+def test_public_api_on_the_tpu_backend(kernel):
+  """sparse_attention / routed_attention with backend='tpu' (Mosaic kernels, TPU interpret mode) vs the references:
+  forward and gradients through the custom VJP (the kernels themselves are tested in test_sparse_attention_tpu)."""
+  rng = np.random.default_rng(3)
+  pos, seg = layout([([30, 20], 14)])
+  B, T, N, K, H = 1, 64, 4, 2, 16
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  gates, active = random_routing(rng, B, T, N, 2)
+  kw = dict(window=8, num_global=2, softcap=2.0)
+
+  def run(backend):
+    def f(q, k, v, gates):
+      if kernel == 'sparse':
+        return sparse_attention(q, k, v, pos, pos, seg, seg, backend=backend, **kw, **blocks(backend))
+      return routed_attention(q, k, v, pos, pos, seg, seg, gates, active, backend=backend, **kw, **blocks(backend))
+    out, vjp = jax.vjp(f, q, k, v, gates)
+    return (out, *vjp(jnp.ones_like(out)))
+
+  blocks = lambda backend: {} if backend == 'reference' else dict(block_q=16, block_k=32)
+  for got, want in zip(jax.jit(lambda: run('tpu'))(), jax.jit(lambda: run('reference'))()):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * max(1.0, float(np.abs(want).max())))
