@@ -57,17 +57,27 @@ def get_config() -> ml_collections.ConfigDict:
   d.seq_len = 2048
   d.shuffle_seed = 0
   d.num_threads = 1            # grain read threads
+  d.num_shards = 0             # data shards (0: one per process); each process reads num_shards / processes of
+                               # them, so the global batches do not depend on the number of processes
   d.eval_batches = 16
 
   # ---------------------------------------------------------------- training
   t = cfg.train = ml_collections.ConfigDict()
   t.steps = 1000
   t.batch_size = 32            # global batch, in sequences
+  t.grad_accum_steps = 1       # microbatches per step (each batch_size / grad_accum_steps rows); same update
   t.log_every = 10
   t.eval_every = 200
   t.progress_bar = True
   t.z_loss_weight = 0.0
-  t.workdir = ''               # metrics.jsonl (and later checkpoints) go here; '' = no files
+  t.workdir = ''               # metrics.jsonl, TensorBoard events, checkpoints/ and the final checkpoint; '' = none
+  t.checkpoint_every = 500     # steps between (async) checkpoints in <workdir>/checkpoints; 0: only at the end
+  t.keep_checkpoints = 3       # the latest N step checkpoints are kept ...
+  t.keep_best = 1              # ... plus the N with the lowest held-out loss (0: none)
+  t.resume = True              # continue from the latest checkpoint in <workdir>/checkpoints when there is one
+  t.tensorboard = True         # TensorBoard event files in <workdir>/tensorboard (process 0)
+  t.max_nonfinite_steps = 20   # consecutive non-finite losses (updates skipped) before the run stops
+  t.peak_flops_per_device = 0.0  # for MFU; 0: from the device table in dsjax/train/flops.py
   t.init_from = ''             # a dsjax checkpoint directory (e.g. from dsjax.convert.hf) to start from
   t.num_samples = 3            # completions printed at the end of training
   t.sample_prompts = ('def ', 'import ', 'class ')

@@ -119,11 +119,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (a ValueError) naming the first field whose value is impossible."""
   validate_model(cfg.model)
   for field in ('data.seq_len', 'data.eval_batches', 'train.steps', 'train.batch_size', 'train.log_every',
-                'train.eval_every', 'optim.learning_rate', 'sample.max_new_tokens'):
+                'train.eval_every', 'optim.learning_rate', 'sample.max_new_tokens', 'train.grad_accum_steps',
+                'train.max_nonfinite_steps'):
     _check_positive(cfg, field)
   for field in ('optim.warmup_steps', 'optim.min_lr_ratio', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps',
-                'train.z_loss_weight', 'train.num_samples', 'sample.temperature', 'sample.top_k'):
+                'train.z_loss_weight', 'train.num_samples', 'sample.temperature', 'sample.top_k', 'data.num_shards',
+                'train.checkpoint_every', 'train.keep_checkpoints', 'train.keep_best', 'train.peak_flops_per_device'):
     _check_positive(cfg, field, allow_zero=True)
+  if cfg.train.batch_size % cfg.train.grad_accum_steps:
+    _fail('train.grad_accum_steps', cfg.train.grad_accum_steps,
+          f'must divide train.batch_size={cfg.train.batch_size}')
+  if cfg.data.num_shards and cfg.train.batch_size % cfg.data.num_shards:
+    _fail('data.num_shards', cfg.data.num_shards, f'must divide train.batch_size={cfg.train.batch_size}')
   if cfg.data.seq_len > cfg.model.max_positions and cfg.model.positions.kind == 'rope':
     _fail('data.seq_len', cfg.data.seq_len, f'exceeds model.max_positions={cfg.model.max_positions}')
   if cfg.optim.min_lr_ratio > 1:

@@ -39,15 +39,44 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), sized from the config."""
+  """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all, across processes), sized from the config.
+
+  `jax.make_mesh` orders the devices for the physical topology (ICI rings on TPU, NVLink islands on GPU). Axes are
+  `Auto`: shardings are given at the jit boundary and XLA's SPMD partitioner places the intermediates.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def rules(mesh_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """The logical-axis rules as flax expects them: ((logical, mesh axis or tuple or None), ...)."""
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_cfg.rules)
+
+
+def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
+  """NamedSharding per leaf of any tree whose leaves are boxed with logical axis names (params, optimizer moments);
+  unboxed leaves (step counters, scalars) are replicated. Returns a tree shaped like the unboxed tree."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> jax.sharding.NamedSharding:
+  """Sharding of [batch, seq] arrays: the batch dimension over the mesh axes the `batch` rule names."""
+  spec = nn.logical_to_mesh_axes(('batch', None), rules(mesh_cfg))
+  return jax.sharding.NamedSharding(mesh, spec)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays (rows of process 0 first), without moving data across hosts."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh,
@@ -56,5 +85,4 @@ def param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh,
 
   Returns a tree shaped like the unboxed params.
   """
-  specs = nn.get_partition_spec(boxed_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+  return logical_shardings(boxed_params, mesh, mesh_cfg)

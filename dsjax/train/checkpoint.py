@@ -46,10 +46,11 @@ def save_model(directory: str, cfg: ml_collections.ConfigDict, params: Any,
   os.makedirs(directory, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.meta.unbox(params), force=True)
-  for path in tokenizer_files:
-    shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
-  _write_atomically(os.path.join(directory, CONFIG_JSON), cfg.to_json(indent=2))
-  _write_atomically(os.path.join(directory, 'config.py'), _CONFIG_PY)
+  if jax.process_index() == 0:  # every process writes its shards of the params; one writes the small files
+    for path in tokenizer_files:
+      shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
+    _write_atomically(os.path.join(directory, CONFIG_JSON), cfg.to_json(indent=2))
+    _write_atomically(os.path.join(directory, 'config.py'), _CONFIG_PY)
   checkpointer.wait_until_finished()
 
 

@@ -1,7 +1,8 @@
-"""The training loop: data, model, optimizer, jitted steps, progress bar, eval, end-of-run samples.
+"""The training loop: data, sharded state, jitted steps, checkpoints and resume, eval, logging, end-of-run samples.
 
-Single-device for now; the state is a pure pytree and the step a pure function, so sharding, checkpointing and
-multi-host add around this loop rather than rewriting it.
+The same loop runs on one CPU and on a multi-host pod: the state lives on a ('data', 'fsdp', 'tensor') mesh with
+shardings from the logical-axis rules, each process feeds its own rows of every global batch, and only process 0
+logs. See docs/multihost.md.
 """
 from __future__ import annotations
 
@@ -17,19 +18,28 @@ import numpy as np
 import tqdm
 
 from dsjax import config as config_lib
+from dsjax import sharding as sharding_lib
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.sample import sampler
 from dsjax.train import checkpoint
+from dsjax.train import flops as flops_lib
 from dsjax.train import metrics as metrics_lib
 from dsjax.train import optimizer as optimizer_lib
+from dsjax.train import preemption
 from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib
+from dsjax.train import train_checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss (or gradient) stayed non-finite for more than `train.max_nonfinite_steps` consecutive steps."""
 
 
 def load_eval_batches(cfg: ml_collections.ConfigDict, tokenizer) -> list[dict[str, np.ndarray]]:
-  """The first `data.eval_batches` batches of the held-out split: the same fixed set at every evaluation."""
+  """The first `data.eval_batches` global batches of the held-out split: the same fixed set at every evaluation
+  (every process loads them all and feeds its own rows)."""
   dataset = pipeline.make_dataset(cfg.data, tokenizer, split='validation', batch_size=cfg.train.batch_size,
                                   seed=cfg.data.shuffle_seed, repeat=False)
   batches = list(itertools.islice(iter(dataset), cfg.data.eval_batches))
@@ -39,21 +49,42 @@ def load_eval_batches(cfg: ml_collections.ConfigDict, tokenizer) -> list[dict[st
   return batches
 
 
-def evaluate(eval_step, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def evaluate(eval_step, params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Held-out loss (nats per token) and bits per byte over the fixed eval batches."""
   sums = [eval_step(params, batch) for batch in batches]
   nll, tokens, num_bytes = (float(sum(s[k] for s in sums)) for k in ('nll_sum', 'tokens', 'bytes'))
   return {'loss': nll / max(tokens, 1.0), 'bits_per_byte': metrics_lib.bits_per_byte(nll, num_bytes)}
 
 
-def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Trains `cfg.model` on `cfg.data` for `cfg.train.steps` steps; returns a summary of the run.
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of a global batch (process p holds the p-th contiguous block of rows)."""
+  per_process = len(batch['inputs']) // jax.process_count()
+  rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+  return {k: v[rows] for k, v in batch.items()}
 
-  The summary holds `params`, `num_params`, `history` (logged train metrics), `evals`, `final_eval`,
-  `unigram` (baseline on the same eval batches), `samples`, `checkpoint` (where the final model was saved, when
-  `train.workdir` is set) and timings.
+
+def _check_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_shards: int) -> None:
+  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+  micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+  if micro % batch_devices:
+    raise config_lib.ConfigError(
+        f'config.train.batch_size={cfg.train.batch_size}: each of the {cfg.train.grad_accum_steps} microbatches '
+        f'({micro} rows) must split evenly over the data x fsdp = {batch_devices} devices')
+  if num_shards % jax.process_count():
+    raise config_lib.ConfigError(f'config.data.num_shards={num_shards}: must be a multiple of the '
+                                 f'{jax.process_count()} processes')
+
+
+def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Trains `cfg.model` on `cfg.data` for `cfg.train.steps` steps, resuming from `<workdir>/checkpoints` when a
+  checkpoint is there (and `train.resume`); returns a summary of the run.
+
+  The summary holds `params`, `num_params`, `start_step`, `history` (logged train metrics of this run), `evals`,
+  `final_eval`, `unigram` (baseline on the same eval batches), `samples`, `checkpoint` (the final model directory,
+  when `train.workdir` is set), `preempted` (stopped by SIGTERM after saving) and timings.
   """
   start_time = time.time()
+  main_process = jax.process_index() == 0
   tokenizer = tokenizer_lib.from_config(cfg.data)
   if cfg.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(f'config.model.vocab_size={cfg.model.vocab_size}: smaller than the '
@@ -61,93 +92,138 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   token_bytes = np.zeros((cfg.model.vocab_size,), np.int32)
   token_bytes[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
 
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  num_shards = int(cfg.data.num_shards) or jax.process_count()
+  _check_divisibility(cfg, mesh, num_shards)
   try:
-    train_iter = iter(pipeline.make_dataset(
-        cfg.data, tokenizer, split='train', batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), repeat=True))
+    train_iter = pipeline.ShardedBatchIterator(
+        cfg.data, tokenizer, split='train', global_batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
+        num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())
     eval_batches = load_eval_batches(cfg, tokenizer)
   except ValueError as e:  # an empty source or split: name the config field that points at it
     raise config_lib.ConfigError(f'config.data.source={cfg.data.source!r}: {e}') from e
 
+  batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
+  replicated = sharding_lib.replicated(mesh)
   model = Transformer(cfg.model)
   optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  learning_rate = optimizer_lib.learning_rate_schedule(cfg.optim, cfg.train.steps)
   init_rng, dropout_rng, sample_rng = jax.random.split(jax.random.key(cfg.seed), 3)
-  if cfg.train.init_from:
-    state = state_lib.train_state_from_params(initial_params(cfg), optimizer)
+  shardings = state_lib.state_shardings(model, optimizer, cfg.data.seq_len, mesh, cfg.mesh)
+  checkpointer = (train_checkpoint.TrainCheckpointer(os.path.join(cfg.train.workdir, 'checkpoints'), cfg.train)
+                  if cfg.train.workdir else None)
+  unigram = metrics_lib.UnigramBaseline(cfg.model.vocab_size)
+
+  resume_step = checkpointer.latest_step() if checkpointer and cfg.train.resume else None
+  if resume_step is not None:
+    example = jax.eval_shape(lambda: state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len))
+    state, meta = checkpointer.restore(resume_step, train_checkpoint.abstract_state(shardings, example), train_iter)
+    unigram.counts = np.asarray(meta['unigram_counts'], np.int64)
+  elif cfg.train.init_from:
+    state = state_lib.train_state_from_params(initial_params(cfg, mesh), optimizer, shardings)
   else:
-    state = state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len)
+    state = state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len, shardings)
+  start_step = int(state.step)
   num_params = state_lib.param_count(state.params)
 
-  train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes)))
-  unigram = metrics_lib.UnigramBaseline(cfg.model.vocab_size)
-  writer = metrics_lib.JsonlWriter(cfg.train.workdir)
+  train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), donate_argnums=0,
+                       in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated))
+  eval_step = jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes)),
+                      in_shardings=(shardings.params, batch_sharding), out_shardings=replicated)
+  eval_arrays = [sharding_lib.global_batch(local_rows(b), batch_sharding) for b in eval_batches]
+  logger = metrics_lib.MetricsLogger(cfg.train.workdir, tensorboard=cfg.train.tensorboard, enabled=main_process)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  throughput = _Throughput(cfg, tokens_per_step, start_step)
 
-  bar = tqdm.tqdm(total=cfg.train.steps, disable=not cfg.train.progress_bar, desc='train', unit='step',
-                  dynamic_ncols=True)
-  bar.write(f'model: {num_params:,} parameters; attention={cfg.model.attention.kind}, '
-            f'positions={cfg.model.positions.kind}; {tokens_per_step:,} tokens per step')
+  bar = tqdm.tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress_bar and main_process),
+                  desc='train', unit='step', dynamic_ncols=True)
+  _say(bar, main_process, f'model: {num_params:,} parameters; attention={cfg.model.attention.kind}, '
+       f'positions={cfg.model.positions.kind}; {tokens_per_step:,} tokens per step; mesh {dict(mesh.shape)} over '
+       f'{jax.process_count()} process(es)' + (f'; resumed at step {start_step}' if resume_step is not None else ''))
+
+  def meta() -> dict[str, Any]:
+    return {'unigram_counts': unigram.counts.tolist(), 'config': train_checkpoint.config_json(cfg)}
+
   history, evals = [], []
-  # Metrics of a logged step are read after the next step is dispatched, so the host never stalls the device.
+  watcher = preemption.PreemptionWatcher()
+  preempted = False
+  # A step's metrics are read after the next step is dispatched, so the host never stalls the device.
   pending = None
-  clock = {'time': time.time(), 'step': 0}
-  for step in range(1, cfg.train.steps + 1):
-    batch = next(train_iter)
-    unigram.update(batch['targets'], batch['segment_ids'])
-    state, step_metrics = train_step(state, batch, dropout_rng)
-    if pending is not None:
-      _log(*pending, clock, tokens_per_step, bar, history, writer)
-      pending = None
-    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+  try:
+    for step in range(start_step + 1, cfg.train.steps + 1):
+      local = next(train_iter)
+      unigram.update(local['targets'], local['segment_ids'])
+      state, step_metrics = train_step(state, sharding_lib.global_batch(local, batch_sharding), dropout_rng)
+      if pending is not None:
+        _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger)
       pending = (step, step_metrics)
-    bar.update(1)
-    if step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-      result = {'step': step, **evaluate(eval_step, state.params, eval_batches)}
-      evals.append(result)
-      writer.write({'split': 'validation', **result})
-      bar.write(f'step {step}: held-out loss {result["loss"]:.4f}, {result["bits_per_byte"]:.3f} bits/byte')
-  if pending is not None:
-    _log(*pending, clock, tokens_per_step, bar, history, writer)
-  bar.close()
+      bar.update(1)
+      eval_loss = None
+      if step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+        result = {'step': step, **evaluate(eval_step, state.params, eval_arrays)}
+        evals.append(result)
+        eval_loss = result['loss']
+        logger.write('validation', result)
+        _say(bar, main_process,
+             f'step {step}: held-out loss {result["loss"]:.4f}, {result["bits_per_byte"]:.3f} bits/byte')
+      stop = watcher.should_stop(step)
+      periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+      if checkpointer and (stop or periodic) and step != cfg.train.steps:
+        checkpointer.save(step, state, train_iter, meta(), eval_loss=eval_loss)
+      if stop:
+        preempted = True
+        _say(bar, main_process, f'preempted (SIGTERM): stopping after step {step}' +
+             (f', checkpoint saved in {checkpointer.directory}' if checkpointer else ''))
+        break
+    if pending is not None:
+      _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger)
+  finally:
+    watcher.close()
+    bar.close()
   train_time = time.time() - start_time
 
-  final = {'step': cfg.train.steps, **evaluate(eval_step, state.params, eval_batches)}
-  evals.append(final)
-  writer.write({'split': 'validation', **final})
-  baseline = unigram.evaluate(eval_batches, token_bytes)
-  saved_to = None
-  if cfg.train.workdir:
-    saved_to = os.path.join(os.path.abspath(cfg.train.workdir), 'checkpoint')
-    checkpoint.save_model(saved_to, cfg, state.params, _tokenizer_files(cfg.data.tokenizer))
-    print(f'saved the final model to {saved_to}')
-  print(f'final held-out loss {final["loss"]:.4f} nats/token = {final["bits_per_byte"]:.3f} bits/byte '
-        f'(unigram baseline {baseline["bits_per_byte"]:.3f} bits/byte); {num_params:,} parameters; '
-        f'{train_time:.0f} s')
+  final, baseline, saved_to, samples = None, None, None, []
+  if not preempted:
+    final = {'step': cfg.train.steps, **evaluate(eval_step, state.params, eval_arrays)}
+    evals.append(final)
+    logger.write('validation', final)
+    baseline = unigram.evaluate(eval_batches, token_bytes)
+    if checkpointer:
+      checkpointer.save(cfg.train.steps, state, train_iter, meta(), eval_loss=final['loss'])
+    if cfg.train.workdir:
+      saved_to = os.path.join(os.path.abspath(cfg.train.workdir), 'checkpoint')
+      checkpoint.save_model(saved_to, cfg, state.params, _tokenizer_files(cfg.data.tokenizer))
+      _say(None, main_process, f'saved the final model to {saved_to}')
+    _say(None, main_process, f'final held-out loss {final["loss"]:.4f} nats/token = {final["bits_per_byte"]:.3f} '
+         f'bits/byte (unigram baseline {baseline["bits_per_byte"]:.3f} bits/byte); {num_params:,} parameters; '
+         f'{train_time:.0f} s')
+  if checkpointer:
+    checkpointer.wait()
+    checkpointer.close()
+  logger.close()
 
-  samples = []
-  if cfg.train.num_samples:
+  if final is not None and cfg.train.num_samples and jax.process_count() == 1:
     prompts = [cfg.train.sample_prompts[i % len(cfg.train.sample_prompts)] for i in range(cfg.train.num_samples)]
     samples = complete(model, state.params, tokenizer, prompts, sample_rng, cfg.sample)
     for prompt, text in zip(prompts, samples):
       print(f'--- sample ---\n{prompt}{text}')
   return {
-      'params': state.params, 'num_params': num_params, 'history': history, 'evals': evals,
-      'final_eval': final, 'unigram': baseline, 'samples': samples, 'train_seconds': train_time,
-      'checkpoint': saved_to,
-      'total_seconds': time.time() - start_time,
+      'params': state.params, 'num_params': num_params, 'start_step': start_step, 'history': history,
+      'evals': evals, 'final_eval': final, 'unigram': baseline, 'samples': samples, 'train_seconds': train_time,
+      'checkpoint': saved_to, 'preempted': preempted, 'total_seconds': time.time() - start_time,
   }
 
 
-def initial_params(cfg: ml_collections.ConfigDict) -> Any:
-  """The params of the checkpoint `train.init_from`, checked against `cfg.model` (any mismatch names the field)."""
+def initial_params(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """The params of the checkpoint `train.init_from`, checked against `cfg.model` (any mismatch names the field),
+  placed on `mesh` when given (each device reads only its shards)."""
   saved = checkpoint.load_config(cfg.train.init_from).model
   for field in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
                 'tie_embeddings'):
     if saved[field] != cfg.model[field]:
       raise config_lib.ConfigError(f'config.model.{field}={cfg.model[field]!r}: the checkpoint in '
                                    f'train.init_from={cfg.train.init_from!r} has {saved[field]!r}')
-  return checkpoint.load_params(cfg.train.init_from, cfg.model)
+  return checkpoint.load_params(cfg.train.init_from, cfg.model, mesh, cfg.mesh if mesh is not None else None)
 
 
 def complete(model, params: Any, tokenizer, prompts: list[str], rng: jax.Array,
@@ -169,13 +245,54 @@ def _tokenizer_files(spec: str) -> list[str]:
           if os.path.isfile(os.path.join(folder, name))]
 
 
-def _log(step: int, device_metrics, clock: dict, tokens_per_step: int, bar, history: list,
-         writer: metrics_lib.JsonlWriter) -> None:
-  """Reads one step's metrics (waiting for that step only) and logs them with the throughput since last log."""
-  record = {'step': step, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
-  now = time.time()
-  record['tokens_per_sec'] = (step - clock['step']) * tokens_per_step / max(now - clock['time'], 1e-9)
-  clock.update(time=now, step=step)
+class _Throughput:
+  """Tokens per second and MFU between consecutive logged steps (FLOPs per token from dsjax.train.flops)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, tokens_per_step: int, start_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
+    self.time, self.step = time.time(), start_step
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.time()
+    tokens_per_sec = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
+    self.time, self.step = now, step
+    out = {'tokens_per_sec': tokens_per_sec}
+    mfu = flops_lib.mfu(tokens_per_sec, self.flops_per_token, jax.device_count(), self.peak)
+    if mfu is not None:
+      out['mfu'] = mfu
+    return out
+
+
+def _finish_step(step: int, device_metrics, cfg: ml_collections.ConfigDict, throughput: _Throughput, learning_rate,
+                 bar, history: list, logger: metrics_lib.MetricsLogger) -> None:
+  """Reads one step's metrics (waiting for that step only): stops a diverged run, logs every `train.log_every`."""
+  streak = int(device_metrics['nonfinite_streak'])
+  if streak:
+    _say(bar, jax.process_index() == 0, f'step {step}: non-finite loss or gradient, update skipped '
+         f'({streak} in a row)')
+    if streak > cfg.train.max_nonfinite_steps:
+      raise TrainingDiverged(f'training diverged: {streak} consecutive steps up to step {step} had a non-finite '
+                             f'loss or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower '
+                             'optim.learning_rate or check the data')
+  if step % cfg.train.log_every and step != cfg.train.steps:
+    return
+  record = {'step': step, **{k: float(v) for k, v in jax.device_get(device_metrics).items()},
+            'learning_rate': float(learning_rate(step - 1)), **throughput.update(step)}
   history.append(record)
-  writer.write({'split': 'train', **record})
-  bar.set_postfix(loss=f'{record["loss"]:.3f}', tok_s=f'{record["tokens_per_sec"]:,.0f}')
+  logger.write('train', record)
+  postfix = dict(loss=f'{record["loss"]:.3f}', tok_s=f'{record["tokens_per_sec"]:,.0f}')
+  if 'mfu' in record:
+    postfix['mfu'] = f'{record["mfu"]:.1%}'
+  bar.set_postfix(**postfix)
+
+
+def _say(bar, main_process: bool, text: str) -> None:
+  """A line on process 0's console (through the progress bar when there is one, so the bar stays intact)."""
+  if not main_process:
+    return
+  if bar is not None:
+    bar.write(text)
+  else:
+    print(text)

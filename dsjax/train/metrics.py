@@ -56,5 +56,30 @@ class JsonlWriter:
         f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + '\n')
 
 
+class MetricsLogger:
+  """Process 0's metrics sinks: `<workdir>/metrics.jsonl` (one JSON object per record, appended across resumes) and,
+  with `tensorboard`, TensorBoard event files in `<workdir>/tensorboard` (tensorboardX: no TensorFlow needed).
+  Other processes and an empty workdir write nothing."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool = True):
+    self._jsonl = JsonlWriter(workdir if enabled else '')
+    self._tb = None
+    if enabled and workdir and tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, split: str, record: Mapping[str, Any]) -> None:
+    """Logs `record` (which has a 'step') under `split` ('train' or 'validation')."""
+    self._jsonl.write({'split': split, **record})
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != 'step' and isinstance(_plain(value), (int, float)):
+          self._tb.add_scalar(f'{split}/{key}', _plain(value), int(record['step']))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
 def _plain(value: Any) -> Any:
   return value.item() if hasattr(value, 'item') else value

@@ -26,38 +26,88 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
   return log_z_BT - target_logit_BT, log_z_BT
 
 
-def loss_fn(params: Any, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None, *,
-            router_aux_weight: float = 0.0, z_loss_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean next-token loss over non-padding targets, plus the router load-balance and optional z-loss terms."""
+def _sums(params: Any, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+  """Forward pass over one (micro)batch: summed nll and z-loss over its non-padding targets, token count and the
+  router load-balance loss (a mean over the batch)."""
   deterministic = dropout_rng is None
   logits, aux = model.apply(
       {'params': params}, batch['inputs'], batch['positions'], segment_ids=batch['segment_ids'],
       deterministic=deterministic, rngs=None if deterministic else {'dropout': dropout_rng})
   mask_BT = (batch['segment_ids'] > 0).astype(jnp.float32)
-  num_tokens = jnp.maximum(mask_BT.sum(), 1.0)
   nll_BT, log_z_BT = token_nll(logits, batch['targets'])
-  nll = (nll_BT * mask_BT).sum() / num_tokens
-  router_loss = aux['router_loss']
-  z_loss = (jnp.square(log_z_BT) * mask_BT).sum() / num_tokens
-  total = nll + router_aux_weight * router_loss + z_loss_weight * z_loss
-  return total, {'loss': nll, 'router_loss': router_loss, 'z_loss': z_loss, 'tokens': mask_BT.sum()}
+  return {'nll': (nll_BT * mask_BT).sum(), 'z': (jnp.square(log_z_BT) * mask_BT).sum(), 'tokens': mask_BT.sum(),
+          'router': aux['router_loss']}
+
+
+def loss_fn(params: Any, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None, *,
+            router_aux_weight: float = 0.0, z_loss_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token loss over non-padding targets, plus the router load-balance and optional z-loss terms."""
+  sums = _sums(params, model, batch, dropout_rng)
+  num_tokens = jnp.maximum(sums['tokens'], 1.0)
+  nll, z_loss = sums['nll'] / num_tokens, sums['z'] / num_tokens
+  total = nll + router_aux_weight * sums['router'] + z_loss_weight * z_loss
+  return total, {'loss': nll, 'router_loss': sums['router'], 'z_loss': z_loss, 'tokens': sums['tokens']}
+
+
+def microbatches(batch: Batch, num: int) -> Batch:
+  """[B, ...] -> [num, B / num, ...], microbatch i holding rows i, i + num, ...: with the batch sharded in contiguous
+  row blocks over devices, every device keeps its own rows in every microbatch (no data moves)."""
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, batch)
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     cfg: ml_collections.ConfigDict) -> Callable[[TrainState, Batch, jax.Array], Any]:
-  """Returns `train_step(state, batch, rng) -> (state, metrics)`; dropout RNG is folded in per step."""
+  """Returns `train_step(state, batch, rng) -> (state, metrics)`.
+
+  With `train.grad_accum_steps` = A > 1 the batch is split into A microbatches whose gradients are summed in a
+  `lax.scan`; each microbatch's nll and z-loss are divided by the whole batch's token count, so the update equals
+  the one-batch update exactly (up to summation order). Dropout RNG is folded in per step (and microbatch). A step
+  whose loss or gradient norm is not finite leaves params and optimizer state unchanged and counts in
+  `state.nonfinite` (consecutive such steps; the loop stops the run past `train.max_nonfinite_steps`).
+  """
   use_dropout = cfg.model.dropout_rate > 0
-  weights = dict(router_aux_weight=cfg.model.attention.router_aux_weight if cfg.model.attention.kind == 'routed'
-                 else 0.0, z_loss_weight=cfg.train.z_loss_weight)
+  router_weight = cfg.model.attention.router_aux_weight if cfg.model.attention.kind == 'routed' else 0.0
+  z_weight = cfg.train.z_loss_weight
+  accum = int(cfg.train.grad_accum_steps)
+
+  def objective(params, batch, rng, total_tokens):
+    sums = _sums(params, model, batch, rng)
+    value = (sums['nll'] + z_weight * sums['z']) / total_tokens + router_weight * sums['router'] / accum
+    return value, sums
+
+  grad_fn = jax.grad(objective, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     dropout_rng = jax.random.fold_in(rng, state.step) if use_dropout else None
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, model, batch, dropout_rng, **weights)
+    total_tokens = jnp.maximum((batch['segment_ids'] > 0).sum().astype(jnp.float32), 1.0)
+    if accum == 1:
+      grads, sums = grad_fn(state.params, batch, dropout_rng, total_tokens)
+    else:
+      def body(acc, xs):
+        index, micro = xs
+        micro_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        grads, sums = grad_fn(state.params, micro, micro_rng, total_tokens)
+        return jax.tree_util.tree_map(jnp.add, acc, (grads, sums)), None
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, (state.params, {k: jnp.zeros((), jnp.float32) for k in
+                                                                     ('nll', 'z', 'tokens', 'router')}))
+      (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), microbatches(batch, accum)))
+      sums['router'] = sums['router'] / accum
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    loss = sums['nll'] / total_tokens
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep_old(params, state.params),
+                           opt_state=keep_old(opt_state, state.opt_state),
+                           nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+    metrics = {'loss': loss, 'router_loss': sums['router'], 'z_loss': sums['z'] / total_tokens,
+               'tokens': sums['tokens'], 'grad_norm': grad_norm, 'skipped': (~finite).astype(jnp.float32),
+               'nonfinite_streak': new_state.nonfinite}
+    return new_state, metrics
 
   return train_step
 

@@ -101,7 +101,7 @@ def test_every_variant_trains(overrides):
 def test_train_py_runs_with_command_line_overrides():
   result = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/tiny.py', '--config.model.attention.kind=sparse',
-       '--config.train.steps=3', '--config.train.batch_size=2', '--config.data.seq_len=64',
+       '--config.train.steps=3', '--config.train.batch_size=8', '--config.data.seq_len=64',
        '--config.data.eval_batches=1', '--config.train.num_samples=1', '--config.sample.max_new_tokens=4',
        '--config.model.num_layers=1'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
