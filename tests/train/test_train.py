@@ -38,6 +38,15 @@ def small_config(**model_overrides):
   return cfg
 
 
+def _tf_records(data: bytes):
+  """The payloads of a TFRecord file: [length u64][crc u32][payload][crc u32] repeated."""
+  offset = 0
+  while offset < len(data):
+    length = int.from_bytes(data[offset:offset + 8], 'little')
+    yield data[offset + 12:offset + 12 + length]
+    offset += 16 + length
+
+
 def byte_unigram_nats(cfg, eval_batches):
   """Cross-entropy of a byte-frequency model fit on the training documents (add-one smoothed), in nats per token,
   on the targets of the eval batches. Counts raw UTF-8 bytes of the train split plus one bos and eos per
@@ -70,6 +79,20 @@ def test_short_run_beats_the_unigram_baseline(tmp_path):
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert {r['split'] for r in records} == {'train', 'validation'}
   assert all(r['tokens_per_sec'] > 0 for r in records if r['split'] == 'train')
+  # TensorBoard events hold the same train losses (read back with tensorboardX's own event parser).
+  from tensorboardX.event_file_writer import event_pb2
+  events = sorted((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert events, list(tmp_path.iterdir())
+  logged = {}
+  for record in _tf_records(events[0].read_bytes()):
+    event = event_pb2.Event.FromString(record)
+    for value in event.summary.value:
+      if value.tag == 'train/loss':
+        logged[event.step] = value.simple_value
+  train_losses = {r['step']: r['loss'] for r in records if r['split'] == 'train'}
+  assert sorted(logged) == sorted(train_losses)
+  for step, loss in train_losses.items():
+    assert abs(logged[step] - loss) <= 1e-6 * abs(loss)
   assert len(summary['samples']) == 1 and isinstance(summary['samples'][0], str)
   # The final model is saved as a checkpoint that loads back bit for bit.
   from dsjax.train import checkpoint

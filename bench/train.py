@@ -1,0 +1,102 @@
+"""Training throughput benchmark: tokens/s and MFU of `train.py`'s loop for one config and several attention kinds,
+side by side in one run.
+
+  python bench/train.py [--config=configs/tiny.py] [--kinds=full,sparse] [--steps=30] [--set=train.batch_size=16]
+                        [--out=bench/results/train.json]
+
+Each kind trains `--steps` steps (no eval, no samples, no checkpoints); the rate is the median of the logged
+tokens/s after the first `--warmup_logs` records (the first covers compilation). MFU uses FLOPs per token from
+dsjax.train.flops (6N plus attention counted on the unmasked work) over the device's dense bf16 peak from the table
+there; for a device the table does not know (a CPU) `--peak_flops=auto` measures a large matmul in the model's
+compute dtype and uses that as the peak, so CPU MFU reads "fraction of what this machine's matmuls reach".
+Prints a table and writes JSON (device name and date included).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.attention import write_results  # pylint: disable=g-import-not-at-top
+from dsjax import config as config_lib
+from dsjax.train import flops as flops_lib
+from dsjax.train import loop
+
+
+def measured_matmul_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a size^3 matmul on the default device: a practical peak for devices without a datasheet entry."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    matmul(a).block_until_ready()
+  return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def apply_overrides(cfg, overrides: list[str]) -> None:
+  for item in overrides:
+    key, _, text = item.partition('=')
+    node, *path = key.split('.')
+    target = cfg[node]
+    for part in path[:-1]:
+      target = target[part]
+    current = target[path[-1]]
+    target[path[-1]] = type(current)(text) if not isinstance(current, bool) else text.lower() == 'true'
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--config', default='configs/tiny.py')
+  parser.add_argument('--kinds', default='full,sparse', help='model.attention.kind values, comma list')
+  parser.add_argument('--impl', default='reference', help='model.attention.impl')
+  parser.add_argument('--steps', type=int, default=30)
+  parser.add_argument('--log_every', type=int, default=5)
+  parser.add_argument('--warmup_logs', type=int, default=1)
+  parser.add_argument('--peak_flops', default='auto', help="per-device peak FLOP/s, or 'auto'")
+  parser.add_argument('--set', action='append', default=[], help='config override section.field=value')
+  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'train.json'))
+  args = parser.parse_args()
+
+  base = config_lib.load_config(args.config)
+  apply_overrides(base, args.set)
+  peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+  if args.peak_flops != 'auto':
+    peak = float(args.peak_flops)
+  elif peak is None:  # measured once, before any training, so every kind is divided by the same peak
+    peak = measured_matmul_flops(base.model.dtype)
+  rows = []
+  for kind in args.kinds.split(','):
+    cfg = config_lib.load_config(args.config)
+    apply_overrides(cfg, args.set)
+    cfg.model.attention.kind = kind
+    cfg.model.attention.impl = args.impl
+    t = cfg.train
+    t.steps, t.log_every, t.eval_every = args.steps, args.log_every, args.steps + 1
+    t.num_samples, t.progress_bar, t.workdir = 0, False, ''
+    cfg.data.eval_batches = 1
+    t.peak_flops_per_device = peak
+    config_lib.validate(cfg)
+    history = loop.train(cfg)['history'][args.warmup_logs:]
+    tokens_per_sec = statistics.median(r['tokens_per_sec'] for r in history)
+    flops_per_token = flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    rows.append(dict(kind=kind, impl=args.impl, batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                     devices=jax.device_count(), tokens_per_sec=tokens_per_sec, flops_per_token=flops_per_token,
+                     peak_flops_per_device=peak,
+                     mfu=flops_lib.mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)))
+  print(f'\ndevice: {jax.devices()[0].device_kind} x {jax.device_count()}; config {args.config} {args.set}')
+  print(f'{"kind":>8} {"batch x seq":>12} {"tokens/s":>10} {"GFLOP/token":>12} {"peak TFLOP/s":>13} {"MFU":>7}')
+  for r in rows:
+    print(f'{r["kind"]:>8} {r["batch"]:>5} x {r["seq_len"]:<5} {r["tokens_per_sec"]:10,.0f} '
+          f'{r["flops_per_token"] / 1e9:12.3f} {r["peak_flops_per_device"] / 1e12:13.3f} {r["mfu"]:7.1%}')
+  write_results(args.out, rows, config=args.config, overrides=args.set, steps=args.steps)
+
+
+if __name__ == '__main__':
+  main()
