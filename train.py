@@ -1,13 +1,22 @@
 """Train a dsjax model: `python train.py --config=configs/tiny.py [--config.section.field=value ...]`.
 
-A thin CLI: parse and validate the config, then call dsjax.train.loop.train.
+A thin CLI: parse and validate the config, join the other processes of a multi-host run (docs/multihost.md), then
+call dsjax.train.loop.train.
 """
 from absl import app
+from absl import flags
 
 from dsjax import cli
 from dsjax import config as config_lib
+from dsjax import distributed
 
 _CONFIG = cli.define_config_flag('configs/tiny.py')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', '', 'Multi-process runs: host:port of process 0 (with --num_processes and --process_id). '
+    'Empty: auto-detected under SLURM and on Cloud TPU slices, else a single process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-process runs: the number of processes (0: unset).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process runs: this process, 0..num_processes-1 '
+                                   '(-1: unset).')
 
 
 def main(argv):
@@ -15,10 +24,14 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.quiet_logging()
   cfg = cli.resolve_config(_CONFIG)
+  try:
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:  # bad flags, or JAX could not reach the other processes
+    cli.fail(str(e))
   from dsjax.train import loop  # imported after flag parsing so that bad flags fail fast
   try:
     loop.train(cfg)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, loop.TrainingDiverged) as e:
     cli.fail(str(e))
 
 

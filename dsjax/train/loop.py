@@ -117,7 +117,11 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   resume_step = checkpointer.latest_step() if checkpointer and cfg.train.resume else None
   if resume_step is not None:
     example = jax.eval_shape(lambda: state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len))
-    state, meta = checkpointer.restore(resume_step, train_checkpoint.abstract_state(shardings, example), train_iter)
+    try:
+      state, meta = checkpointer.restore(resume_step, train_checkpoint.abstract_state(shardings, example),
+                                         train_iter)
+    except ValueError as e:
+      raise config_lib.ConfigError(f'config.train.resume: {e}') from e
     unigram.counts = np.asarray(meta['unigram_counts'], np.int64)
   elif cfg.train.init_from:
     state = state_lib.train_state_from_params(initial_params(cfg, mesh), optimizer, shardings)

@@ -65,7 +65,16 @@ class TrainCheckpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
     """Restores step `step` into the shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStructs with
-    shardings: the current mesh, whatever mesh wrote it) and sets `data_iterator`'s state. Returns (state, meta)."""
+    shardings: the current mesh, whatever mesh wrote it) and sets `data_iterator`'s state. Returns (state, meta).
+
+    Raises ValueError when the data iterator state was written by a different number of processes.
+    """
+    data_file = os.path.join(self.directory, str(step), 'data',
+                             f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    if not os.path.isfile(data_file):
+      raise ValueError(f'checkpoint {step} in {self.directory} has no data iterator state for process '
+                       f'{jax.process_index()} of {jax.process_count()}: resume with the number of processes that '
+                       'wrote it (the model state itself restores onto any mesh)')
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator),
