@@ -178,3 +178,22 @@ def test_restore_onto_a_different_mesh(tmp_path):
   following = next(fresh)
   for key in expected_next:
     np.testing.assert_array_equal(following[key], expected_next[key])
+
+
+def test_retention_keeps_the_latest_and_the_best(tmp_path):
+  """keep_checkpoints=2, keep_best=1: the two newest steps plus the lowest held-out loss survive."""
+  import ml_collections
+
+  class Iterator:
+    def get_state(self):
+      return b'[]'
+
+  manager = train_checkpoint.TrainCheckpointer(
+      str(tmp_path), ml_collections.ConfigDict(dict(keep_checkpoints=2, keep_best=1)))
+  losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 2.5}  # step 4 had no evaluation
+  for step, loss in losses.items():
+    manager.save(step, {'w': np.full((4,), step, np.float32)}, Iterator(), {'step': step}, eval_loss=loss)
+    manager.wait()
+  kept = sorted(int(name) for name in os.listdir(tmp_path) if name.isdigit())
+  manager.close()
+  assert kept == [2, 4, 5], kept
