@@ -239,7 +239,7 @@ def test_train_py_starts_from_an_imported_checkpoint(tmp_path):
     loop.initial_params(cfg)
   result = subprocess.run(
       [sys.executable, 'train.py', f'--config={tmp_path / "ckpt" / "config.py"}', '--config.train.steps=2',
-       '--config.train.batch_size=2', '--config.data.seq_len=32', '--config.data.eval_batches=1',
+       '--config.train.batch_size=8', '--config.data.seq_len=32', '--config.data.eval_batches=1',
        '--config.train.num_samples=1', '--config.sample.max_new_tokens=3', '--config.model.dtype=float32'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
