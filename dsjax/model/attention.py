@@ -18,6 +18,15 @@ from dsjax.model.routing import HeadRouter
 
 
 
+class LayerCache(NamedTuple):
+  """One layer's KV cache for decoding, plus where this call's tokens go (see dsjax/model/cache.py)."""
+  k: jax.Array            # [B, S, K, H] cached keys (RoPE already applied)
+  v: jax.Array            # [B, S, K, H]
+  positions: jax.Array    # [B, S] int32 positions of the cached tokens
+  segment_ids: jax.Array  # [B, S] int32, -1 for empty slots
+  write_slot: jax.Array   # [B, T] int32 slot of each new token; S (out of range) for tokens not kept
+
+
 class RelativeBias(NamedTuple):
   """Transformer-XL position term: score += (q + v) . r[q_pos - k_pos]; content uses (q + u) . k."""
   r: jax.Array  # [L, N, H]: r[d] for distances d = 0..L-1 (larger distances are clipped to L-1)
@@ -107,11 +116,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               memory: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+               memory: tuple[jax.Array, jax.Array, jax.Array] | None = None, cache: LayerCache | None = None
+               ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Attention over x [B, T, D] with positions, segment_ids int [B, T].
 
     memory: optional (hidden [B, M, D], positions [B, M], segment ids [B, M]) prepended to the keys/values.
-    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed).
+    cache: optional KV cache (decoding): the new tokens attend to the cached keys and to each other, and their
+      keys/values are written to `cache.write_slot`.
+    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed, (k, v) updated cache
+    [B, S, K, H] or None).
     """
     cfg, a = self.cfg, self.cfg.attention
     d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, config_lib.head_dim(cfg)
@@ -129,11 +142,20 @@ class Attention(nn.Module):
     k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw)(kv_in)
     v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw)(kv_in)
 
-    rel = None
+    if cfg.positions.kind not in ('rope', 'xl'):
+      raise ValueError(f'model.positions.kind: unknown {cfg.positions.kind!r}, expected rope or xl')
     if cfg.positions.kind == 'rope':
       rope = dict(theta=cfg.positions.rope_theta, scaling_factor=cfg.positions.rope_scaling_factor)
       q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
-    elif cfg.positions.kind == 'xl':
+    new_kv = None
+    if cache is not None:  # keys: the cache as it was, then this call's tokens (exact even when they wrap a ring)
+      new_kv = tuple(write_to_slots(c, t, cache.write_slot) for c, t in ((cache.k, k), (cache.v, v)))
+      k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+      k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
+      k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
+    rel = None
+    if cfg.positions.kind == 'xl':
       zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))
       u = self.param('u_bias', zeros, (n, h), param_dtype)
       vb = self.param('v_bias', zeros, (n, h), param_dtype)
@@ -142,15 +164,21 @@ class Attention(nn.Module):
       r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
                  **kw)(sinusoid_embedding(distances, d))
       rel = RelativeBias(r, u, vb)
-    else:
-      raise ValueError(f'model.positions.kind: unknown {cfg.positions.kind!r}, expected rope or xl')
 
     window, num_global = mask_args(a)
     gates, router_loss = None, jnp.zeros((), jnp.float32)
     if a.kind == 'routed':
       gates, router_loss = HeadRouter(n, a.num_shared_heads, a.top_k, cfg.init_std, param_dtype,
                                       name='router')(x, segment_ids > 0)
-    out = attend(q, k, v, positions, k_pos, segment_ids, k_seg, impl=a.impl, window=window,
+    # The Pallas prefill kernel is self-attention over packed rows; a cached call attends to more keys than queries.
+    impl = 'reference' if cache is not None else a.impl
+    out = attend(q, k, v, positions, k_pos, segment_ids, k_seg, impl=impl, window=window,
                  num_global=num_global, gates=gates, rel=rel)
     out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw)(out)
-    return out, router_loss
+    return out, router_loss, new_kv
+
+
+def write_to_slots(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+  """cache [B, S, ...] with new [B, T, ...] written at slot [B, T]; slots >= S are dropped."""
+  rows = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[rows, slot].set(new.astype(cache.dtype), mode='drop')

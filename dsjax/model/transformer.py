@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import config as config_lib
-from dsjax.model.attention import Attention
+from dsjax.model import cache as cache_lib
+from dsjax.model.attention import Attention, LayerCache, write_to_slots
 from dsjax.model.layers import MLP, Embedder, Linear, RMSNorm, to_dtype
 
 Memory = dict[str, jax.Array]  # hidden [L, B, M, D], positions [B, M] int32, segment_ids [B, M] int32
@@ -38,8 +39,9 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, mem_hidden: jax.Array | None, positions: jax.Array,
-               segment_ids: jax.Array, mem_pos: jax.Array | None, mem_seg: jax.Array | None):
+  def __call__(self, x: jax.Array, mem_hidden: jax.Array | None, cache_kv: tuple[jax.Array, jax.Array] | None,
+               positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None, mem_seg: jax.Array | None,
+               cache_meta: tuple[jax.Array, jax.Array, jax.Array] | None):
     cfg = self.cfg
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -47,7 +49,8 @@ class Block(nn.Module):
     # Memory holds raw layer inputs; keys/values see them through the same norm as the current inputs.
     memory = None if mem_hidden is None else (attn_norm(mem_hidden), mem_pos, mem_seg)
 
-    h, router_loss = Attention(cfg, name='attention')(attn_norm(x), positions, segment_ids, memory)
+    cache = None if cache_kv is None else LayerCache(*cache_kv, *cache_meta)
+    h, router_loss, new_kv = Attention(cfg, name='attention')(attn_norm(x), positions, segment_ids, memory, cache)
     y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
             name='mlp')(RMSNorm(name='mlp_norm', **norm)(y))
@@ -58,28 +61,39 @@ class Block(nn.Module):
       m = mem_hidden.shape[1]
       new_mem = jax.lax.stop_gradient(
           jnp.concatenate([mem_hidden, x.astype(mem_hidden.dtype)], axis=1)[:, -m:])
-    return y, (router_loss, new_mem)
+    return y, (router_loss, new_mem, new_kv)
 
 
 class Transformer(nn.Module):
   """Decoder-only LM. `cfg` is the `model` config section.
 
-  apply({'params': p}, tokens [B, T], positions [B, T], segment_ids=None, memory=None, deterministic=True)
-  -> (logits float32 [B, T, V], aux dict(router_loss=float32 scalar, memory=Memory | None)).
+  apply({'params': p}, tokens [B, T], positions [B, T], segment_ids=None, memory=None, cache=None,
+        deterministic=True)
+  -> (logits float32 [B, T, V], aux dict(router_loss=float32 scalar, memory=Memory | None, cache=Cache | None)).
   Positions restart at 0 in each document; segment_ids None means one document per row; 0 marks padding.
+  cache (decoding, dsjax/model/cache.py): the tokens attend to the cached ones and are added to the returned cache;
+  with a cache, XL memory is not used (the cache holds every past token).
   """
   cfg: ml_collections.ConfigDict
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-               memory: Memory | None = None, deterministic: bool = True) -> tuple[jax.Array, dict[str, Any]]:
+               memory: Memory | None = None, cache: cache_lib.Cache | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, dict[str, Any]]:
     cfg = self.cfg
     config_lib.validate_model(cfg)
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     positions = positions.astype(jnp.int32)
     segment_ids = jnp.ones_like(positions) if segment_ids is None else segment_ids.astype(jnp.int32)
 
-    if uses_memory(cfg):
+    cache_kv = cache_meta = None
+    if cache is not None:
+      if memory is not None:
+        raise ValueError('pass either a KV cache or XL memory, not both')
+      slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
+      cache_kv, cache_meta = (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot)
+      mem_hidden = mem_pos = mem_seg = None
+    elif uses_memory(cfg):
       memory = init_memory(cfg, tokens.shape[0], dtype) if memory is None else memory
       mem_hidden, mem_pos, mem_seg = memory['hidden'], memory['positions'], memory['segment_ids']
     elif memory is not None:
@@ -94,10 +108,10 @@ class Transformer(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, (router_losses, new_hidden) = stack(cfg, deterministic, name='layers')(
-        x, mem_hidden, positions, segment_ids, mem_pos, mem_seg)
+    x, (router_losses, new_hidden, new_kv) = stack(cfg, deterministic, name='layers')(
+        x, mem_hidden, cache_kv, positions, segment_ids, mem_pos, mem_seg, cache_meta)
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:
@@ -113,4 +127,9 @@ class Transformer(nn.Module):
           hidden=new_hidden,
           positions=jax.lax.stop_gradient(jnp.concatenate([mem_pos, positions], axis=1)[:, -m:]),
           segment_ids=jax.lax.stop_gradient(jnp.concatenate([mem_seg, segment_ids], axis=1)[:, -m:]))
-    return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory)
+    new_cache = None
+    if cache is not None:
+      slot = cache_meta[2]
+      new_cache = dict(k=new_kv[0], v=new_kv[1], positions=write_to_slots(cache['positions'], positions, slot),
+                       segment_ids=write_to_slots(cache['segment_ids'], segment_ids, slot))
+    return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory, cache=new_cache)

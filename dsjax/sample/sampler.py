@@ -1,11 +1,13 @@
-"""A minimal jitted sampler for end-of-training samples: greedy / temperature / top-k.
+"""The jit-compiled sampler: batched prefill into a KV cache, then a `lax.while_loop` of one-token decode steps.
 
-Each step recomputes the full forward pass over a fixed-size token buffer (static shapes, one `lax.fori_loop`),
-which is simple and exact for every attention kind. The KV-cached fast sampler is dsjax.sample's next step.
+Static shapes throughout: prompts are right-padded to one length (per-row lengths), the cache is preallocated
+(dsjax/model/cache.py: a full cache, or the bounded num_global + window ring for sparse attention), and the output
+is a [B, max_new_tokens] buffer. Rows stop at any of their stop tokens or at their own max length; the loop ends
+when every row has. Greedy / temperature / top-k / top-p per row; draws use a key per row folded with the position,
+so a row's tokens depend on its prompt, settings and seed only, not on what else is in the batch.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 from flax import linen as nn
@@ -13,70 +15,155 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.model import cache as cache_lib
 
-def sample_logits(logits_BV: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0,
-                  vocab_limit: int | None = None) -> jax.Array:
-  """Draws one token per row from float logits [B, V]; temperature 0 is greedy.
 
-  `vocab_limit` masks ids >= limit (the model's vocabulary is padded beyond the tokenizer's).
+def token_probs(logits_BV: jax.Array, *, temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0,
+                vocab_limit: int | None = None) -> jax.Array:
+  """The distribution a row samples from, float32 [B, V]: softmax(logits / temperature) restricted to the top_k
+  largest logits (0: all) and to the smallest set of largest-probability tokens whose mass reaches top_p,
+  renormalised; a one-hot argmax where temperature == 0. Settings are scalars or [B] arrays.
+
+  Speculative decoding's acceptance rule needs exactly this distribution, so sampling goes through it too.
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
-    logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, -jnp.inf)
-  if temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV / temperature
-  if top_k:
-    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  B, V = logits_BV.shape
+  if vocab_limit is not None and vocab_limit < V:
+    logits_BV = jnp.where(jnp.arange(V) < vocab_limit, logits_BV, -jnp.inf)
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
+  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,))
+  top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))
+  greedy = temperature <= 0
+  scaled = logits_BV / jnp.where(greedy, 1.0, temperature)[:, None]
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+  k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)
+  kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+  sorted_probs = jax.nn.softmax(jnp.where(ordered >= kth, ordered, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  in_nucleus = (mass_before < top_p[:, None]) & (sorted_probs > 0)
+  threshold = jnp.min(jnp.where(in_nucleus, ordered, jnp.inf), axis=-1, keepdims=True)
+  probs = jax.nn.softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
+  one_hot = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), V, dtype=jnp.float32)
+  return jnp.where(greedy[:, None], one_hot, probs)
+
+
+def row_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """One key per row from a single key (or the given [B] keys)."""
+  return rng if rng.ndim == 1 else jax.random.split(rng, batch)
+
+
+def draw(probs_BV: jax.Array, keys_B: jax.Array, positions_B: jax.Array) -> jax.Array:
+  """One token per row from probs [B, V], with row b's key folded with its position (reproducible per row)."""
+  keys = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
+  return jax.vmap(lambda key, p: jax.random.categorical(key, jnp.log(p)))(keys, probs_BV).astype(jnp.int32)
+
+
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, *, temperature: Any, top_k: Any = 0, top_p: Any = 1.0,
+                  vocab_limit: int | None = None) -> jax.Array:
+  """Draws one token per row from float logits [B, V] (see `token_probs`); temperature 0 is greedy."""
+  probs = token_probs(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
+  batch = logits_BV.shape[0]
+  return draw(probs, row_keys(rng, batch), jnp.zeros((batch,), jnp.int32))
+
+
+class Sampler:
+  """KV-cached decoding for one model: jitted prefill, cached forward and the whole generation loop.
+
+  Compiled once per (batch, prompt length, max_new_tokens) shape. Params may be sharded (e.g. tensor-parallel on a
+  mesh): the jitted functions follow their shardings.
+  """
+
+  def __init__(self, model: nn.Module, *, max_len: int, extra_slots: int = 0):
+    self.model = model
+    self.max_len = int(max_len)
+    self.extra_slots = int(extra_slots)
+    self.forward = jax.jit(self._forward)
+    self._generate = jax.jit(self._generate_loop, static_argnames=('max_new_tokens', 'vocab_limit'))
+
+  def init_cache(self, batch: int) -> cache_lib.Cache:
+    return cache_lib.init_cache(self.model.cfg, batch, self.max_len, extra_slots=self.extra_slots)
+
+  def _forward(self, params: Any, cache: cache_lib.Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
+               segment_ids_BT: jax.Array) -> tuple[jax.Array, cache_lib.Cache]:
+    """Logits [B, T, V] of new tokens given the cache, and the cache with them added (segment 0: not added)."""
+    logits, aux = self.model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT, cache=cache)
+    return logits, aux['cache']
+
+  def prefill(self, params: Any, cache: cache_lib.Cache, tokens_BP: jax.Array,
+              lengths_B: jax.Array) -> tuple[jax.Array, cache_lib.Cache]:
+    """Right-padded prompts [B, P] with lengths [B] into the cache; returns (logits of each last prompt token
+    [B, V], cache)."""
+    P = tokens_BP.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), tokens_BP.shape)
+    segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)
+    logits, cache = self._forward(params, cache, tokens_BP, positions, segment_ids)
+    return jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0], cache
+
+  def _generate_loop(self, params, tokens_BP, lengths_B, keys_B, max_new_B, temperature_B, top_k_B, top_p_B,
+                     stop_ids, pad_id, *, max_new_tokens, vocab_limit):
+    batch = tokens_BP.shape[0]
+    last_BV, cache = self.prefill(params, self.init_cache(batch), tokens_BP, lengths_B)
+    settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(state):
+      i, _, _, _, done, _ = state
+      return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+      i, cache, last_BV, pos_B, done, out = state
+      next_B = draw(token_probs(last_BV, **settings), keys_B, pos_B)
+      next_B = jnp.where(done, pad_id, next_B)
+      out = out.at[:, i].set(next_B)
+      done = done | jnp.isin(next_B, stop_ids) | (i + 1 >= max_new_B)
+      logits, cache = self._forward(params, cache, next_B[:, None], pos_B[:, None], (~done)[:, None].astype(jnp.int32))
+      return i + 1, cache, logits[:, 0], pos_B + 1, done, out
+
+    state = (jnp.int32(0), cache, last_BV, lengths_B, max_new_B <= 0, out)
+    return jax.lax.while_loop(cond, body, state)[-1]
+
+  def generate(self, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *, max_new_tokens: int | Sequence[int],
+               temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
+               top_p: float | Sequence[float] = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
+               vocab_limit: int | None = None) -> list[list[int]]:
+    """Continues each prompt (token ids) by up to its max_new_tokens; returns the new tokens of each row, without
+    the stop token that ended it. Settings are one value or one per row; `rng` is one key or one per row."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError('generate needs at least one prompt and every prompt needs at least one token')
+    batch = len(prompts)
+    per_row = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (batch,))
+    max_new = per_row(max_new_tokens, np.int32)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if int((lengths + max_new).max()) > self.max_len:
+      raise ValueError(f'prompt + max_new_tokens = {int((lengths + max_new).max())} tokens exceeds the sampler\'s '
+                       f'max_len={self.max_len}')
+    tokens = np.full((batch, int(lengths.max())), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+      tokens[row, :len(prompt)] = prompt
+    stops = np.asarray(list(stop_ids) or [-1], np.int32)
+    out = self._generate(params, jnp.asarray(tokens), jnp.asarray(lengths), row_keys(rng, batch),
+                         jnp.asarray(max_new), jnp.asarray(per_row(temperature, np.float32)),
+                         jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
+                         jnp.asarray(stops), jnp.int32(pad_id), max_new_tokens=int(max_new.max()),
+                         vocab_limit=vocab_limit)
+    results = []
+    for row, new in enumerate(np.asarray(out).tolist()):
+      new = new[:int(max_new[row])]
+      cut = next((i for i, t in enumerate(new) if t in set(stop_ids)), len(new))
+      results.append(new[:cut])
+    return results
 
 
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
-             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, eos_id: int | None = None,
-             pad_id: int = 0, vocab_limit: int | None = None) -> list[list[int]]:
-  """Continues each prompt (a list of token ids) by up to `max_new_tokens`; returns only the new tokens.
-
-  Rows stop after emitting `eos_id` (which is dropped from the result). Prompts may differ in length.
-  """
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError('generate needs at least one prompt and every prompt needs at least one token')
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  buffer_len = int(lengths.max()) + max_new_tokens
-  tokens = np.full((len(prompts), buffer_len), pad_id, np.int32)
-  for row, prompt in enumerate(prompts):
-    tokens[row, :len(prompt)] = prompt
-  # Compiled per call (the model is closed over): fine for occasional samples, not for serving.
-  decode = jax.jit(functools.partial(
-      _decode_loop, model, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-      eos_id=-1 if eos_id is None else int(eos_id), pad_id=int(pad_id), vocab_limit=vocab_limit))
-  out = decode(params, jnp.asarray(tokens), jnp.asarray(lengths), rng)
-  out = np.asarray(out)
-  results = []
-  for row, length in enumerate(lengths):
-    new = out[row, length:length + max_new_tokens].tolist()
-    if eos_id is not None and eos_id in new:
-      new = new[:new.index(eos_id)]
-    results.append(new)
-  return results
+             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, pad_id: int = 0, vocab_limit: int | None = None,
+             stop_ids: Sequence[int] = ()) -> list[list[int]]:
+  """One-off convenience over `Sampler` (compiles for this call's shapes): new tokens of each prompt, stopping
+  at `eos_id` or any of `stop_ids` (dropped from the result)."""
+  stops = list(stop_ids) + ([] if eos_id is None else [int(eos_id)])
+  max_len = max(len(p) for p in prompts) + max_new_tokens
+  return Sampler(model, max_len=max_len).generate(
+      params, prompts, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      stop_ids=stops, pad_id=pad_id, vocab_limit=vocab_limit)
 
 
-def _decode_loop(model, params, tokens_BL, lengths_B, rng, *, max_new_tokens, temperature, top_k, eos_id, pad_id,
-                 vocab_limit):
-  batch, buffer_len = tokens_BL.shape
-  positions_BL = jnp.broadcast_to(jnp.arange(buffer_len, dtype=jnp.int32), (batch, buffer_len))
-
-  def step(i, carry):
-    tokens_BL, done_B = carry
-    write_B = lengths_B + i
-    # Causal attention: the garbage after each row's write position never reaches the logits we read.
-    logits_BLV, _ = model.apply({'params': params}, tokens_BL, positions_BL)
-    last_BV = jnp.take_along_axis(logits_BLV, (write_B - 1)[:, None, None], axis=1)[:, 0]
-    next_B = sample_logits(last_BV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
-                           vocab_limit=vocab_limit)
-    next_B = jnp.where(done_B, pad_id, next_B)
-    tokens_BL = tokens_BL.at[jnp.arange(batch), write_B].set(next_B)
-    return tokens_BL, done_B | (next_B == eos_id)
-
-  tokens_BL, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens_BL, jnp.zeros((batch,), bool)))
-  return tokens_BL

@@ -104,7 +104,7 @@ def test_attention_module_matches_oracle(kind, kv_heads):
               np.where(np.arange(mem) < 1, -1, 1).astype(np.int32)[None].repeat(batch, 0))
   module = Attention(cfg)
   params = random_like(init_shapes(module, x, pos, seg, memory), seed=kv_heads, std=0.3)
-  out, router_loss = jit(module.apply)({'params': params}, x, pos, seg, memory)
+  out, router_loss, _ = jit(module.apply)({'params': params}, x, pos, seg, memory)
   want = oracles.attention_module(params, cfg, x, pos, seg, memory)
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
   assert (router_loss > 0) == kind.startswith('routed')

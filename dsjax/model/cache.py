@@ -1,0 +1,72 @@
+"""The KV cache for decoding: per layer keys/values of past tokens, with their positions and segment ids.
+
+  cache = {'k', 'v': [L, B, S, K, H], 'positions': [B, S] int32, 'segment_ids': [B, S] int32 (-1: empty slot)}
+
+Slots are addressed by position, so one jitted step serves rows at different positions. A full cache has a slot
+per position (S = max_len). Sparse attention with RoPE keeps a bounded ring cache of S = num_global + R slots,
+R = window + extra_slots: positions < num_global keep their own slot (the global "sink" tokens), later positions
+share the R ring slots round-robin, so the cache holds the keys a future query can see. `extra_slots` lets a caller
+write tokens it may take back (speculative decoding: `truncate`) without overwriting keys still in the window. (Transformer-XL keeps a full cache:
+its relative-position term must see the true distances of the global tokens.) The model attends to the cache as
+it was plus the new tokens, then writes the new tokens, so a chunk longer than the window is exact too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsjax import config as config_lib
+from dsjax.model.attention import mask_args
+from dsjax.model.layers import to_dtype
+
+Cache = dict[str, jax.Array]
+
+
+def _uses_ring(cfg: ml_collections.ConfigDict) -> bool:
+  return mask_args(cfg.attention)[0] is not None and cfg.positions.kind == 'rope'
+
+
+def cache_length(cfg: ml_collections.ConfigDict, max_len: int, extra_slots: int = 0) -> int:
+  """Slots S of the cache for sequences of up to max_len tokens (`cfg` is the model config)."""
+  window, num_global = mask_args(cfg.attention)
+  if not _uses_ring(cfg):
+    return max_len
+  return min(max_len, num_global + window + extra_slots)
+
+
+def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_len: int, dtype: Any = None,
+               extra_slots: int = 0) -> Cache:
+  """An empty cache (every slot segment -1) for `batch_size` rows of up to max_len tokens."""
+  slots = cache_length(cfg, max_len, extra_slots)
+  shape = (cfg.num_layers, batch_size, slots, cfg.num_kv_heads, config_lib.head_dim(cfg))
+  dtype = to_dtype(dtype or cfg.dtype)
+  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), positions=jnp.zeros((batch_size, slots), jnp.int32),
+              segment_ids=jnp.full((batch_size, slots), -1, jnp.int32))
+
+
+def write_slots(cfg: ml_collections.ConfigDict, cache: Cache, positions: jax.Array,
+                segment_ids: jax.Array) -> jax.Array:
+  """int32 [B, T]: the slot each new token is written to, S (dropped) for padding and for tokens a later token
+  of the same call overwrites in a ring."""
+  slots = cache['segment_ids'].shape[1]
+  valid = segment_ids > 0
+  if not _uses_ring(cfg):
+    keep = valid & (positions < slots)
+    return jnp.where(keep, positions, slots).astype(jnp.int32)
+  # Ring of R = S - num_global slots; a full-length cache is the ring that never wraps (slot = position).
+  num_global = min(mask_args(cfg.attention)[1], slots)
+  ring = slots - num_global
+  slot = jnp.where(positions < num_global, positions, num_global + (positions - num_global) % max(ring, 1))
+  last = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+  keep = valid & ((positions < num_global) | (positions > last - ring))
+  return jnp.where(keep, slot, slots).astype(jnp.int32)
+
+
+def truncate(cache: Cache, lengths: jax.Array) -> Cache:
+  """Forgets cached tokens at positions >= lengths [B] (e.g. rejected speculative tokens): their slots become
+  empty. With a ring, call it only for tokens written within the last `extra_slots` positions."""
+  stale = cache['positions'] >= lengths[:, None]
+  return {**cache, 'segment_ids': jnp.where(stale, -1, cache['segment_ids'])}

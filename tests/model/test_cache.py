@@ -1,0 +1,48 @@
+"""KV-cached decoding equals recomputing the full forward pass, for every attention kind and position encoding,
+with chunks shorter and longer than the ring cache of sparse attention."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax.model import Transformer
+from dsjax.model import cache as cache_lib
+from tests.model.helpers import init_shapes, jit, random_like, tiny_config
+
+KINDS = ['full', 'sparse', 'routed', 'routed_sparse', 'xl', 'xl_mem_sparse']
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('chunks', [(5, 1, 1, 1, 1, 1, 1, 1), (2, 7, 1, 4)])
+def test_cached_chunks_equal_the_full_forward(kind, chunks):
+  cfg = tiny_config(kind)  # sparse kinds: window 3 + 2 global tokens -> a 5-slot ring for rope
+  model = Transformer(cfg)
+  rng = np.random.default_rng(0)
+  B, T = 2, sum(chunks)
+  tokens = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  params = random_like(init_shapes(model, tokens, pos, jnp.ones_like(pos)), seed=1)
+  forward = jit(lambda p, t, q, c: model.apply({'params': p}, t, q, cache=c))
+  want, _ = model.apply({'params': params}, tokens, pos)
+  cache = cache_lib.init_cache(cfg, B, 32)
+  ring = kind in ('sparse', 'routed_sparse')
+  assert cache['k'].shape[2] == (5 if ring else 32)
+  got, start = [], 0
+  for n in chunks:  # a 7-token chunk wraps the 3-slot window part of the ring
+    logits, aux = forward(params, tokens[:, start:start + n], pos[:, start:start + n], cache)
+    cache, start = aux['cache'], start + n
+    got.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(got, axis=1)), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_padding_is_not_cached_and_truncate_forgets():
+  cfg = tiny_config('sparse')
+  cache = cache_lib.init_cache(cfg, 2, 32, extra_slots=2)
+  assert cache['k'].shape[2] == 2 + 3 + 2
+  positions = jnp.asarray([[0, 1, 2, 3], [0, 1, 2, 3]], jnp.int32)
+  segments = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.int32)
+  slots = np.asarray(cache_lib.write_slots(cfg, cache, positions, segments))
+  assert slots[0].tolist() == [0, 1, 2, 3] and slots[1].tolist() == [0, 1, 7, 7]  # 7 = S: not written
+  cache = {**cache, 'positions': jnp.asarray(np.tile(np.arange(7), (2, 1)), jnp.int32),
+           'segment_ids': jnp.ones((2, 7), jnp.int32)}
+  cut = cache_lib.truncate(cache, jnp.asarray([3, 5]))
+  assert np.asarray(cut['segment_ids']).tolist() == [[1, 1, 1, -1, -1, -1, -1], [1, 1, 1, 1, 1, -1, -1]]
