@@ -18,6 +18,7 @@ _PROMPT = flags.DEFINE_multi_string('prompt', ['def '], 'Prompt text; repeat the
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, '0: no top-k filtering.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass in (0, 1]; 1: off.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
 
@@ -34,7 +35,8 @@ def main(argv):
     cfg = checkpoint.load_config(_CHECKPOINT.value)
     if _DTYPE.value:
       cfg.model.dtype = _DTYPE.value
-    cfg.sample.update(dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value))
+    cfg.sample.update(dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                           top_p=_TOP_P.value))
     config_lib.validate(cfg)
     params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
     tokenizer = tokenizer_lib.from_config(cfg.data)

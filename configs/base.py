@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.max_new_tokens = 128
   s.temperature = 0.8          # 0: greedy
   s.top_k = 0                  # 0: off
+  s.top_p = 1.0                # nucleus sampling mass; 1: off
   s.seed = 0
 
   return cfg

@@ -133,6 +133,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail('data.num_shards', cfg.data.num_shards, f'must divide train.batch_size={cfg.train.batch_size}')
   if cfg.data.seq_len > cfg.model.max_positions and cfg.model.positions.kind == 'rope':
     _fail('data.seq_len', cfg.data.seq_len, f'exceeds model.max_positions={cfg.model.max_positions}')
+  if not 0 < cfg.sample.top_p <= 1:
+    _fail('sample.top_p', cfg.sample.top_p, 'must be in (0, 1]')
   if cfg.optim.min_lr_ratio > 1:
     _fail('optim.min_lr_ratio', cfg.optim.min_lr_ratio, 'must be <= 1')
   if not 0 < cfg.data.validation_fraction < 1:

@@ -61,7 +61,11 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'not a dsjax checkpoint (no {CONFIG_JSON}): {directory}')
   with open(path) as f:
-    cfg = ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  # Saved values over today's defaults: a checkpoint written before a config field existed still loads.
+  from configs import base  # pylint: disable=g-import-not-at-top
+  cfg = base.get_config()
+  _merge(cfg, saved)
   if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
     cfg.data.tokenizer = os.path.join(directory, 'tokenizer.json')
   cfg.train.init_from = directory
@@ -124,6 +128,15 @@ def _write_atomically(path: str, text: str) -> None:
   with open(tmp, 'w') as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def _merge(cfg: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and key in cfg and isinstance(cfg[key], ml_collections.ConfigDict):
+      _merge(cfg[key], value)
+    else:
+      with cfg.unlocked():
+        cfg[key] = value
 
 
 def _tuples(value: Any) -> Any:

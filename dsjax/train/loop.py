@@ -236,7 +236,8 @@ def complete(model, params: Any, tokenizer, prompts: list[str], rng: jax.Array,
   encoded = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
   new_tokens = sampler.generate(
       model, params, encoded, rng, max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
-      top_k=sample_cfg.top_k, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+      top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+      vocab_limit=tokenizer.vocab_size)
   return [tokenizer.decode(t) for t in new_tokens]
 
 
