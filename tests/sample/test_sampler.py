@@ -77,3 +77,37 @@ def test_same_seed_same_samples():
   run = lambda seed: sampler.generate(model, params, [[1, 2]], jax.random.key(seed), max_new_tokens=8,
                                       temperature=1.0)
   assert run(3) == run(3)
+
+
+def test_sampler_on_tensor_parallel_params_matches_one_device():
+  """Params sharded over a (data 2, fsdp 2, tensor 2) mesh by the logical-axis rules: same greedy tokens, and
+  top-p sampling with the same per-row keys draws the same tokens."""
+  from dsjax import sharding as sharding_lib
+  from dsjax.train import checkpoint
+  model, params = tiny_model('sparse')
+  mesh_cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py')).mesh
+  mesh_cfg.unlock()
+  mesh_cfg.update(dict(data=2, fsdp=2, tensor=2))
+  shardings = sharding_lib.param_shardings(checkpoint.abstract_params(model.cfg), sharding_lib.make_mesh(mesh_cfg),
+                                           mesh_cfg)
+  sharded = jax.device_put(params, shardings)
+  assert sharded['layers']['attention']['q_proj']['kernel'].sharding.spec[2] == 'tensor'
+  run = sampler.Sampler(model, max_len=16)
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  for settings in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.8, top_k=5)):
+    want = run.generate(params, prompts, jax.random.key(7), max_new_tokens=6, **settings)
+    got = run.generate(sharded, prompts, jax.random.key(7), max_new_tokens=6, **settings)
+    assert got == want, settings
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+  # probs 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps {0, 1} (0.5 < 0.7, 0.8 >= 0.7); renormalised 5/8, 3/8.
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  probs = np.asarray(sampler.token_probs(logits, temperature=1.0, top_p=0.7))
+  np.testing.assert_allclose(probs[0], [0.625, 0.375, 0.0, 0.0], atol=1e-6)
+  probs = np.asarray(sampler.token_probs(logits, temperature=1.0, top_p=0.5))  # the top token alone reaches 0.5
+  np.testing.assert_allclose(probs[0], [1.0, 0.0, 0.0, 0.0], atol=1e-6)
+  probs = np.asarray(sampler.token_probs(jnp.concatenate([logits, logits]), temperature=jnp.asarray([0.0, 1.0]),
+                                         top_k=jnp.asarray([0, 3])))
+  np.testing.assert_allclose(probs[0], [1, 0, 0, 0])  # row 0 greedy
+  np.testing.assert_allclose(probs[1], np.array([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=1e-6)  # row 1 top-3
