@@ -1,0 +1,328 @@
+"""Continuous batching: a fixed set of decode slots (the rows of one batch KV cache) shared by a stream of requests.
+
+  engine = Engine(model, params, num_slots=8, max_len=1024, vocab_limit=tokenizer.vocab_size)
+  request = engine.submit(prompt_ids, max_new_tokens=64, temperature=0.0, stop_ids=[tokenizer.eos_id])
+  for token in request: ...        # streamed as they are drawn; or request.result() for all of them
+  engine.shutdown()
+
+One background thread owns the device state. Each iteration it (a) prefills queued requests into free slots, one at
+a time: a jitted function prefills the prompt into a fresh 1-row cache and copies that row into the batch cache at
+the slot (dynamic_update_slice; one compile per prompt bucket, powers of two), (b) runs one jitted decode step for
+all slots (inactive slots feed segment 0, so nothing is written), (c) hands each active slot's token to its request
+and frees a finished slot at once (stop id, max_new_tokens or max_len). A slot's draw uses the request's own key
+folded with the position and its own settings (per-row arrays), exactly as `Sampler.generate` does for one prompt,
+so a request's tokens do not depend on what else is in the batch. No speculative decoding.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from absl import logging
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.sample import sampler as sampler_lib
+
+MIN_BUCKET = 8
+
+
+class QueueFull(Exception):
+  """The pending queue holds `max_queue` requests already."""
+
+
+class EngineClosed(RuntimeError):
+  """The engine is shutting down (or its thread died) and takes no new requests."""
+
+
+def bucket(length: int, max_len: int) -> int:
+  """The padded prompt length a prompt of `length` tokens is prefilled at: the next power of two >= MIN_BUCKET,
+  at most max_len (one compile per bucket)."""
+  size = MIN_BUCKET
+  while size < length:
+    size *= 2
+  return min(size, max_len)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """A submitted request: iterate it for its new tokens as they come, or wait with `result()`.
+
+  `finish_reason` once done: 'stop' (a stop id, not included in `tokens`), 'length' (max_new_tokens or the
+  engine's max_len), 'cancelled' or 'error' (then `error` holds the exception).
+  """
+  id: int
+  prompt_ids: list[int]
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  stop_ids: frozenset[int]
+  seed: int
+  on_token: Callable[[Request, int | None], None] | None = None
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  error: BaseException | None = None
+  submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
+  first_token_at: float | None = None
+  _events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue, repr=False)
+  _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+  _cancelled: bool = False
+
+  @property
+  def done(self) -> bool:
+    return self._done.is_set()
+
+  def cancel(self) -> None:
+    """Asks the engine to drop this request (it finishes with 'cancelled' at the next step, if not done)."""
+    self._cancelled = True
+
+  def wait(self, timeout: float | None = None) -> bool:
+    return self._done.wait(timeout)
+
+  def result(self, timeout: float | None = None) -> list[int]:
+    """All new tokens (without the stop id); raises TimeoutError, or the engine's error."""
+    if not self._done.wait(timeout):
+      raise TimeoutError(f'request {self.id} not done after {timeout} s')
+    if self.error is not None:
+      raise self.error
+    return list(self.tokens)
+
+  def __iter__(self) -> Iterator[int]:
+    """New tokens as the engine draws them; ends when the request is done."""
+    while True:
+      token = self._events.get()
+      if token is None:
+        return
+      yield token
+
+  # Called from the engine thread only.
+  def _emit(self, token: int) -> None:
+    if self.first_token_at is None:
+      self.first_token_at = time.perf_counter()
+    self.tokens.append(token)
+    self._events.put(token)
+    self._notify(token)
+
+  def _finish(self, reason: str, error: BaseException | None = None) -> None:
+    if self._done.is_set():
+      return
+    self.finish_reason, self.error = reason, error
+    self._done.set()
+    self._events.put(None)
+    self._notify(None)
+
+  def _notify(self, token: int | None) -> None:
+    if self.on_token is None:
+      return
+    try:
+      self.on_token(self, token)
+    except Exception:  # pylint: disable=broad-except
+      # E.g. the consumer's event loop is gone; the engine must keep serving the others.
+      logging.warning('on_token callback of request %d failed', self.id, exc_info=True)
+      self.on_token = None
+      self._cancelled = True
+
+
+class Engine:
+  """Continuous-batching decoder over `num_slots` cache rows of up to `max_len` tokens each (prompt + new).
+
+  `vocab_limit`: ids >= it are never drawn (padded vocabularies). `max_queue`: pending requests beyond the slots
+  before `submit` raises QueueFull. The thread starts at construction; `shutdown` ends it.
+  """
+
+  def __init__(self, model: nn.Module, params: Any, *, num_slots: int, max_len: int, max_queue: int = 64,
+               vocab_limit: int | None = None, extra_slots: int = 0):
+    if num_slots < 1 or max_len < 2 or max_queue < 0:
+      raise ValueError(f'need num_slots >= 1, max_len >= 2, max_queue >= 0; got {num_slots}, {max_len}, {max_queue}')
+    self.params = params
+    self.num_slots, self.max_len, self.max_queue = int(num_slots), int(max_len), int(max_queue)
+    self.vocab_limit = vocab_limit
+    self.sampler = sampler_lib.Sampler(model, max_len=max_len, extra_slots=extra_slots)
+    self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1, 2))
+    self._decode = jax.jit(self._decode_step, donate_argnums=(1, 2))
+
+    n = self.num_slots
+    self._cache = self.sampler.init_cache(n)
+    self._last = jnp.zeros((n, model.cfg.vocab_size), jnp.float32)  # logits each slot draws its next token from
+    # Per-slot host state, sent with every decode step (a few bytes per slot).
+    self._slots: list[Request | None] = [None] * n
+    self._pos = np.zeros(n, np.int32)
+    self._keys = np.zeros((n,) + jax.random.key_data(jax.random.key(0)).shape, np.uint32)
+    self._temperature = np.zeros(n, np.float32)
+    self._top_k = np.zeros(n, np.int32)
+    self._top_p = np.ones(n, np.float32)
+
+    self._pending: collections.deque[Request] = collections.deque()
+    self._lock = threading.Condition()
+    self._ids = itertools.count()
+    self._closing = False  # no new requests
+    self._cancel_all = False  # drop pending and active requests
+    self._error: BaseException | None = None
+    self.steps = 0
+    self._thread = threading.Thread(target=self._run, name='dsjax-engine', daemon=True)
+    self._thread.start()
+
+  # ---- public API ----
+
+  def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
+             on_token: Callable[[Request, int | None], None] | None = None) -> Request:
+    """Queues a request (thread-safe). New tokens stop at max_new_tokens, a stop id, or when prompt + new tokens
+    reach max_len. `on_token(request, token)` (optional) is called from the engine thread for each token and with
+    None when the request is done; keep it quick. Raises ValueError, QueueFull or EngineClosed."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+      raise ValueError('the prompt needs at least one token')
+    if len(prompt) >= self.max_len:
+      raise ValueError(f'prompt of {len(prompt)} tokens leaves no room to generate (max_len={self.max_len})')
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+      raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}')
+    request = Request(id=next(self._ids), prompt_ids=prompt, max_new_tokens=int(max_new_tokens),
+                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                      stop_ids=frozenset(int(s) for s in stop_ids), seed=int(seed), on_token=on_token)
+    with self._lock:
+      if self._closing or self._error is not None:
+        raise EngineClosed('the engine is shut down' if self._error is None else f'the engine failed: {self._error}')
+      free = sum(slot is None for slot in self._slots)
+      if len(self._pending) >= self.max_queue + free:
+        raise QueueFull(f'{len(self._pending)} requests are already waiting (max_queue={self.max_queue})')
+      self._pending.append(request)
+      self._lock.notify_all()
+    return request
+
+  def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
+    """Submits one request and waits for its tokens."""
+    return self.submit(prompt_ids, max_new_tokens, **kwargs).result()
+
+  def stats(self) -> dict[str, int]:
+    with self._lock:
+      return dict(active=sum(slot is not None for slot in self._slots), pending=len(self._pending), steps=self.steps)
+
+  def shutdown(self, cancel: bool = True, timeout: float | None = 30.0) -> None:
+    """Stops taking requests; cancel=True drops pending and in-flight ones ('cancelled'), cancel=False finishes
+    them first (cancelling whatever is left after `timeout` seconds). Joins the engine thread. Idempotent."""
+    with self._lock:
+      self._closing = True
+      self._cancel_all = self._cancel_all or cancel
+      self._lock.notify_all()
+    if not cancel and timeout is not None:
+      self._thread.join(timeout)
+      with self._lock:
+        self._cancel_all = True
+        self._lock.notify_all()
+    # A step in flight finishes first: seconds at most, unless the device hangs.
+    self._thread.join(None if timeout is None else max(timeout, 10.0))
+    if self._thread.is_alive():
+      logging.warning('engine thread still running after shutdown(timeout=%s)', timeout)
+
+  # ---- jitted device functions ----
+
+  def _prefill_into_slot(self, params, cache, last_NV, slot, tokens_1P, length):
+    """Prompt [1, P] (right-padded, `length` real tokens) prefilled into a fresh 1-row cache that replaces row
+    `slot` of the batch cache (so nothing of the slot's previous request survives); the slot's last logits [V]
+    go to last_NV. Returns (cache, last_NV)."""
+    last_1V, row = self.sampler.prefill(params, self.sampler.init_cache(1), tokens_1P, length[None])
+    batch_axis = lambda name: 1 if name in ('k', 'v') else 0  # k/v [L, B, S, K, H]; positions/segment_ids [B, S]
+    cache = {name: jax.lax.dynamic_update_slice_in_dim(value, row[name].astype(value.dtype), slot, batch_axis(name))
+             for name, value in cache.items()}
+    return cache, last_NV.at[slot].set(last_1V[0].astype(last_NV.dtype))
+
+  def _decode_step(self, params, cache, last_NV, pos_N, keys_N, temperature_N, top_k_N, top_p_N, active_N):
+    """Every slot draws its next token [N] from last_NV (key folded with its position) and feeds it at pos_N;
+    inactive slots get segment 0 (not written). Returns (tokens [N], cache, next logits [N, V])."""
+    probs = sampler_lib.token_probs(last_NV, temperature=temperature_N, top_k=top_k_N, top_p=top_p_N,
+                                    vocab_limit=self.vocab_limit)
+    tokens = sampler_lib.draw(probs, jax.random.wrap_key_data(keys_N), pos_N)
+    tokens = jnp.where(active_N, tokens, 0)
+    logits, cache = self.sampler.forward(params, cache, tokens[:, None], pos_N[:, None],
+                                         active_N[:, None].astype(jnp.int32))
+    return tokens, cache, logits[:, 0].astype(last_NV.dtype)
+
+  # ---- engine thread ----
+
+  def _run(self) -> None:
+    try:
+      while True:
+        with self._lock:
+          while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
+            self._lock.wait()
+          if self._cancel_all:
+            break
+          if self._closing and not self._pending and not self._has_active():
+            break
+          admitted = []
+          for slot in range(self.num_slots):
+            if self._slots[slot] is None and self._pending:
+              request = self._pending.popleft()
+              self._slots[slot] = request
+              admitted.append((slot, request))
+        for slot, request in admitted:
+          self._admit(slot, request)
+        if self._has_active():
+          self._step()
+    except BaseException as e:  # pylint: disable=broad-except
+      logging.exception('engine thread failed')
+      with self._lock:
+        self._error = e
+    with self._lock:
+      self._closing = True
+      leftovers = list(self._pending) + [r for r in self._slots if r is not None]
+      self._pending.clear()
+      self._slots = [None] * self.num_slots
+    for request in leftovers:
+      request._finish('error' if self._error is not None else 'cancelled', self._error)
+
+  def _has_active(self) -> bool:
+    return any(slot is not None for slot in self._slots)
+
+  def _admit(self, slot: int, request: Request) -> None:
+    """Prefills `request` into `slot` and sets the slot's sampling state (a cancelled request just frees it)."""
+    if request._cancelled:
+      self._free(slot, 'cancelled')
+      return
+    length = len(request.prompt_ids)
+    tokens = np.zeros((1, bucket(length, self.max_len)), np.int32)
+    tokens[0, :length] = request.prompt_ids
+    self._cache, self._last = self._prefill(self.params, self._cache, self._last, jnp.int32(slot),
+                                            jnp.asarray(tokens), jnp.int32(length))
+    # As Sampler.generate for this prompt alone: row_keys(key(seed), 1)[0].
+    self._keys[slot] = jax.random.key_data(jax.random.split(jax.random.key(request.seed), 1)[0])
+    self._pos[slot] = length
+    self._temperature[slot], self._top_k[slot], self._top_p[slot] = request.temperature, request.top_k, request.top_p
+
+  def _step(self) -> None:
+    active = np.array([r is not None for r in self._slots])
+    tokens, self._cache, self._last = self._decode(
+        self.params, self._cache, self._last, jnp.asarray(np.where(active, self._pos, 0)), jnp.asarray(self._keys),
+        jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), jnp.asarray(active))
+    tokens = np.asarray(tokens)
+    self.steps += 1
+    for slot, request in enumerate(self._slots):
+      if request is None:
+        continue
+      token = int(tokens[slot])
+      self._pos[slot] += 1
+      if request._cancelled:
+        self._free(slot, 'cancelled')
+      elif token in request.stop_ids:
+        self._free(slot, 'stop')
+      else:
+        request._emit(token)
+        if len(request.tokens) >= request.max_new_tokens or self._pos[slot] >= self.max_len:
+          self._free(slot, 'length')
+
+  def _free(self, slot: int, reason: str) -> None:
+    request = self._slots[slot]
+    with self._lock:
+      self._slots[slot] = None
+    request._finish(reason)

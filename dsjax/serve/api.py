@@ -1,0 +1,335 @@
+"""The OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
+GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_tokens; n must be 1.
+`create_app` builds the app around an existing engine (serve.py, tests, bench/serve.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import secrets
+import time
+from typing import Any, AsyncIterator, Sequence
+
+import fastapi
+from fastapi import responses
+from starlette import exceptions as starlette_exceptions
+
+from dsjax.sample import engine as engine_lib
+from dsjax.serve.chat import ChatFormatter
+from dsjax.serve.errors import APIError, error_response
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+@dataclasses.dataclass
+class Params:
+  """The validated sampling settings of one request."""
+  max_tokens: int | None
+  temperature: float
+  top_p: float
+  top_k: int
+  seed: int
+  stop: list[str]
+  stream: bool
+  include_usage: bool
+
+
+def _number(body: dict, name: str, default: Any, kind: type, ok, rule: str) -> Any:
+  value = body.get(name)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    raise APIError(400, f'{name} must be {"an integer" if kind is int else "a number"}, got {value!r}', param=name)
+  value = kind(value)
+  if not ok(value):
+    raise APIError(400, f'{name} must be {rule}, got {value!r}', param=name)
+  return value
+
+
+def parse_params(body: dict, default_max_tokens: int | None) -> Params:
+  """Common fields of both endpoints; APIError(400) for a bad or unsupported value."""
+  _number(body, 'n', 1, int, lambda v: v == 1, '1 (one choice per request is supported)')
+  _number(body, 'best_of', 1, int, lambda v: v == 1, '1 (one choice per request is supported)')
+  for name in ('logprobs', 'top_logprobs', 'echo', 'suffix', 'tools', 'functions'):
+    if body.get(name) not in (None, False):
+      raise APIError(400, f'{name} is not supported by this server', param=name)
+  stop = body.get('stop')
+  stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+  if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+    raise APIError(400, 'stop must be a non-empty string or a list of up to 4 of them', param='stop')
+  stream = body.get('stream', False)
+  if not isinstance(stream, bool) and stream is not None:
+    raise APIError(400, 'stream must be a boolean', param='stream')
+  options = body.get('stream_options') or {}
+  if not isinstance(options, dict):
+    raise APIError(400, 'stream_options must be an object', param='stream_options')
+  max_tokens_field = 'max_tokens' if body.get('max_tokens') is not None else 'max_completion_tokens'
+  return Params(
+      max_tokens=_number(body, max_tokens_field, default_max_tokens, int, lambda v: v >= 1, '>= 1'),
+      temperature=_number(body, 'temperature', 1.0, float, lambda v: v >= 0, '>= 0'),
+      top_p=_number(body, 'top_p', 1.0, float, lambda v: 0 < v <= 1, 'in (0, 1]'),
+      top_k=_number(body, 'top_k', 0, int, lambda v: v >= 0, '>= 0'),
+      seed=_number(body, 'seed', None, int, lambda v: True, 'an integer') % 2**31 if body.get('seed') is not None
+      else secrets.randbits(31),
+      stop=stop, stream=bool(stream), include_usage=bool(options.get('include_usage')))
+
+
+class TextStream:
+  """Incremental detokenization with stop strings: `push(token)` -> new text safe to send (no partial UTF-8
+  character, nothing that could still turn out to be the start of a stop string); `stopped` once one matched."""
+
+  def __init__(self, tokenizer: Any, stop: Sequence[str]):
+    self.tokenizer, self.stop = tokenizer, list(stop)
+    self.ids: list[int] = []
+    self.sent = 0  # characters of the text already returned
+    self.stopped = False
+    self.text = ''
+
+  def push(self, token: int | None) -> str:
+    """A token, or None at the end (flushes whatever is held back)."""
+    if self.stopped:
+      return ''
+    if token is not None:
+      self.ids.append(token)
+    text = self.tokenizer.decode(self.ids)
+    cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0), default=-1)
+    if cut >= 0:
+      self.stopped, text = True, text[:cut]
+      ready = len(text)
+    elif token is None:
+      ready = len(text)
+    else:
+      ready = len(text) - 1 if text.endswith('\ufffd') else len(text)  # a character still being decoded
+      # Hold back the longest suffix that may be the start of a stop string.
+      hold = max((k for s in self.stop for k in range(1, len(s)) if text[:ready].endswith(s[:k])), default=0)
+      ready -= hold
+    self.text = text[:max(ready, self.sent)]
+    out = text[self.sent:ready] if ready > self.sent else ''
+    self.sent = max(self.sent, ready)
+    return out
+
+
+# ---- the app ----
+
+def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_key: str = '',
+               max_len: int | None = None, chat_template: str | None = None,
+               shutdown_engine: bool = False) -> fastapi.FastAPI:
+  """The FastAPI app serving `engine` (prompt + completion <= max_len, default the engine's). With
+  shutdown_engine, the app's shutdown (e.g. SIGTERM under uvicorn) shuts the engine down too."""
+  max_len = int(max_len or engine.max_len)
+  chat = ChatFormatter(tokenizer, chat_template)
+  created = int(time.time())
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_):
+    yield
+    if shutdown_engine:
+      await asyncio.to_thread(engine.shutdown, cancel=True, timeout=5.0)
+
+  api = fastapi.FastAPI(title='dsjax', lifespan=lifespan)
+
+  @api.exception_handler(APIError)
+  async def _api_error(_, e: APIError):
+    return error_response(e.status, e.message, e.type, e.param, e.code)
+
+  @api.exception_handler(starlette_exceptions.HTTPException)
+  async def _http_error(_, e: starlette_exceptions.HTTPException):
+    return error_response(e.status_code, str(e.detail), 'invalid_request_error')
+
+  @api.exception_handler(Exception)
+  async def _internal_error(_, e: Exception):
+    return error_response(500, f'internal error: {type(e).__name__}: {e}', 'server_error')
+
+  @api.middleware('http')
+  async def _auth(request: fastapi.Request, call_next):
+    if api_key and request.url.path.startswith('/v1'):
+      header = request.headers.get('authorization', '')
+      token = header[len('bearer '):].strip() if header.lower().startswith('bearer ') else ''
+      if not token:
+        return error_response(401, 'missing API key: send "Authorization: Bearer <key>"', code='invalid_api_key')
+      if not hmac.compare_digest(token.encode(), api_key.encode()):
+        return error_response(401, 'invalid API key', code='invalid_api_key')
+    return await call_next(request)
+
+  async def read_body(request: fastapi.Request) -> dict:
+    raw = await request.body()
+    try:
+      body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise APIError(400, f'the request body is not valid JSON: {e}') from None
+    if not isinstance(body, dict):
+      raise APIError(400, 'the request body must be a JSON object')
+    model = body.get('model')
+    if not isinstance(model, str) or not model:
+      raise APIError(400, 'model is required (a string)', param='model')
+    if model != model_name:
+      raise APIError(404, f'the model {model!r} does not exist; this server serves {model_name!r}', param='model',
+                     code='model_not_found')
+    return body
+
+  def check_length(prompt_len: int, params: Params) -> None:
+    if prompt_len >= max_len:
+      raise APIError(400, f'the prompt is {prompt_len} tokens; this model\'s maximum context length is {max_len}',
+                     param='messages' if params.max_tokens is None else 'prompt', code='context_length_exceeded')
+    if params.max_tokens is not None and prompt_len + params.max_tokens > max_len:
+      raise APIError(400, f'this model\'s maximum context length is {max_len} tokens; you requested '
+                     f'{prompt_len + params.max_tokens} ({prompt_len} in the prompt, {params.max_tokens} for the '
+                     'completion)', param='max_tokens', code='context_length_exceeded')
+
+  def submit(prompt: list[int], params: Params, on_token) -> engine_lib.Request:
+    try:
+      return engine.submit(prompt, params.max_tokens or max_len - len(prompt), temperature=params.temperature,
+                           top_k=params.top_k, top_p=params.top_p, stop_ids=[tokenizer.eos_id], seed=params.seed,
+                           on_token=on_token)
+    except engine_lib.QueueFull as e:
+      raise APIError(429, f'server busy: {e}', type='rate_limit_error', code='queue_full') from None
+    except engine_lib.EngineClosed as e:
+      raise APIError(503, str(e), type='server_error', code='shutting_down') from None
+    except ValueError as e:
+      raise APIError(400, str(e)) from None
+
+  async def run(prompt: list[int], params: Params, kind: str) -> Any:
+    """Submits and answers: a JSON response, or an SSE stream of chunks in `kind`'s shape."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[int | None] = asyncio.Queue()
+    request = submit(prompt, params, lambda _, token: loop.call_soon_threadsafe(events.put_nowait, token))
+    rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{secrets.token_hex(12)}'
+    text = TextStream(tokenizer, params.stop)
+    base = dict(id=rid, object='chat.completion' if kind == 'chat' else 'text_completion', created=int(time.time()),
+                model=model_name)
+
+    async def tokens() -> AsyncIterator[str]:
+      """Text pieces as they become safe to send; cancels the request early on a stop string."""
+      while True:
+        token = await events.get()
+        piece = text.push(token)
+        if piece:
+          yield piece
+        if token is None:
+          return
+        if text.stopped:
+          request.cancel()
+
+    def finish_reason() -> str:
+      return 'stop' if text.stopped or request.finish_reason == 'stop' else 'length'
+
+    def usage() -> dict[str, int]:
+      return dict(prompt_tokens=len(prompt), completion_tokens=len(request.tokens),
+                  total_tokens=len(prompt) + len(request.tokens))
+
+    def check_error() -> None:
+      if request.finish_reason == 'error':
+        raise APIError(500, f'generation failed: {request.error}', type='server_error')
+      if request.finish_reason == 'cancelled' and not text.stopped:
+        raise APIError(503, 'the request was cancelled (server shutting down)', type='server_error',
+                       code='cancelled')
+
+    if not params.stream:
+      try:
+        async for _ in tokens():
+          pass
+      finally:
+        request.cancel()  # a no-op when done; frees the slot if the client went away
+      check_error()
+      if kind == 'chat':
+        choice = dict(index=0, message=dict(role='assistant', content=text.text), logprobs=None,
+                      finish_reason=finish_reason())
+      else:
+        choice = dict(index=0, text=text.text, logprobs=None, finish_reason=finish_reason())
+      return responses.JSONResponse({**base, 'choices': [choice], 'usage': usage()})
+
+    chunk_object = 'chat.completion.chunk' if kind == 'chat' else 'text_completion'
+
+    def chunk(piece: str | None, reason: str | None, first: bool = False) -> str:
+      if kind == 'chat':
+        delta = {'role': 'assistant', 'content': ''} if first else {} if piece is None else {'content': piece}
+        choice = dict(index=0, delta=delta, logprobs=None, finish_reason=reason)
+      else:
+        choice = dict(index=0, text=piece or '', logprobs=None, finish_reason=reason)
+      data = {**base, 'object': chunk_object, 'choices': [choice]}
+      if params.include_usage:
+        data['usage'] = None
+      return f'data: {json.dumps(data)}\n\n'
+
+    async def sse() -> AsyncIterator[str]:
+      try:
+        if kind == 'chat':
+          yield chunk(None, None, first=True)
+        async for piece in tokens():
+          yield chunk(piece, None)
+        if request.finish_reason == 'error' or (request.finish_reason == 'cancelled' and not text.stopped):
+          message = f'generation failed: {request.error}' if request.error else 'the request was cancelled'
+          yield f'data: {json.dumps({"error": dict(message=message, type="server_error", param=None, code=None)})}\n\n'
+        else:
+          yield chunk(None, finish_reason())
+          if params.include_usage:
+            yield f'data: {json.dumps({**base, "object": chunk_object, "choices": [], "usage": usage()})}\n\n'
+        yield 'data: [DONE]\n\n'
+      finally:
+        request.cancel()  # the client went away: free the slot
+
+    return responses.StreamingResponse(sse(), media_type='text/event-stream',
+                                       headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
+
+  @api.post('/v1/completions')
+  async def completions(request: fastapi.Request):
+    body = await read_body(request)
+    params = parse_params(body, DEFAULT_COMPLETION_TOKENS)
+    prompt = body.get('prompt')
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+      prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+      ids = [tokenizer.bos_id] + [int(t) for t in tokenizer.encode(prompt)]
+    elif (isinstance(prompt, list) and prompt and
+          all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size for t in prompt)):
+      ids = list(prompt)  # token ids, used as given
+    else:
+      raise APIError(400, 'prompt must be a string, or a list of token ids (one prompt per request)', param='prompt')
+    check_length(len(ids), params)
+    return await run(ids, params, 'completion')
+
+  @api.post('/v1/chat/completions')
+  async def chat_completions(request: fastapi.Request):
+    body = await read_body(request)
+    params = parse_params(body, None)
+    messages = body.get('messages')
+    if not isinstance(messages, list) or not messages:
+      raise APIError(400, 'messages must be a non-empty list', param='messages')
+    for m in messages:
+      if not isinstance(m, dict) or m.get('role') not in ('system', 'developer', 'user', 'assistant'):
+        raise APIError(400, 'each message needs a role of system, developer, user or assistant', param='messages')
+      if isinstance(m.get('content'), list):  # content parts: text only
+        parts = m['content']
+        if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str) for p in parts):
+          raise APIError(400, 'only text content parts are supported', param='messages')
+        m['content'] = ''.join(p['text'] for p in parts)
+      if not isinstance(m.get('content'), str):
+        raise APIError(400, 'each message needs a string content', param='messages')
+    messages = [dict(role='system' if m['role'] == 'developer' else m['role'], content=m['content'])
+                for m in messages]
+    # Drop the oldest turns (never the system prompt or the last message) until the prompt fits.
+    budget = max_len - (params.max_tokens or 1)
+    system = [m for m in messages if m['role'] == 'system']
+    turns = [m for m in messages if m['role'] != 'system']
+    ids = chat(system + turns)
+    while len(ids) > budget and len(turns) > 1:
+      turns = turns[1:]
+      ids = chat(system + turns)
+    check_length(len(ids), params)
+    return await run(ids, params, 'chat')
+
+  @api.get('/v1/models')
+  async def models():
+    return {'object': 'list', 'data': [dict(id=model_name, object='model', created=created, owned_by='dsjax',
+                                            max_model_len=max_len)]}
+
+  @api.get('/health')
+  async def health():
+    return {'status': 'ok', **engine.stats()}
+
+  return api

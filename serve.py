@@ -1,0 +1,80 @@
+"""An OpenAI-compatible HTTP server for a dsjax checkpoint, over the continuous-batching engine:
+
+  python serve.py --checkpoint=DIR [--port=8000 --num_slots=8 --max_len=1024 --api_key=KEY]
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
+GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_tokens; n must be 1.
+The app itself is dsjax/serve/api.py (`create_app`); this file is the command line.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from absl import app as absl_app
+from absl import flags
+
+from dsjax import cli
+from dsjax.sample import engine as engine_lib
+from dsjax.serve.api import create_app
+from dsjax.serve.chat import read_chat_template
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'dsjax checkpoint directory.')
+_HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on.')
+_PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+_API_KEY = flags.DEFINE_string('api_key', '', 'Bearer token clients must send; empty: no authentication.')
+_NUM_SLOTS = flags.DEFINE_integer('num_slots', 8, 'Concurrent decode slots (rows of the batch KV cache).')
+_MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Context length, prompt + completion (0: model.max_positions).')
+_MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot before 429s.')
+_MODEL_NAME = flags.DEFINE_string('model_name', None, 'Model id of the API (default: the checkpoint dir name).')
+_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
+_DRAIN_TIMEOUT = flags.DEFINE_float('drain_timeout', 10.0, 'On SIGTERM, seconds to finish in-flight requests.')
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _CHECKPOINT.value:
+    cli.fail('--checkpoint is required')
+  cli.quiet_logging()
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    cfg = checkpoint.load_config(_CHECKPOINT.value)
+    if _DTYPE.value:
+      cfg.model.dtype = _DTYPE.value
+    config_lib.validate(cfg)
+    params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
+    tokenizer = tokenizer_lib.from_config(cfg.data)
+  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  max_len = _MAX_LEN.value or int(cfg.model.max_positions)
+  engine = engine_lib.Engine(Transformer(cfg.model), params, num_slots=_NUM_SLOTS.value, max_len=max_len,
+                             max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size)
+  model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(os.path.abspath(_CHECKPOINT.value)))
+  api = create_app(engine, tokenizer, model_name, _API_KEY.value, max_len,
+                   chat_template=read_chat_template(_CHECKPOINT.value), shutdown_engine=True)
+  server = uvicorn.Server(uvicorn.Config(api, host=_HOST.value, port=_PORT.value, log_level='warning',
+                                         timeout_graceful_shutdown=max(1, int(_DRAIN_TIMEOUT.value))))
+  handle_exit = server.handle_exit
+
+  def on_signal(sig: int, frame: Any) -> None:
+    # uvicorn stops accepting and waits for open connections; the engine finishes in-flight requests meanwhile
+    # and cancels what is left after --drain_timeout, so streams end and nothing hangs.
+    handle_exit(sig, frame)
+    threading.Thread(target=engine.shutdown, kwargs=dict(cancel=False, timeout=_DRAIN_TIMEOUT.value),
+                     daemon=True).start()
+
+  server.handle_exit = on_signal
+  print(f'serving {model_name} on http://{_HOST.value}:{_PORT.value}/v1 ({_NUM_SLOTS.value} slots, '
+        f'max_len {max_len})', flush=True)
+  server.run()  # returns after SIGTERM/SIGINT once connections are closed (then re-raises the signal)
+  engine.shutdown(cancel=True, timeout=5.0)
+
+
+if __name__ == '__main__':
+  absl_app.run(main, flags_parser=cli.parse_flags)
