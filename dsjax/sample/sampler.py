@@ -66,6 +66,22 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, *, temperature: Any, top
   return draw(probs, row_keys(rng, batch), jnp.zeros((batch,), jnp.int32))
 
 
+def pad_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], max_len: int, pad_id: int,
+                width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Right-padded prompt tokens [B, width or longest prompt], lengths [B] and max new tokens [B] (one value or one
+  per row), after checking that every prompt is non-empty and fits max_len with its new tokens."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError('need at least one prompt and every prompt needs at least one token')
+  max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),))
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  if int((lengths + max_new).max()) > max_len:
+    raise ValueError(f'prompt + max_new_tokens = {int((lengths + max_new).max())} tokens exceeds max_len={max_len}')
+  tokens = np.full((len(prompts), width or int(lengths.max())), pad_id, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt)] = prompt
+  return tokens, lengths, max_new
+
+
 class Sampler:
   """KV-cached decoding for one model: jitted prefill, cached forward and the whole generation loop.
 
@@ -128,18 +144,9 @@ class Sampler:
                vocab_limit: int | None = None) -> list[list[int]]:
     """Continues each prompt (token ids) by up to its max_new_tokens; returns the new tokens of each row, without
     the stop token that ended it. Settings are one value or one per row; `rng` is one key or one per row."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-      raise ValueError('generate needs at least one prompt and every prompt needs at least one token')
+    tokens, lengths, max_new = pad_prompts(prompts, max_new_tokens, self.max_len, pad_id)
     batch = len(prompts)
     per_row = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (batch,))
-    max_new = per_row(max_new_tokens, np.int32)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if int((lengths + max_new).max()) > self.max_len:
-      raise ValueError(f'prompt + max_new_tokens = {int((lengths + max_new).max())} tokens exceeds the sampler\'s '
-                       f'max_len={self.max_len}')
-    tokens = np.full((batch, int(lengths.max())), pad_id, np.int32)
-    for row, prompt in enumerate(prompts):
-      tokens[row, :len(prompt)] = prompt
     stops = np.asarray(list(stop_ids) or [-1], np.int32)
     out = self._generate(params, jnp.asarray(tokens), jnp.asarray(lengths), row_keys(rng, batch),
                          jnp.asarray(max_new), jnp.asarray(per_row(temperature, np.float32)),
