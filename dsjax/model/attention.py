@@ -148,12 +148,19 @@ class Attention(nn.Module):
       rope = dict(theta=cfg.positions.rope_theta, scaling_factor=cfg.positions.rope_scaling_factor)
       q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
     new_kv = None
-    if cache is not None:  # keys: the cache as it was, then this call's tokens (exact even when they wrap a ring)
+    if cache is not None:
       new_kv = tuple(write_to_slots(c, t, cache.write_slot) for c, t in ((cache.k, k), (cache.v, v)))
-      k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-      v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-      k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
-      k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
+      if x.shape[1] == 1:
+        # One token per row (decoding): it is in the updated cache, and the key it displaced from a ring is out of
+        # its window, so attend to the updated cache itself; no copy of the cache per step.
+        k, v = (t.astype(k.dtype) for t in new_kv)
+        k_pos = write_to_slots(cache.positions, k_pos, cache.write_slot)
+        k_seg = write_to_slots(cache.segment_ids, k_seg, cache.write_slot)
+      else:  # the cache as it was, then this call's tokens: exact even when they wrap a ring
+        k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+        k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
+        k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
     rel = None
     if cfg.positions.kind == 'xl':
       zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))

@@ -26,10 +26,8 @@ def token_probs(logits_BV: jax.Array, *, temperature: Any = 1.0, top_k: Any = 0,
 
   Speculative decoding's acceptance rule needs exactly this distribution, so sampling goes through it too.
   """
-  logits_BV = logits_BV.astype(jnp.float32)
+  logits_BV = masked_logits(logits_BV, vocab_limit)
   B, V = logits_BV.shape
-  if vocab_limit is not None and vocab_limit < V:
-    logits_BV = jnp.where(jnp.arange(V) < vocab_limit, logits_BV, -jnp.inf)
   temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
   top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,))
   top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))
@@ -45,6 +43,14 @@ def token_probs(logits_BV: jax.Array, *, temperature: Any = 1.0, top_k: Any = 0,
   probs = jax.nn.softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
   one_hot = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), V, dtype=jnp.float32)
   return jnp.where(greedy[:, None], one_hot, probs)
+
+
+def masked_logits(logits_BV: jax.Array, vocab_limit: int | None) -> jax.Array:
+  """float32 logits with ids >= vocab_limit (the model's padded vocabulary) masked to -inf."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
+    logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, -jnp.inf)
+  return logits_BV
 
 
 def row_keys(rng: jax.Array, batch: int) -> jax.Array:
@@ -94,7 +100,7 @@ class Sampler:
     self.max_len = int(max_len)
     self.extra_slots = int(extra_slots)
     self.forward = jax.jit(self._forward)
-    self._generate = jax.jit(self._generate_loop, static_argnames=('max_new_tokens', 'vocab_limit'))
+    self._generate = jax.jit(self._generate_loop, static_argnames=('max_new_tokens', 'vocab_limit', 'all_greedy'))
 
   def init_cache(self, batch: int) -> cache_lib.Cache:
     return cache_lib.init_cache(self.model.cfg, batch, self.max_len, extra_slots=self.extra_slots)
@@ -116,7 +122,7 @@ class Sampler:
     return jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0], cache
 
   def _generate_loop(self, params, tokens_BP, lengths_B, keys_B, max_new_B, temperature_B, top_k_B, top_p_B,
-                     stop_ids, pad_id, *, max_new_tokens, vocab_limit):
+                     stop_ids, pad_id, *, max_new_tokens, vocab_limit, all_greedy):
     batch = tokens_BP.shape[0]
     last_BV, cache = self.prefill(params, self.init_cache(batch), tokens_BP, lengths_B)
     settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
@@ -128,7 +134,10 @@ class Sampler:
 
     def body(state):
       i, cache, last_BV, pos_B, done, out = state
-      next_B = draw(token_probs(last_BV, **settings), keys_B, pos_B)
+      if all_greedy:  # argmax of the same distribution, without token_probs' sort and softmax per step
+        next_B = jnp.argmax(masked_logits(last_BV, vocab_limit), axis=-1).astype(jnp.int32)
+      else:
+        next_B = draw(token_probs(last_BV, **settings), keys_B, pos_B)
       next_B = jnp.where(done, pad_id, next_B)
       out = out.at[:, i].set(next_B)
       done = done | jnp.isin(next_B, stop_ids) | (i + 1 >= max_new_B)
@@ -152,7 +161,7 @@ class Sampler:
                          jnp.asarray(max_new), jnp.asarray(per_row(temperature, np.float32)),
                          jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
                          jnp.asarray(stops), jnp.int32(pad_id), max_new_tokens=int(max_new.max()),
-                         vocab_limit=vocab_limit)
+                         vocab_limit=vocab_limit, all_greedy=bool(np.all(per_row(temperature, np.float32) <= 0)))
     results = []
     for row, new in enumerate(np.asarray(out).tolist()):
       new = new[:int(max_new[row])]

@@ -114,6 +114,7 @@ def _params(workdir) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
+@pytest.mark.slow  # ~45 s on 2 cores (four launches of train.py)
 def test_two_processes_train_save_and_resume_like_one_process(tmp_path):
   one, other_data, two = tmp_path / 'one', tmp_path / 'one_shard', tmp_path / 'two'
   # References, side by side: one process over the same 4 devices and the same 2 data shards (the same global

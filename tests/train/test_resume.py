@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from dsjax import config as config_lib
 from dsjax import sharding as sharding_lib
@@ -60,6 +61,7 @@ def final_params(workdir):
   return checkpoint.load_params(directory, checkpoint.load_config(directory).model)
 
 
+@pytest.mark.slow  # ~45 s on 2 cores (three launches of train.py)
 def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   runs = [train_py(straight), train_py(interrupted)]
