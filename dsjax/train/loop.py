@@ -192,7 +192,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     evals.append(final)
     logger.write('validation', final)
     baseline = unigram.evaluate(eval_batches, token_bytes)
-    if checkpointer:
+    if checkpointer and start_step < cfg.train.steps:  # a re-run of a finished run has nothing new to save
       checkpointer.save(cfg.train.steps, state, train_iter, meta(), eval_loss=final['loss'])
     if cfg.train.workdir:
       saved_to = os.path.join(os.path.abspath(cfg.train.workdir), 'checkpoint')

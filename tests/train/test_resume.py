@@ -199,3 +199,20 @@ def test_retention_keeps_the_latest_and_the_best(tmp_path):
   kept = sorted(int(name) for name in os.listdir(tmp_path) if name.isdigit())
   manager.close()
   assert kept == [2, 4, 5], kept
+
+
+def test_rerunning_a_finished_run_resumes_at_its_end(tmp_path):
+  """The same command again: resumes at the last step, trains nothing, evaluates the same params, saves again."""
+  from dsjax.train import loop
+  cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py'))
+  m = cfg.model
+  m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 32, 1, 2, 2, 48
+  cfg.data.seq_len, cfg.data.eval_batches = 32, 1
+  t = cfg.train
+  t.steps, t.checkpoint_every, t.num_samples, t.progress_bar, t.workdir = 2, 1, 0, False, str(tmp_path)
+  first = loop.train(cfg)
+  again = loop.train(cfg)
+  assert first['start_step'] == 0 and again['start_step'] == 2 and again['history'] == []
+  assert again['final_eval'] == first['final_eval']
+  for a, b in zip(jax.tree_util.tree_leaves(again['params']), jax.tree_util.tree_leaves(first['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
