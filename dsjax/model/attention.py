@@ -25,6 +25,8 @@ class LayerCache(NamedTuple):
   positions: jax.Array    # [B, S] int32 positions of the cached tokens
   segment_ids: jax.Array  # [B, S] int32, -1 for empty slots
   write_slot: jax.Array   # [B, T] int32 slot of each new token; S (out of range) for tokens not kept
+  written_positions: jax.Array    # [B, S] positions once this call's tokens are written (shared by all layers)
+  written_segment_ids: jax.Array  # [B, S]
 
 
 class RelativeBias(NamedTuple):
@@ -154,8 +156,7 @@ class Attention(nn.Module):
         # One token per row (decoding): it is in the updated cache, and the key it displaced from a ring is out of
         # its window, so attend to the updated cache itself; no copy of the cache per step.
         k, v = (t.astype(k.dtype) for t in new_kv)
-        k_pos = write_to_slots(cache.positions, k_pos, cache.write_slot)
-        k_seg = write_to_slots(cache.segment_ids, k_seg, cache.write_slot)
+        k_pos, k_seg = cache.written_positions, cache.written_segment_ids
       else:  # the cache as it was, then this call's tokens: exact even when they wrap a ring
         k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)

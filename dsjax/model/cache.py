@@ -5,10 +5,11 @@
 Slots are addressed by position, so one jitted step serves rows at different positions. A full cache has a slot
 per position (S = max_len). Sparse attention with RoPE keeps a bounded ring cache of S = num_global + R slots,
 R = window + extra_slots: positions < num_global keep their own slot (the global "sink" tokens), later positions
-share the R ring slots round-robin, so the cache holds the keys a future query can see. `extra_slots` lets a caller
-write tokens it may take back (speculative decoding: `truncate`) without overwriting keys still in the window. (Transformer-XL keeps a full cache:
-its relative-position term must see the true distances of the global tokens.) The model attends to the cache as
-it was plus the new tokens, then writes the new tokens, so a chunk longer than the window is exact too.
+share the R ring slots round-robin, so the cache holds the keys a future query can see. `extra_slots` lets a
+caller write tokens it may take back (speculative decoding: `truncate`) without overwriting keys still in the
+window. (Transformer-XL keeps a full cache: its relative-position term must see the true distances of the global
+tokens.) A chunk of several tokens attends to the cache as it was plus the chunk, so a chunk longer than the
+window is exact too; a single token attends to the cache with itself written (see Attention).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_len: int, dt
   slots = cache_length(cfg, max_len, extra_slots)
   shape = (cfg.num_layers, batch_size, slots, cfg.num_kv_heads, config_lib.head_dim(cfg))
   dtype = to_dtype(dtype or cfg.dtype)
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), positions=jnp.zeros((batch_size, slots), jnp.int32),
+  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+              positions=jnp.zeros((batch_size, slots), jnp.int32),
               segment_ids=jnp.full((batch_size, slots), -1, jnp.int32))
 
 

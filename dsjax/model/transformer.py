@@ -41,7 +41,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mem_hidden: jax.Array | None, cache_kv: tuple[jax.Array, jax.Array] | None,
                positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None, mem_seg: jax.Array | None,
-               cache_meta: tuple[jax.Array, jax.Array, jax.Array] | None):
+               cache_meta: tuple[jax.Array, ...] | None):
     cfg = self.cfg
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -91,7 +91,9 @@ class Transformer(nn.Module):
       if memory is not None:
         raise ValueError('pass either a KV cache or XL memory, not both')
       slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
-      cache_kv, cache_meta = (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot)
+      written = (write_to_slots(cache['positions'], positions, slot),
+                 write_to_slots(cache['segment_ids'], segment_ids, slot))
+      cache_kv, cache_meta = (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot, *written)
       mem_hidden = mem_pos = mem_seg = None
     elif uses_memory(cfg):
       memory = init_memory(cfg, tokens.shape[0], dtype) if memory is None else memory
@@ -129,7 +131,5 @@ class Transformer(nn.Module):
           segment_ids=jax.lax.stop_gradient(jnp.concatenate([mem_seg, segment_ids], axis=1)[:, -m:]))
     new_cache = None
     if cache is not None:
-      slot = cache_meta[2]
-      new_cache = dict(k=new_kv[0], v=new_kv[1], positions=write_to_slots(cache['positions'], positions, slot),
-                       segment_ids=write_to_slots(cache['segment_ids'], segment_ids, slot))
+      new_cache = dict(k=new_kv[0], v=new_kv[1], positions=written[0], segment_ids=written[1])
     return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory, cache=new_cache)

@@ -141,14 +141,15 @@ class Sampler:
       next_B = jnp.where(done, pad_id, next_B)
       out = out.at[:, i].set(next_B)
       done = done | jnp.isin(next_B, stop_ids) | (i + 1 >= max_new_B)
-      logits, cache = self._forward(params, cache, next_B[:, None], pos_B[:, None], (~done)[:, None].astype(jnp.int32))
+      logits, cache = self._forward(params, cache, next_B[:, None], pos_B[:, None],
+                                    (~done)[:, None].astype(jnp.int32))
       return i + 1, cache, logits[:, 0], pos_B + 1, done, out
 
     state = (jnp.int32(0), cache, last_BV, lengths_B, max_new_B <= 0, out)
     return jax.lax.while_loop(cond, body, state)[-1]
 
-  def generate(self, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *, max_new_tokens: int | Sequence[int],
-               temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
+  def generate(self, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
+               max_new_tokens: int | Sequence[int], temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
                top_p: float | Sequence[float] = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
                vocab_limit: int | None = None) -> list[list[int]]:
     """Continues each prompt (token ids) by up to its max_new_tokens; returns the new tokens of each row, without
@@ -156,16 +157,18 @@ class Sampler:
     tokens, lengths, max_new = pad_prompts(prompts, max_new_tokens, self.max_len, pad_id)
     batch = len(prompts)
     per_row = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (batch,))
-    stops = np.asarray(list(stop_ids) or [-1], np.int32)
+    stops = set(stop_ids)
+    temperatures = per_row(temperature, np.float32)
     out = self._generate(params, jnp.asarray(tokens), jnp.asarray(lengths), row_keys(rng, batch),
-                         jnp.asarray(max_new), jnp.asarray(per_row(temperature, np.float32)),
+                         jnp.asarray(max_new), jnp.asarray(temperatures),
                          jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
-                         jnp.asarray(stops), jnp.int32(pad_id), max_new_tokens=int(max_new.max()),
-                         vocab_limit=vocab_limit, all_greedy=bool(np.all(per_row(temperature, np.float32) <= 0)))
+                         jnp.asarray(sorted(stops) or [-1], jnp.int32), jnp.int32(pad_id),
+                         max_new_tokens=int(max_new.max()), vocab_limit=vocab_limit,
+                         all_greedy=bool(np.all(temperatures <= 0)))
     results = []
     for row, new in enumerate(np.asarray(out).tolist()):
       new = new[:int(max_new[row])]
-      cut = next((i for i, t in enumerate(new) if t in set(stop_ids)), len(new))
+      cut = next((i for i, t in enumerate(new) if t in stops), len(new))
       results.append(new[:cut])
     return results
 

@@ -90,7 +90,7 @@ def _draft_step(sampler: Sampler, params: Any, cache: cache_lib.Cache, prev_B, p
   tokens = jnp.stack([prev_B, pending_B], axis=1)
   positions = jnp.stack([jnp.maximum(pos_B - 1, 0), pos_B], axis=1)
   segment_ids = jnp.stack([active_B & (pos_B >= 1), active_B], axis=1).astype(jnp.int32)
-  logits, cache = sampler._forward(params, cache, tokens, positions, segment_ids)  # pylint: disable=protected-access
+  logits, cache = sampler.forward(params, cache, tokens, positions, segment_ids)
 
   def propose(last_BV, i):
     q_BV = token_probs(last_BV, **settings)
@@ -99,8 +99,8 @@ def _draft_step(sampler: Sampler, params: Any, cache: cache_lib.Cache, prev_B, p
   def step(carry, i):
     cache, last_BV = carry
     d_B, q_BV = propose(last_BV, i)
-    forward = sampler._forward  # pylint: disable=protected-access
-    logits, cache = forward(params, cache, d_B[:, None], (pos_B + 1 + i)[:, None], active_B[:, None].astype(jnp.int32))
+    logits, cache = sampler.forward(params, cache, d_B[:, None], (pos_B + 1 + i)[:, None],
+                                    active_B[:, None].astype(jnp.int32))
     return (cache, logits[:, 0]), (d_B, q_BV)
 
   (cache, last_BV), (d_GB, q_GBV) = jax.lax.scan(step, (cache, logits[:, 1]), jnp.arange(gamma - 1))
@@ -189,7 +189,7 @@ def _verify_step(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_
   tokens = jnp.concatenate([pending_B[:, None], drafts_BG], axis=1)
   positions = pos_B[:, None] + jnp.arange(G + 1, dtype=jnp.int32)
   segment_ids = jnp.broadcast_to(active_B[:, None], tokens.shape).astype(jnp.int32)
-  logits, cache = sampler._forward(params, cache, tokens, positions, segment_ids)  # pylint: disable=protected-access
+  logits, cache = sampler.forward(params, cache, tokens, positions, segment_ids)
   V = logits.shape[-1]
   per_token = lambda x: jnp.repeat(x, G + 1)
   p = token_probs(logits.reshape(B * (G + 1), V), temperature=per_token(temperature_B), top_k=per_token(top_k_B),

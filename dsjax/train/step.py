@@ -39,16 +39,6 @@ def _sums(params: Any, model: nn.Module, batch: Batch, dropout_rng: jax.Array | 
           'router': aux['router_loss']}
 
 
-def loss_fn(params: Any, model: nn.Module, batch: Batch, dropout_rng: jax.Array | None, *,
-            router_aux_weight: float = 0.0, z_loss_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean next-token loss over non-padding targets, plus the router load-balance and optional z-loss terms."""
-  sums = _sums(params, model, batch, dropout_rng)
-  num_tokens = jnp.maximum(sums['tokens'], 1.0)
-  nll, z_loss = sums['nll'] / num_tokens, sums['z'] / num_tokens
-  total = nll + router_aux_weight * sums['router'] + z_loss_weight * z_loss
-  return total, {'loss': nll, 'router_loss': sums['router'], 'z_loss': z_loss, 'tokens': sums['tokens']}
-
-
 def microbatches(batch: Batch, num: int) -> Batch:
   """[B, ...] -> [num, B / num, ...], microbatch i holding rows i, i + num, ...: with the batch sharded in contiguous
   row blocks over devices, every device keeps its own rows in every microbatch (no data moves)."""
