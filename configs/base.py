@@ -118,4 +118,35 @@ def get_config() -> ml_collections.ConfigDict:
   s.top_p = 1.0                # nucleus sampling mass; 1: off
   s.seed = 0
 
+  # ---------------------------------------------------------------- LoRA (dsjax/lora.py)
+  lo = cfg.lora = ml_collections.ConfigDict()
+  lo.enabled = False           # train only low-rank adapters; the base weights stay frozen
+  lo.rank = 16
+  lo.alpha = 32.0              # adapter output scaled by alpha / rank
+  lo.dropout = 0.1             # on the adapter's input
+  lo.targets = ('q_proj', 'v_proj')  # any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+  lo.base_int8 = False         # keep the frozen base weights in int8 (QLoRA-style memory saving)
+  lo.adapter = ''              # a PEFT adapter directory to start from (or to serve)
+
+  # ---------------------------------------------------------------- distillation (dsjax/distill.py)
+  di = cfg.distill = ml_collections.ConfigDict()
+  di.teacher = ''              # a dsjax checkpoint directory; '' = no distillation
+  di.temperature = 2.0         # softens teacher and student distributions in the KL term
+  di.kl_weight = 0.5           # loss = kl_weight * T^2 * KL(teacher || student) + hard_weight * cross-entropy
+  di.hard_weight = 0.5
+  di.top_k = 0                 # > 0: only the teacher's top-k logits per token enter the KL (large vocabularies)
+
+  # ---------------------------------------------------------------- quantization (dsjax/quant.py)
+  q = cfg.quant = ml_collections.ConfigDict()
+  q.mode = 'none'              # none | int8 (per-channel) | int4 (group-wise): weight-only, for serving
+  q.group_size = 128           # int4: weights per scale along the input dimension
+  q.activations = False        # also quantize activations to int8 (dynamic, per token)
+
+  # ---------------------------------------------------------------- differential privacy (dsjax/privacy.py)
+  dp = cfg.privacy = ml_collections.ConfigDict()
+  dp.enabled = False           # DP-SGD: per-example gradient clipping + Gaussian noise
+  dp.l2_clip = 1.0             # per-example gradient norm bound C
+  dp.noise_multiplier = 1.0    # noise std = noise_multiplier * C (on the summed gradient)
+  dp.delta = 1e-5              # epsilon is reported for this delta
+
   return cfg
