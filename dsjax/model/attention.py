@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import config as config_lib
-from dsjax.model.layers import Linear, to_dtype
+from dsjax.model.layers import Linear, LoraSpec, lora_kwargs, to_dtype
 from dsjax.model.masks import make_attention_mask
 from dsjax.model.positions import apply_rope, sinusoid_embedding
 from dsjax.model.routing import HeadRouter
@@ -19,9 +19,14 @@ from dsjax.model.routing import HeadRouter
 
 
 class LayerCache(NamedTuple):
-  """One layer's KV cache for decoding, plus where this call's tokens go (see dsjax/model/cache.py)."""
-  k: jax.Array            # [B, S, K, H] cached keys (RoPE already applied)
-  v: jax.Array            # [B, S, K, H]
+  """The KV cache seen by one layer while decoding, plus where this call's tokens go (see dsjax/model/cache.py).
+
+  k/v are every layer's cache: a layer writes its new keys into its own slice, so a scan over layers updates the
+  cache in place instead of rebuilding the stacked [L, ...] arrays each step.
+  """
+  k: jax.Array            # [L, B, S, K, H] cached keys (RoPE already applied)
+  v: jax.Array            # [L, B, S, K, H]
+  layer: jax.Array        # int32 scalar: this layer's index into k and v
   positions: jax.Array    # [B, S] int32 positions of the cached tokens
   segment_ids: jax.Array  # [B, S] int32, -1 for empty slots
   write_slot: jax.Array   # [B, T] int32 slot of each new token; S (out of range) for tokens not kept
@@ -112,9 +117,12 @@ def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int
 class Attention(nn.Module):
   """Attention block body: projections, RoPE or XL encoding, masked attention, optional head routing.
 
-  `cfg` is the `model` config section.
+  `cfg` is the `model` config section; `lora` optionally adds adapters to the projections (dsjax/lora.py), whose
+  dropout is on unless `deterministic`.
   """
   cfg: ml_collections.ConfigDict
+  lora: LoraSpec | None = None
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -125,8 +133,8 @@ class Attention(nn.Module):
     memory: optional (hidden [B, M, D], positions [B, M], segment ids [B, M]) prepended to the keys/values.
     cache: optional KV cache (decoding): the new tokens attend to the cached keys and to each other, and their
       keys/values are written to `cache.write_slot`.
-    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed, (k, v) updated cache
-    [B, S, K, H] or None).
+    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed, (k, v) every layer's cache
+    [L, B, S, K, H] with this layer's new tokens written, or None).
     """
     cfg, a = self.cfg, self.cfg.attention
     d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, config_lib.head_dim(cfg)
@@ -140,9 +148,12 @@ class Attention(nn.Module):
       k_pos = jnp.concatenate([mem_pos, positions], axis=1)
       k_seg = jnp.concatenate([mem_seg, segment_ids], axis=1)
 
-    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **kw)(x)
-    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw)(kv_in)
-    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw)(kv_in)
+    lo = lambda name: lora_kwargs(self.lora, name, self.deterministic)
+    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **kw, **lo('q_proj'))(x)
+    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw,
+               **lo('k_proj'))(kv_in)
+    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw,
+               **lo('v_proj'))(kv_in)
 
     if cfg.positions.kind not in ('rope', 'xl'):
       raise ValueError(f'model.positions.kind: unknown {cfg.positions.kind!r}, expected rope or xl')
@@ -151,15 +162,16 @@ class Attention(nn.Module):
       q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
     new_kv = None
     if cache is not None:
-      new_kv = tuple(write_to_slots(c, t, cache.write_slot) for c, t in ((cache.k, k), (cache.v, v)))
+      old_k, old_v = cache.k[cache.layer], cache.v[cache.layer]  # [B, S, K, H] before this call
+      new_kv = tuple(write_to_slots(c, t, cache.write_slot, cache.layer) for c, t in ((cache.k, k), (cache.v, v)))
       if x.shape[1] == 1:
         # One token per row (decoding): it is in the updated cache, and the key it displaced from a ring is out of
         # its window, so attend to the updated cache itself; no copy of the cache per step.
-        k, v = (t.astype(k.dtype) for t in new_kv)
+        k, v = (t[cache.layer].astype(k.dtype) for t in new_kv)
         k_pos, k_seg = cache.written_positions, cache.written_segment_ids
       else:  # the cache as it was, then this call's tokens: exact even when they wrap a ring
-        k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+        k = jnp.concatenate([old_k.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([old_v.astype(v.dtype), v], axis=1)
         k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
         k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
     rel = None
@@ -170,7 +182,7 @@ class Attention(nn.Module):
       # 0..S-1 covers every visible distance when positions step by 1 within a document.
       distances = jnp.arange(k.shape[1])
       r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
-                 **kw)(sinusoid_embedding(distances, d))
+                 **kw, **lo('r_proj'))(sinusoid_embedding(distances, d))
       rel = RelativeBias(r, u, vb)
 
     window, num_global = mask_args(a)
@@ -182,11 +194,14 @@ class Attention(nn.Module):
     impl = 'reference' if cache is not None else a.impl
     out = attend(q, k, v, positions, k_pos, segment_ids, k_seg, impl=impl, window=window,
                  num_global=num_global, gates=gates, rel=rel)
-    out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw)(out)
+    out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw,
+                 **lo('o_proj'))(out)
     return out, router_loss, new_kv
 
 
-def write_to_slots(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
-  """cache [B, S, ...] with new [B, T, ...] written at slot [B, T]; slots >= S are dropped."""
-  rows = jnp.arange(cache.shape[0])[:, None]
-  return cache.at[rows, slot].set(new.astype(cache.dtype), mode='drop')
+def write_to_slots(cache: jax.Array, new: jax.Array, slot: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+  """cache [B, S, ...] (or [L, B, S, ...] at `layer`) with new [B, T, ...] written at slot [B, T]; slots >= S are
+  dropped."""
+  rows = jnp.arange(new.shape[0])[:, None]
+  index = (rows, slot) if layer is None else (layer, rows, slot)
+  return cache.at[index].set(new.astype(cache.dtype), mode='drop')

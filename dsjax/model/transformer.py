@@ -9,7 +9,7 @@ import ml_collections
 from dsjax import config as config_lib
 from dsjax.model import cache as cache_lib
 from dsjax.model.attention import Attention, LayerCache, write_to_slots
-from dsjax.model.layers import MLP, Embedder, Linear, RMSNorm, to_dtype
+from dsjax.model.layers import MLP, Embedder, Linear, LoraSpec, RMSNorm, to_dtype
 
 Memory = dict[str, jax.Array]  # hidden [L, B, M, D], positions [B, M] int32, segment_ids [B, M] int32
 
@@ -34,14 +34,17 @@ def init_memory(cfg: ml_collections.ConfigDict, batch_size: int, dtype: Any = No
 
 
 class Block(nn.Module):
-  """x + attention(rmsnorm(x)); x + mlp(rmsnorm(x)). Called by nn.scan: (x, per-layer memory) -> (x, out)."""
+  """x + attention(rmsnorm(x)); x + mlp(rmsnorm(x)). Called by nn.scan: ((x, cache k/v), per-layer memory and
+  index) -> ((x, cache k/v), out); the KV cache rides in the carry so each layer updates its slice in place."""
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
+  lora: LoraSpec | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, mem_hidden: jax.Array | None, cache_kv: tuple[jax.Array, jax.Array] | None,
-               positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None, mem_seg: jax.Array | None,
-               cache_meta: tuple[jax.Array, ...] | None):
+  def __call__(self, carry: tuple[jax.Array, tuple[jax.Array, jax.Array] | None], mem_hidden: jax.Array | None,
+               layer: jax.Array, positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None,
+               mem_seg: jax.Array | None, cache_meta: tuple[jax.Array, ...] | None):
+    x, cache_kv = carry
     cfg = self.cfg
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -49,10 +52,11 @@ class Block(nn.Module):
     # Memory holds raw layer inputs; keys/values see them through the same norm as the current inputs.
     memory = None if mem_hidden is None else (attn_norm(mem_hidden), mem_pos, mem_seg)
 
-    cache = None if cache_kv is None else LayerCache(*cache_kv, *cache_meta)
-    h, router_loss, new_kv = Attention(cfg, name='attention')(attn_norm(x), positions, segment_ids, memory, cache)
+    cache = None if cache_kv is None else LayerCache(*cache_kv, layer, *cache_meta)
+    h, router_loss, new_kv = Attention(cfg, self.lora, self.deterministic, name='attention')(
+        attn_norm(x), positions, segment_ids, memory, cache)
     y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
+    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, self.lora, self.deterministic,
             name='mlp')(RMSNorm(name='mlp_norm', **norm)(y))
     y = y + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
@@ -61,7 +65,7 @@ class Block(nn.Module):
       m = mem_hidden.shape[1]
       new_mem = jax.lax.stop_gradient(
           jnp.concatenate([mem_hidden, x.astype(mem_hidden.dtype)], axis=1)[:, -m:])
-    return y, (router_loss, new_mem, new_kv)
+    return (y, new_kv), (router_loss, new_mem)
 
 
 class Transformer(nn.Module):
@@ -73,8 +77,10 @@ class Transformer(nn.Module):
   Positions restart at 0 in each document; segment_ids None means one document per row; 0 marks padding.
   cache (decoding, dsjax/model/cache.py): the tokens attend to the cached ones and are added to the returned cache;
   with a cache, XL memory is not used (the cache holds every past token).
+  `lora` (dsjax/lora.py): low-rank adapters on the projections it targets; every projection kernel is then frozen.
   """
   cfg: ml_collections.ConfigDict
+  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
@@ -112,15 +118,17 @@ class Transformer(nn.Module):
     stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                     in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, (router_losses, new_hidden, new_kv) = stack(cfg, deterministic, name='layers')(
-        x, mem_hidden, cache_kv, positions, segment_ids, mem_pos, mem_seg, cache_meta)
+    (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, self.lora, name='layers')(
+        (x, cache_kv), mem_hidden, jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, segment_ids, mem_pos,
+        mem_seg, cache_meta)
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embedder.decode(x)
     else:
       logits = Linear((cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), 'BTD,DV->BTV', cfg.init_std,
-                      dtype, param_dtype, preferred_element_type=jnp.float32, name='lm_head')(x)
+                      dtype, param_dtype, preferred_element_type=jnp.float32, frozen=self.lora is not None,
+                      name='lm_head')(x)
 
     new_memory = None
     if mem_hidden is not None:

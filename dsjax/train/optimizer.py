@@ -1,7 +1,8 @@
-"""The optax optimizer: clip_by_global_norm -> AdamW with a warmup + cosine schedule, no decay on norms/biases."""
+"""The optax optimizer: clip_by_global_norm -> AdamW with a warmup + cosine schedule, no decay on norms/biases;
+optionally masked so only some params (LoRA adapters) train."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -21,15 +22,21 @@ def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: in
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for matrices (`kernel`, `embedding`); False for norm scales and biases (stacked or not)."""
+  """True for matrices (`kernel`, `embedding`, LoRA's `lora_a`/`lora_b`); False for norm scales and biases
+  (stacked or not)."""
   def decays(path, _):
     name = getattr(path[-1], 'key', str(path[-1]))
-    return name in ('kernel', 'embedding')
+    return name in ('kernel', 'embedding', 'lora_a', 'lora_b')
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """The training optimizer; its state mirrors the (fp32 master) params' dtype."""
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
+                   trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+  """The training optimizer; its state mirrors the (fp32 master) params' dtype.
+
+  `trainable(params)` -> a tree of bools (e.g. dsjax.lora.trainable_mask; boxed params may be single leaves):
+  only those params are clipped and updated; the others get zero updates and no optimizer state at all.
+  """
   parts = []
   if optim_cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
@@ -41,4 +48,14 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> op
       weight_decay=optim_cfg.weight_decay,
       mask=weight_decay_mask,
   ))
-  return optax.chain(*parts)
+  optimizer = optax.chain(*parts)
+  if trainable is None:
+    return optimizer
+  return masked(optimizer, trainable)
+
+
+def masked(inner: optax.GradientTransformation, trainable: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """`inner` on the params `trainable` marks, zero updates (optax.set_to_zero, no state) for the rest."""
+  def labels(params):
+    return jax.tree_util.tree_map(lambda t: 'trainable' if t else 'frozen', trainable(params))
+  return optax.multi_transform({'trainable': inner, 'frozen': optax.set_to_zero()}, labels)
