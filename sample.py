@@ -1,6 +1,6 @@
 """Sample completions from a dsjax checkpoint (e.g. one imported with dsjax.convert.hf):
 
-  python sample.py --checkpoint=DIR --prompt='def fibonacci(n):' [--max_new_tokens=128 --temperature=0]
+  python sample.py --checkpoint=DIR --prompt='def fibonacci(n):' [--max_new_tokens=128 --temperature=0 --quant=int4]
 
 A thin CLI over dsjax.sample.sampler; the checkpoint's own config and tokenizer are used.
 """
@@ -21,6 +21,10 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, '0: no top-k filtering.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass in (0, 1]; 1: off.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
+_QUANT = flags.DEFINE_string('quant', None, 'Weight-only quantization: none | int8 (per channel) | int4 (group-wise); '
+                             'sets config.quant.mode (default: the checkpoint\'s, normally none).')
+_QUANT_GROUP_SIZE = flags.DEFINE_integer('quant_group_size', None, 'int4: weights per scale along the input '
+                                         'dimension (config.quant.group_size, default 128).')
 
 
 def main(argv):
@@ -29,16 +33,22 @@ def main(argv):
   cli.quiet_logging()
   from dsjax.data import tokenizer as tokenizer_lib
   from dsjax.model import Transformer
+  from dsjax import quant
   from dsjax.train import checkpoint
   from dsjax.train import loop
   try:
     cfg = checkpoint.load_config(_CHECKPOINT.value)
     if _DTYPE.value:
       cfg.model.dtype = _DTYPE.value
+    if _QUANT.value is not None:
+      cfg.quant.mode = _QUANT.value
+    if _QUANT_GROUP_SIZE.value is not None:
+      cfg.quant.group_size = _QUANT_GROUP_SIZE.value
     cfg.sample.update(dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                            top_p=_TOP_P.value))
     config_lib.validate(cfg)
     params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
+    params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
     tokenizer = tokenizer_lib.from_config(cfg.data)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))

@@ -1,0 +1,232 @@
+"""Weight-only post-training quantization for serving: int8 per output channel, int4 group-wise (packed).
+
+  qparams = quantize_params(params, cfg.model, cfg.quant)   # then Sampler / Engine / model.apply as usual
+  weight_bytes(qparams) / weight_bytes(params, as_dtype='bfloat16')
+
+No model change and no wrapper: a quantized kernel is stored where `kernel` was as a `QTensor`, a flax
+`AxisMetadata` box (like `LogicallyPartitioned`) whose leaves are the int8 values and the scales. Flax unboxes
+every parameter when a module reads it (`self.param`), and a QTensor's unbox *is* the dequantization, so
+`Linear` gets `q * scale` in the compute dtype inside the jitted forward; XLA then sees int8 -> convert ->
+multiply -> dot (see docs/quantization.md for what it fuses). Under `nn.scan` the leaves carry the leading
+[layers] axis and are sliced per layer like any parameter.
+
+Layouts (K: product of a kernel's input axes, M: product of its output axes, L: scanned layers if any):
+  int8: values int8 [L?, K, M] in [-127, 127], scales [L?, 1, M] float32; w ~= q * scale.
+  int4: values int8 [L?, K/2, M], two signed nibbles per byte (row 2i low, row 2i+1 high), in [-8, 7];
+        scales [L?, K/group_size, M] bfloat16 (rounded up so |w / scale| <= 7); w ~= q * scale[group].
+Quantized: the kernels of q/k/v/o_proj, gate/up/down_proj and the (untied) lm_head. Kept in float (cast to the
+compute dtype): the token embedding (a gather; also the tied head), norms and the head router.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+from flax.core import meta
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dsjax import config as config_lib
+from dsjax.model.layers import Linear
+
+MODES = ('none', 'int8', 'int4')
+
+# Kernels that are quantized -> how many leading axes of the (per-layer) kernel are contracted with the input.
+INPUT_AXES = {'q_proj': 1, 'k_proj': 1, 'v_proj': 1, 'o_proj': 2, 'gate_proj': 1, 'up_proj': 1, 'down_proj': 1,
+              'lm_head': 1}
+
+
+class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
+  """A quantized kernel; `unbox()` (what flax's `self.param` calls) returns the dequantized [*lead, *shape] array."""
+  values: jax.Array            # int8 [*lead, K, M] (int8) or [*lead, K // 2, M] (int4, packed)
+  scales: jax.Array            # [*lead, groups, M]
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # one kernel's float shape, e.g. [D, N, H]
+  bits: int = flax.struct.field(pytree_node=False)               # 8 | 4
+  num_input_axes: int = flax.struct.field(pytree_node=False)     # leading axes of `shape` contracted with x
+  dtype: str = flax.struct.field(pytree_node=False)              # dequantized (compute) dtype
+
+  def unbox(self) -> jax.Array:
+    return dequantize(self)
+
+  def replace_boxed(self, val: Any) -> Any:
+    return val
+
+  def add_axis(self, index: int, params: dict[Any, Any]) -> QTensor:
+    return self  # nn.scan stacks/slices the leaves; the static per-kernel shape does not change
+
+  def remove_axis(self, index: int, params: dict[Any, Any]) -> QTensor:
+    return self
+
+
+def is_qtensor(x: Any) -> bool:
+  return isinstance(x, QTensor)
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+  """int8 [..., K, M] in [-8, 7] (K even) -> int8 [..., K // 2, M]: row 2i in the low nibble, 2i+1 in the high."""
+  lo, hi = q[..., 0::2, :], q[..., 1::2, :]
+  return ((hi << 4) | (lo & 0x0F)).astype(jnp.int8)
+
+
+def unpack_int4(p: jax.Array) -> jax.Array:
+  """Inverse of `pack_int4`: int8 [..., K // 2, M] -> int8 [..., K, M] (arithmetic shifts sign-extend)."""
+  lo, hi = (p << 4) >> 4, p >> 4
+  return jnp.stack([lo, hi], axis=-2).reshape(*p.shape[:-2], 2 * p.shape[-2], p.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=('bits', 'group_size'))
+def quantize_matrix(w: jax.Array, *, bits: int, group_size: int) -> tuple[jax.Array, jax.Array]:
+  """Symmetric absmax quantization of w [..., K, M] with one scale per (group of `group_size` rows, column).
+
+  Returns (q int8 [..., K, M] unpacked, scales [..., K // group_size, M]) with |w - q * scale| <= scale / 2.
+  """
+  *lead, k, m = w.shape
+  qmax = 127 if bits == 8 else 7
+  wg = w.astype(jnp.float32).reshape(*lead, k // group_size, group_size, m)
+  scale = jnp.max(jnp.abs(wg), axis=-2) / qmax
+  scale = jnp.where(scale > 0, scale, 1.0)
+  if bits == 4:  # bf16 scales, rounded up (relative rounding error <= 2^-9) so that |w / scale| <= qmax still
+    scale = (scale * (1 + 2.0 ** -7)).astype(jnp.bfloat16)
+  q = jnp.clip(jnp.round(wg / scale.astype(jnp.float32)[..., None, :]), -qmax - (bits == 4), qmax)
+  return q.astype(jnp.int8).reshape(*lead, k, m), scale
+
+
+def quantize_kernel(w: jax.Array, num_input_axes: int, lead: int, *, bits: int, group_size: int, dtype: Any,
+                    name: str = 'kernel') -> QTensor:
+  """A kernel [*lead, *in_axes, *out_axes] -> QTensor (int8: per output channel; int4: group-wise along K)."""
+  shape = tuple(w.shape[lead:])
+  k, m = math.prod(shape[:num_input_axes]), math.prod(shape[num_input_axes:])
+  if bits == 8:
+    group_size = k
+  elif group_size <= 0 or group_size % 2 or k % group_size:
+    raise config_lib.ConfigError(
+        f'config.quant.group_size={group_size} must be even and divide the input size {k} of {name} '
+        f'(shape {shape}); choose a divisor such as {math.gcd(k, 128)}')
+  q, scales = quantize_matrix(w.reshape(*w.shape[:lead], k, m), bits=bits, group_size=group_size)
+  values = q if bits == 8 else pack_int4(q)
+  return QTensor(values, scales, shape=shape, bits=bits, num_input_axes=num_input_axes, dtype=jnp.dtype(dtype).name)
+
+
+def dequantize(t: QTensor, dtype: Any = None) -> jax.Array:
+  """QTensor -> [*lead, *shape] in `dtype` (default: its compute dtype)."""
+  dtype = jnp.dtype(dtype or t.dtype)
+  q = t.values if t.bits == 8 else unpack_int4(t.values)
+  *lead, k, m = q.shape
+  groups = t.scales.shape[-2]
+  w = q.astype(dtype).reshape(*lead, groups, k // groups, m) * t.scales.astype(dtype)[..., None, :]
+  return w.reshape(*lead, *t.shape)
+
+
+def _check(quant_cfg: ml_collections.ConfigDict) -> None:
+  if quant_cfg.mode not in MODES:
+    raise config_lib.ConfigError(f'config.quant.mode={quant_cfg.mode!r}: expected one of {", ".join(MODES)}')
+  if quant_cfg.group_size <= 0:
+    raise config_lib.ConfigError(f'config.quant.group_size={quant_cfg.group_size}: must be > 0')
+  if quant_cfg.get('activations', False) and quant_cfg.mode != 'int8':
+    raise config_lib.ConfigError(f'config.quant.activations=True needs config.quant.mode=int8 (int8 x int8 '
+                                 f'matmuls), not {quant_cfg.mode!r}')
+
+
+def quantize_params(params: Any, model_cfg: ml_collections.ConfigDict, quant_cfg: ml_collections.ConfigDict) -> Any:
+  """Float params (boxed or not) -> params with QTensor kernels (see module docstring); mode 'none': unchanged.
+
+  Other float leaves are cast to `model_cfg.dtype` (the model casts them there anyway). Works under
+  `jax.eval_shape` too (abstract params in, abstract quantized params out).
+  """
+  _check(quant_cfg)
+  if quant_cfg.mode == 'none':
+    return params
+  if any(is_qtensor(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_qtensor)):
+    raise ValueError('params are quantized already')
+  bits = 8 if quant_cfg.mode == 'int8' else 4
+  dtype = jnp.dtype(model_cfg.dtype)
+  flat = flax.traverse_util.flatten_dict(meta.unbox(params))
+  out = {}
+  for path, w in flat.items():
+    names = [str(getattr(p, 'key', p)) for p in path]
+    if len(names) >= 2 and names[-1] == 'kernel' and names[-2] in INPUT_AXES:
+      lead = 1 if names[0] == 'layers' else 0
+      out[path] = quantize_kernel(w, INPUT_AXES[names[-2]], lead, bits=bits, group_size=quant_cfg.group_size,
+                                  dtype=dtype, name='/'.join(names))
+    elif jnp.issubdtype(w.dtype, jnp.floating):
+      out[path] = w.astype(dtype)
+    else:
+      out[path] = w
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def dequantize_params(params: Any, dtype: Any = None) -> Any:
+  """Every QTensor replaced by its dequantized array (the float model these params compute exactly)."""
+  return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_qtensor(x) else x, params, is_leaf=is_qtensor)
+
+
+def weight_bytes(params: Any, as_dtype: Any = None) -> int:
+  """Bytes the params occupy (arrays or ShapeDtypeStructs; QTensors: values + scales).
+
+  as_dtype: count every leaf at this dtype instead (e.g. 'bfloat16' for the bf16 baseline of float params).
+  """
+  itemsize = None if as_dtype is None else jnp.dtype(as_dtype).itemsize
+  return int(sum(int(np.prod(x.shape)) * (itemsize or jnp.dtype(x.dtype).itemsize)
+                 for x in jax.tree_util.tree_leaves(params)))
+
+
+def int8_matmul(x: jax.Array, t: QTensor) -> jax.Array:
+  """x [..., *in_axes] @ an int8 QTensor with x quantized to int8 per token (dynamic absmax over its input axes):
+  an int8 x int8 -> int32 matmul, both scales applied to the output. Returns [..., *out_axes] float32."""
+  n_in = t.num_input_axes
+  lead = x.shape[:x.ndim - n_in]
+  x_K = x.astype(jnp.float32).reshape(*lead, -1)
+  x_scale = jnp.max(jnp.abs(x_K), axis=-1, keepdims=True) / 127
+  x_scale = jnp.where(x_scale > 0, x_scale, 1.0)
+  x_q = jnp.clip(jnp.round(x_K / x_scale), -127, 127).astype(jnp.int8)
+  acc = jnp.einsum('...K,KM->...M', x_q, t.values, preferred_element_type=jnp.int32)
+  y = acc.astype(jnp.float32) * x_scale * t.scales[0].astype(jnp.float32)
+  return y.reshape(*lead, *t.shape[n_in:])
+
+
+def _w8a8_interceptor(next_fun, args, kwargs, context):
+  """Runs a `Linear` whose only parameter is an int8 QTensor as `int8_matmul` (other modules, and Linears with
+  more parameters, e.g. LoRA adapters, run unchanged)."""
+  module = context.module
+  if not isinstance(module, Linear) or context.method_name != '__call__' or kwargs or len(args) != 1:
+    return next_fun(*args, **kwargs)
+  variables = module.variables.get('params', {})
+  kernel = variables.get('kernel')
+  if set(variables) != {'kernel'} or not is_qtensor(kernel) or kernel.bits != 8:
+    return next_fun(*args, **kwargs)
+  out_dtype = module.preferred_element_type or module.dtype
+  return int8_matmul(args[0].astype(module.dtype), kernel).astype(out_dtype)
+
+
+class QuantizedModel:
+  """`model` with int8 activations: `apply` runs it with every int8-quantized `Linear` as an int8 x int8 matmul
+  (dynamic per-token activation scales). Has the model's `cfg`, so Sampler / Engine take it in place of the model."""
+
+  def __init__(self, model: Any):
+    self.model = model
+    self.cfg = getattr(model, 'cfg', None)
+
+  def apply(self, *args, **kwargs):
+    with nn.intercept_methods(_w8a8_interceptor):
+      return self.model.apply(*args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.model, name)
+
+
+def quantize_model(model: Any, quant_cfg: ml_collections.ConfigDict) -> Any:
+  """The model to serve quantized params with: `model` itself (weight-only), or a `QuantizedModel` when
+  quant.activations is set."""
+  _check(quant_cfg)
+  return QuantizedModel(model) if quant_cfg.get('activations', False) else model
+
+
+def maybe_quantize(params: Any, cfg: ml_collections.ConfigDict) -> Any:
+  """`quantize_params(params, cfg.model, cfg.quant)` for a full config (a no-op when quant.mode is 'none')."""
+  return quantize_params(params, cfg.model, cfg.quant)
+
