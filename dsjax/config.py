@@ -143,6 +143,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail('train.init_from', cfg.train.init_from, 'must be a dsjax checkpoint directory')
   if cfg.data.tokenizer != 'byte' and not os.path.exists(cfg.data.tokenizer):
     _fail('data.tokenizer', cfg.data.tokenizer, "must be 'byte' or the path of a tokenizer.json file")
+  if 'distill' in cfg:
+    _check_positive(cfg, 'distill.temperature')
+    for field in ('distill.kl_weight', 'distill.hard_weight', 'distill.top_k'):
+      _check_positive(cfg, field, allow_zero=True)
+  if 'privacy' in cfg:
+    _check_positive(cfg, 'privacy.l2_clip')
+    _check_positive(cfg, 'privacy.noise_multiplier', allow_zero=True)
+    if not 0 < cfg.privacy.delta < 1:
+      _fail('privacy.delta', cfg.privacy.delta, 'must be in (0, 1)')
+  if 'quant' in cfg:
+    _check_choice(cfg, 'quant.mode', ('none', 'int8', 'int4'))
+    _check_positive(cfg, 'quant.group_size')
 
 
 def dtype(name: str) -> jnp.dtype:

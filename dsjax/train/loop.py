@@ -18,6 +18,9 @@ import numpy as np
 import tqdm
 
 from dsjax import config as config_lib
+from dsjax import distill
+from dsjax import lora as lora_lib
+from dsjax import privacy
 from dsjax import sharding as sharding_lib
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
@@ -81,10 +84,18 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
   The summary holds `params`, `num_params`, `start_step`, `history` (logged train metrics of this run), `evals`,
   `final_eval`, `unigram` (baseline on the same eval batches), `samples`, `checkpoint` (the final model directory,
-  when `train.workdir` is set), `preempted` (stopped by SIGTERM after saving) and timings.
+  when `train.workdir` is set), `adapter` (with `lora.enabled`: the PEFT adapter directory), `preempted` (stopped
+  by SIGTERM after saving) and timings.
+
+  With `lora.enabled` only low-rank adapters train: the base comes from `train.init_from` (or a random init), the
+  adapters from `lora.adapter` (or fresh), and the run ends with the adapter in PEFT format in <workdir>/adapter and
+  the merged model in <workdir>/checkpoint.
   """
   start_time = time.time()
   main_process = jax.process_index() == 0
+  if 'eval' in cfg and cfg.eval.tasks:  # end-of-run eval tasks: a bad task name fails now, not after training
+    from dsjax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+    eval_lib.check_config(cfg)
   tokenizer = tokenizer_lib.from_config(cfg.data)
   if cfg.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(f'config.model.vocab_size={cfg.model.vocab_size}: smaller than the '
@@ -105,8 +116,10 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
   batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
   replicated = sharding_lib.replicated(mesh)
-  model = Transformer(cfg.model)
-  optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  lora = lora_lib.spec_for_run(cfg)
+  model = Transformer(cfg.model, lora=lora)
+  optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps,
+                                           trainable=lora_lib.trainable_mask if lora else None)
   learning_rate = optimizer_lib.learning_rate_schedule(cfg.optim, cfg.train.steps)
   init_rng, dropout_rng, sample_rng = jax.random.split(jax.random.key(cfg.seed), 3)
   shardings = state_lib.state_shardings(model, optimizer, cfg.data.seq_len, mesh, cfg.mesh)
@@ -123,15 +136,21 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     except ValueError as e:
       raise config_lib.ConfigError(f'config.train.resume: {e}') from e
     unigram.counts = np.asarray(meta['unigram_counts'], np.int64)
+  elif lora:
+    state = _lora_state(cfg, lora, model, optimizer, init_rng, mesh, shardings)
   elif cfg.train.init_from:
     state = state_lib.train_state_from_params(initial_params(cfg, mesh), optimizer, shardings)
   else:
     state = state_lib.init_train_state(model, optimizer, init_rng, cfg.data.seq_len, shardings)
   start_step = int(state.step)
   num_params = state_lib.param_count(state.params)
-
-  train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), donate_argnums=0,
-                       in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated))
+  # Distillation: the frozen teacher's params enter the step as an argument, with their own shardings.
+  teacher = distill.load_teacher(cfg, mesh) if cfg.distill.teacher else None
+  teacher_args = (teacher[1],) if teacher else ()
+  train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg, teacher=teacher), donate_argnums=0,
+                       in_shardings=(shardings, batch_sharding, replicated) + tuple(
+                           distill.param_shardings(p) for p in teacher_args),
+                       out_shardings=(shardings, replicated))
   eval_step = jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes)),
                       in_shardings=(shardings.params, batch_sharding), out_shardings=replicated)
   eval_arrays = [sharding_lib.global_batch(local_rows(b), batch_sharding) for b in eval_batches]
@@ -144,6 +163,10 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   _say(bar, main_process, f'model: {num_params:,} parameters; attention={cfg.model.attention.kind}, '
        f'positions={cfg.model.positions.kind}; {tokens_per_step:,} tokens per step; mesh {dict(mesh.shape)} over '
        f'{jax.process_count()} process(es)' + (f'; resumed at step {start_step}' if resume_step is not None else ''))
+  if lora:
+    num_trainable = state_lib.param_count(lora_lib.adapters_of(state.params))
+    _say(bar, main_process, f'lora: {num_trainable:,} trainable adapter parameters (rank {lora.rank}, alpha '
+         f'{lora.alpha:g}, targets {",".join(lora.targets)}' + (', int8 base' if lora.base_int8 else '') + ')')
 
   def meta() -> dict[str, Any]:
     return {'unigram_counts': unigram.counts.tolist(), 'config': train_checkpoint.config_json(cfg)}
@@ -157,7 +180,8 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     for step in range(start_step + 1, cfg.train.steps + 1):
       local = next(train_iter)
       unigram.update(local['targets'], local['segment_ids'])
-      state, step_metrics = train_step(state, sharding_lib.global_batch(local, batch_sharding), dropout_rng)
+      state, step_metrics = train_step(state, sharding_lib.global_batch(local, batch_sharding), dropout_rng,
+                                       *teacher_args)
       if pending is not None:
         _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger)
       pending = (step, step_metrics)
@@ -186,7 +210,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     bar.close()
   train_time = time.time() - start_time
 
-  final, baseline, saved_to, samples = None, None, None, []
+  final, baseline, saved_to, adapter_dir, samples = None, None, None, None, []
   if not preempted:
     final = {'step': cfg.train.steps, **evaluate(eval_step, state.params, eval_arrays)}
     evals.append(final)
@@ -196,7 +220,16 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       checkpointer.save(cfg.train.steps, state, train_iter, meta(), eval_loss=final['loss'])
     if cfg.train.workdir:
       saved_to = os.path.join(os.path.abspath(cfg.train.workdir), 'checkpoint')
-      checkpoint.save_model(saved_to, cfg, state.params, _tokenizer_files(cfg.data.tokenizer))
+      if lora:  # the adapter alone in PEFT format; the merged (plain) model for serve.py and export
+        adapter_dir = os.path.join(os.path.abspath(cfg.train.workdir), 'adapter')
+        lora_lib.save_peft(adapter_dir, state.params, cfg.model, lora)
+        merged_cfg = ml_collections.ConfigDict(cfg.to_dict())
+        merged_cfg.lora.enabled, merged_cfg.lora.adapter = False, ''
+        checkpoint.save_model(saved_to, merged_cfg, lora_lib.merge(state.params, lora),
+                              _tokenizer_files(cfg.data.tokenizer))
+        _say(None, main_process, f'saved the LoRA adapter (PEFT format) to {adapter_dir}')
+      else:
+        checkpoint.save_model(saved_to, cfg, state.params, _tokenizer_files(cfg.data.tokenizer))
       _say(None, main_process, f'saved the final model to {saved_to}')
     _say(None, main_process, f'final held-out loss {final["loss"]:.4f} nats/token = {final["bits_per_byte"]:.3f} '
          f'bits/byte (unigram baseline {baseline["bits_per_byte"]:.3f} bits/byte); {num_params:,} parameters; '
@@ -211,10 +244,27 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     samples = complete(model, state.params, tokenizer, prompts, sample_rng, cfg.sample)
     for prompt, text in zip(prompts, samples):
       print(f'--- sample ---\n{prompt}{text}')
+  eval_tasks = None  # dsjax.eval tasks of `eval.tasks` (held-out perplexity, completion, multiple choice)
+  if final is not None and 'eval' in cfg and cfg.eval.tasks and jax.process_count() == 1:
+    from dsjax import eval as eval_lib  # pylint: disable=g-import-not-at-top  (dsjax.eval imports this module)
+    eval_tasks = eval_lib.run_tasks(cfg, state.params, cfg.eval.tasks, model=model, tokenizer=tokenizer,
+                                    mc_file=cfg.eval.mc_file, completion_examples=cfg.eval.completion_examples,
+                                    completion_lines=cfg.eval.completion_lines)
+    metrics_lib.JsonlWriter(cfg.train.workdir if main_process else '').write({'split': 'eval_tasks', 'step': int(
+        state.step), **{task: {k: v for k, v in r.items() if k != 'predictions'} for task, r in eval_tasks.items()}})
+    _say(None, main_process, eval_lib.format_table(eval_tasks))
+  privacy_report = None  # DP-SGD: epsilon of all steps taken (Poisson sampling assumed; see dsjax/privacy.py)
+  if cfg.privacy.enabled:
+    privacy_report = privacy.report(cfg, int(state.step), privacy.count_train_rows(cfg.data, tokenizer))
+    _say(None, main_process, f'DP-SGD: epsilon {privacy_report["epsilon"]:.3f} at delta {cfg.privacy.delta:g} '
+         f'after {privacy_report["steps"]} steps (sampling rate {privacy_report["sampling_rate"]:.3g}, noise '
+         f'multiplier {cfg.privacy.noise_multiplier:g})')
   return {
       'params': state.params, 'num_params': num_params, 'start_step': start_step, 'history': history,
       'evals': evals, 'final_eval': final, 'unigram': baseline, 'samples': samples, 'train_seconds': train_time,
-      'checkpoint': saved_to, 'preempted': preempted, 'total_seconds': time.time() - start_time,
+      'checkpoint': saved_to, 'adapter': adapter_dir, 'preempted': preempted, 'total_seconds': time.time() - start_time,
+      'privacy': privacy_report,  # None unless privacy.enabled
+      'eval_tasks': eval_tasks,  # None unless eval.tasks
   }
 
 
@@ -228,6 +278,29 @@ def initial_params(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
       raise config_lib.ConfigError(f'config.model.{field}={cfg.model[field]!r}: the checkpoint in '
                                    f'train.init_from={cfg.train.init_from!r} has {saved[field]!r}')
   return checkpoint.load_params(cfg.train.init_from, cfg.model, mesh, cfg.mesh if mesh is not None else None)
+
+
+def _lora_state(cfg: ml_collections.ConfigDict, lora: lora_lib.LoraSpec, model: Transformer, optimizer,
+                rng: jax.Array, mesh: jax.sharding.Mesh, shardings: state_lib.TrainState) -> state_lib.TrainState:
+  """The first state of a LoRA run: the base of `train.init_from` (or a random init) with the adapters of
+  `lora.adapter` (or fresh ones), projection kernels quantized to int8 with `lora.base_int8`."""
+  adapters = None
+  if cfg.lora.adapter:
+    try:
+      _, adapters = lora_lib.load_peft(cfg.lora.adapter, cfg.model)
+    except (ValueError, FileNotFoundError) as e:
+      raise config_lib.ConfigError(f'config.lora.adapter={cfg.lora.adapter!r}: {e}') from e
+  if cfg.train.init_from:
+    params = lora_lib.add_adapters(initial_params(cfg, mesh), cfg.model, lora, rng, adapters)
+    return state_lib.train_state_from_params(params, optimizer, shardings)
+  state = state_lib.init_train_state(model, optimizer, rng, cfg.data.seq_len, shardings)
+  if adapters is None:
+    return state
+  params = jax.tree_util.tree_map(lambda x: x, state.params)  # a copy to edit: adapters replaced, base kept
+  for module, targets in adapters['layers'].items():
+    for target, values in targets.items():
+      params['layers'][module][target].update(values)
+  return state_lib.train_state_from_params(params, optimizer, shardings)
 
 
 def complete(model, params: Any, tokenizer, prompts: list[str], rng: jax.Array,
