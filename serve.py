@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server for a dsjax checkpoint, over the continuous-batching engine:
 
-  python serve.py --checkpoint=DIR [--port=8000 --num_slots=8 --max_len=1024 --api_key=KEY]
+  python serve.py --checkpoint=DIR [--port=8000 --num_slots=8 --max_len=1024 --api_key=KEY --quant=int8|int4]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
 GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
@@ -31,6 +31,13 @@ _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot 
 _MODEL_NAME = flags.DEFINE_string('model_name', None, 'Model id of the API (default: the checkpoint dir name).')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
 _DRAIN_TIMEOUT = flags.DEFINE_float('drain_timeout', 10.0, 'On SIGTERM, seconds to finish in-flight requests.')
+_QUANT = flags.DEFINE_string('quant', None, 'Weight-only quantization: none | int8 (per channel) | int4 (group-wise); '
+                             'sets config.quant.mode (default: the checkpoint\'s, normally none).')
+_QUANT_GROUP_SIZE = flags.DEFINE_integer('quant_group_size', None, 'int4: weights per scale along the input '
+                                         'dimension (config.quant.group_size, default 128).')
+_DRAFT = flags.DEFINE_string('draft', '', 'Speculative decoding: "lookup" (n-gram prompt lookup) or a draft model '
+                             'checkpoint sharing the tokenizer; empty: off.')
+_GAMMA = flags.DEFINE_integer('gamma', 4, 'Speculative decoding: tokens drafted per target forward.')
 
 def main(argv):
   if len(argv) > 1:
@@ -42,19 +49,28 @@ def main(argv):
   from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from dsjax import quant  # pylint: disable=g-import-not-at-top
+  from dsjax.sample import speculative  # pylint: disable=g-import-not-at-top
   from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   try:
     cfg = checkpoint.load_config(_CHECKPOINT.value)
     if _DTYPE.value:
       cfg.model.dtype = _DTYPE.value
+    if _QUANT.value is not None:
+      cfg.quant.mode = _QUANT.value
+    if _QUANT_GROUP_SIZE.value is not None:
+      cfg.quant.group_size = _QUANT_GROUP_SIZE.value
     config_lib.validate(cfg)
     params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
+    params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
     tokenizer = tokenizer_lib.from_config(cfg.data)
+    max_len = _MAX_LEN.value or int(cfg.model.max_positions)
+    drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value)
+    engine = engine_lib.Engine(Transformer(cfg.model), params, num_slots=_NUM_SLOTS.value, max_len=max_len,
+                               max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size, drafter=drafter,
+                               gamma=_GAMMA.value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
-  max_len = _MAX_LEN.value or int(cfg.model.max_positions)
-  engine = engine_lib.Engine(Transformer(cfg.model), params, num_slots=_NUM_SLOTS.value, max_len=max_len,
-                             max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size)
   model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(os.path.abspath(_CHECKPOINT.value)))
   api = create_app(engine, tokenizer, model_name, _API_KEY.value, max_len,
                    chat_template=read_chat_template(_CHECKPOINT.value), shutdown_engine=True)
@@ -71,7 +87,8 @@ def main(argv):
 
   server.handle_exit = on_signal
   print(f'serving {model_name} on http://{_HOST.value}:{_PORT.value}/v1 ({_NUM_SLOTS.value} slots, '
-        f'max_len {max_len})', flush=True)
+        f'max_len {max_len}' + (f', speculative: {_DRAFT.value}, gamma {_GAMMA.value}' if drafter else '') + ')',
+        flush=True)
   server.run()  # returns after SIGTERM/SIGINT once connections are closed (then re-raises the signal)
   engine.shutdown(cancel=True, timeout=5.0)
 

@@ -2,7 +2,7 @@
 speculative decoding against plain greedy on code-completion prompts.
 
   python bench/decode.py [--checkpoint=DIR] [--train_steps=150] [--skip_train] [--new_tokens=64] [--gammas=2,4]
-                         [--out=bench/results/decode_cpu_<date>.json]
+                         [--draft=DRAFT_CHECKPOINT] [--out=bench/results/decode_cpu_<date>.json]
 
 Model: the checkpoint given, else configs/tiny.py trained `--train_steps` steps on the stdlib corpus (a trained
 model matters for speculative acceptance), else (--skip_train) random weights. The weights go through
@@ -10,8 +10,9 @@ dsjax.convert.hf.export_hf into a float32 LlamaForCausalLM.
   (a) greedy tokens/s at batch 1 and 8, same prompts (held-out stdlib code, equal lengths) and new-token count;
       compile time excluded by a warm-up call; median of --repeats. transformers runs in a subprocess that never
       runs JAX (in a process where XLA has run, torch's CPU threads contend with XLA's).
-  (b) greedy speculative decoding (prompt-lookup drafter) against plain greedy, batch 1, one prompt at a time:
-      speedup, acceptance rate, tokens per target step (outputs checked identical).
+  (b) greedy speculative decoding (prompt-lookup drafter, and a draft model with --draft) against plain greedy,
+      batch 1, one prompt at a time, the whole speculative loop on device: speedup, acceptance rate, tokens per
+      target step (outputs checked identical).
 Prints a table and writes JSON (device name and date included).
 """
 from __future__ import annotations
@@ -140,13 +141,16 @@ def bench_vs_transformers(model, params, hf_dir: str, prompts: list[list[int]], 
 
 
 def bench_speculative(model, params, prompts: list[list[int]], new_tokens: int, gammas: list[int], pad_id: int,
-                      vocab_limit: int) -> list[dict]:
+                      vocab_limit: int, draft: str = '') -> list[dict]:
   max_len = len(prompts[0]) + new_tokens
   sampler = Sampler(model, max_len=max_len, extra_slots=max(gammas) + 1)
   plain = lambda p: sampler.generate(params, [p], jax.random.key(0), max_new_tokens=new_tokens, temperature=0.0,
                                      pad_id=pad_id, vocab_limit=vocab_limit)
   rows = []
   drafters = [(f'prompt lookup (n<=3), gamma={g}', speculative.PromptLookupDrafter(3, 1), g) for g in gammas]
+  if draft:
+    drafters += [(f'draft model, gamma={g}', speculative.make_drafter(draft, model.cfg, max_len=max_len, gamma=g), g)
+                 for g in gammas]
   for name, drafter, gamma in drafters:
     spec = lambda p: speculative.speculative_generate(sampler, params, drafter, [p], jax.random.key(0),
                                                       max_new_tokens=new_tokens, gamma=gamma, pad_id=pad_id,
@@ -183,6 +187,7 @@ def main() -> None:
   parser.add_argument('--spec_new_tokens', type=int, default=96)
   parser.add_argument('--spec_prompt_len', type=int, default=384)
   parser.add_argument('--gammas', default='2,4', help='draft lengths to try')
+  parser.add_argument('--draft', default='', help='a draft model checkpoint (same tokenizer) to speculate with too')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'bench', 'results', f'decode_cpu_{datetime.date.today().isoformat()}.json'))
@@ -207,7 +212,7 @@ def main() -> None:
                                  args.repeats, tokenizer.pad_id, workdir)
     rows += bench_speculative(model, params, prompts[:args.spec_prompts], args.spec_new_tokens,
                               [int(g) for g in args.gammas.split(',')],
-                              tokenizer.pad_id, tokenizer.vocab_size)
+                              tokenizer.pad_id, tokenizer.vocab_size, args.draft)
 
   print(f'\ndevice: {jax.devices()[0].device_kind}; weights: {weights}; greedy, float32')
   print(f'{"batch":>5} {"prompt":>6} {"new":>4} {"dsjax tok/s":>12} {"HF tok/s":>10} {"speedup":>8} {"same":>6}')

@@ -229,6 +229,7 @@ def test_concurrent_clients_match_unbatched_greedy(server):
 
 
 def test_serve_py_answers_and_exits_on_sigterm(tmp_path):
+  # With speculative decoding (prompt lookup) in the engine: greedy answers still equal plain greedy decoding.
   from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   model, params, _ = test_engine.shared_model()
   cfg = helpers.base_config()
@@ -239,7 +240,7 @@ def test_serve_py_answers_and_exits_on_sigterm(tmp_path):
   port = free_port()
   proc = subprocess.Popen(
       [sys.executable, 'serve.py', f'--checkpoint={tmp_path / "tiny-ckpt"}', f'--port={port}', '--num_slots=2',
-       f'--max_len={MAX_LEN}'], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, stdout=subprocess.PIPE,
+       f'--max_len={MAX_LEN}', '--draft=lookup', '--gamma=3'], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   try:
     base = (f'http://127.0.0.1:{port}',)

@@ -72,3 +72,10 @@ def truncate(cache: Cache, lengths: jax.Array) -> Cache:
   empty. With a ring, call it only for tokens written within the last `extra_slots` positions."""
   stale = cache['positions'] >= lengths[:, None]
   return {**cache, 'segment_ids': jnp.where(stale, -1, cache['segment_ids'])}
+
+
+def insert_row(cache: Cache, row: Cache, index: jax.Array) -> Cache:
+  """`cache` with its row `index` replaced by the 1-row cache `row` (e.g. a request prefilled into an engine slot)."""
+  batch_axis = lambda name: 1 if name in ('k', 'v') else 0  # k/v [L, B, S, K, H]; positions/segment_ids [B, S]
+  return {name: jax.lax.dynamic_update_slice_in_dim(value, row[name].astype(value.dtype), index, batch_axis(name))
+          for name, value in cache.items()}

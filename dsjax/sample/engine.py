@@ -11,7 +11,14 @@ the slot (dynamic_update_slice; one compile per prompt bucket, powers of two), (
 all slots (inactive slots feed segment 0, so nothing is written), (c) hands each active slot's token to its request
 and frees a finished slot at once (stop id, max_new_tokens or max_len). A slot's draw uses the request's own key
 folded with the position and its own settings (per-row arrays), exactly as `Sampler.generate` does for one prompt,
-so a request's tokens do not depend on what else is in the batch. No speculative decoding.
+so a request's tokens do not depend on what else is in the batch.
+
+With a `drafter` (speculative.ModelDrafter or PromptLookupDrafter), each iteration is one speculative round for
+all slots instead of one decode step: every slot drafts gamma tokens, one target forward of gamma + 1 tokens per
+slot verifies them, and each slot commits its accepted drafts plus one drawn token (rows accept different counts).
+The cache then holds every committed token but the last (speculative.py's invariant), a device buffer holds each
+slot's tokens for the drafter, and a request's tokens equal `speculative_generate` of its prompt alone (greedy:
+plain greedy decoding).
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.model import cache as cache_lib
 from dsjax.sample import sampler as sampler_lib
+from dsjax.sample import speculative
 
 MIN_BUCKET = 8
 
@@ -135,24 +144,40 @@ class Engine:
   """Continuous-batching decoder over `num_slots` cache rows of up to `max_len` tokens each (prompt + new).
 
   `vocab_limit`: ids >= it are never drawn (padded vocabularies). `max_queue`: pending requests beyond the slots
-  before `submit` raises QueueFull. The thread starts at construction; `shutdown` ends it.
+  before `submit` raises QueueFull. `drafter` / `gamma`: speculative rounds instead of one-token steps (a ring
+  cache gets the gamma + 1 extra slots it needs). The thread starts at construction; `shutdown` ends it.
   """
 
   def __init__(self, model: nn.Module, params: Any, *, num_slots: int, max_len: int, max_queue: int = 64,
-               vocab_limit: int | None = None, extra_slots: int = 0):
+               vocab_limit: int | None = None, extra_slots: int = 0, drafter: speculative.Drafter | None = None,
+               gamma: int = 4):
     if num_slots < 1 or max_len < 2 or max_queue < 0:
       raise ValueError(f'need num_slots >= 1, max_len >= 2, max_queue >= 0; got {num_slots}, {max_len}, {max_queue}')
+    if drafter is not None and gamma < 1:
+      raise ValueError(f'gamma={gamma}: need at least 1')
     self.params = params
     self.num_slots, self.max_len, self.max_queue = int(num_slots), int(max_len), int(max_queue)
     self.vocab_limit = vocab_limit
+    self.drafter, self.gamma = drafter, int(gamma)
+    if drafter is not None:
+      extra_slots = max(extra_slots, self.gamma + 1)
+      drafter.check(self.gamma)
     self.sampler = sampler_lib.Sampler(model, max_len=max_len, extra_slots=extra_slots)
-    self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1, 2))
-    self._decode = jax.jit(self._decode_step, donate_argnums=(1, 2))
 
     n = self.num_slots
     self._cache = self.sampler.init_cache(n)
-    self._last = jnp.zeros((n, model.cfg.vocab_size), jnp.float32)  # logits each slot draws its next token from
-    # Per-slot host state, sent with every decode step (a few bytes per slot).
+    if drafter is None:
+      self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1, 2))
+      self._decode = jax.jit(self._decode_step, donate_argnums=(1, 2))
+      self._last = jnp.zeros((n, model.cfg.vocab_size), jnp.float32)  # logits each slot draws its next token from
+    else:
+      self._prefill = jax.jit(self._prefill_speculative, donate_argnums=(2, 3, 4))
+      self._round = jax.jit(self._speculative_round, donate_argnums=(2, 3, 4), static_argnames=('all_greedy',))
+      empty = jnp.zeros((n, 1), jnp.int32)
+      self._draft_state = jax.jit(drafter.init)(drafter.params, empty, jnp.ones((n,), jnp.int32))
+      self._tokens = jnp.zeros((n, self.max_len), jnp.int32)  # each slot's committed tokens, for the drafter
+    # Per-slot host state, sent with every decode step (a few bytes per slot). _pos: the position the slot feeds
+    # next (plain decoding) or its committed token count (speculative rounds).
     self._slots: list[Request | None] = [None] * n
     self._pos = np.zeros(n, np.int32)
     self._keys = np.zeros((n,) + jax.random.key_data(jax.random.key(0)).shape, np.uint32)
@@ -167,6 +192,7 @@ class Engine:
     self._cancel_all = False  # drop pending and active requests
     self._error: BaseException | None = None
     self.steps = 0
+    self.proposed = self.accepted = 0  # speculative drafts proposed / accepted (row rounds * gamma / accepted)
     self._thread = threading.Thread(target=self._run, name='dsjax-engine', daemon=True)
     self._thread.start()
 
@@ -206,7 +232,8 @@ class Engine:
 
   def stats(self) -> dict[str, int]:
     with self._lock:
-      return dict(active=sum(slot is not None for slot in self._slots), pending=len(self._pending), steps=self.steps)
+      return dict(active=sum(slot is not None for slot in self._slots), pending=len(self._pending), steps=self.steps,
+                  proposed=self.proposed, accepted=self.accepted)
 
   def shutdown(self, cancel: bool = True, timeout: float | None = 30.0) -> None:
     """Stops taking requests; cancel=True drops pending and in-flight ones ('cancelled'), cancel=False finishes
@@ -232,9 +259,7 @@ class Engine:
     `slot` of the batch cache (so nothing of the slot's previous request survives); the slot's last logits [V]
     go to last_NV. Returns (cache, last_NV)."""
     last_1V, row = self.sampler.prefill(params, self.sampler.init_cache(1), tokens_1P, length[None])
-    batch_axis = lambda name: 1 if name in ('k', 'v') else 0  # k/v [L, B, S, K, H]; positions/segment_ids [B, S]
-    cache = {name: jax.lax.dynamic_update_slice_in_dim(value, row[name].astype(value.dtype), slot, batch_axis(name))
-             for name, value in cache.items()}
+    cache = cache_lib.insert_row(cache, row, slot)
     return cache, last_NV.at[slot].set(last_1V[0].astype(last_NV.dtype))
 
   def _decode_step(self, params, cache, last_NV, pos_N, keys_N, temperature_N, top_k_N, top_p_N, active_N):
@@ -247,6 +272,25 @@ class Engine:
     logits, cache = self.sampler.forward(params, cache, tokens[:, None], pos_N[:, None],
                                          active_N[:, None].astype(jnp.int32))
     return tokens, cache, logits[:, 0].astype(last_NV.dtype)
+
+  def _prefill_speculative(self, params, draft_params, cache, draft_state, tokens_NL, slot, tokens_1P, length):
+    """Prompt [1, P] (`length` real tokens) into slot `slot`: the target cache gets all but its last token (the
+    pending one), the drafter its own state, the token buffer the prompt. Returns (cache, draft_state, tokens)."""
+    lengths = length[None]
+    row = speculative._prefill_all_but_last(self.sampler, params, tokens_1P, lengths)  # pylint: disable=protected-access
+    draft_row = self.drafter.init(draft_params, tokens_1P, lengths)
+    tokens_NL = jax.lax.dynamic_update_slice(tokens_NL, tokens_1P[:, :self.max_len], (slot, jnp.int32(0)))
+    return (cache_lib.insert_row(cache, row, slot), self.drafter.insert_row(draft_state, draft_row, slot), tokens_NL)
+
+  def _speculative_round(self, params, draft_params, cache, draft_state, tokens_NL, n_N, keys_N, temperature_N,
+                         top_k_N, top_p_N, active_N, *, all_greedy):
+    """One speculative round for every slot (speculative.speculative_round with the slots' own keys and settings).
+    Returns (cache, draft_state, tokens, committed [N, gamma + 1], accepted counts [N])."""
+    settings = dict(temperature=temperature_N, top_k=top_k_N, top_p=top_p_N, vocab_limit=self.vocab_limit)
+    keys = speculative.stream_keys(jax.random.wrap_key_data(keys_N))
+    return speculative.speculative_round(self.sampler, self.drafter, params, draft_params, cache, draft_state,
+                                         tokens_NL, jnp.maximum(n_N, 1), active_N, keys, settings, gamma=self.gamma,
+                                         all_greedy=all_greedy)
 
   # ---- engine thread ----
 
@@ -293,8 +337,13 @@ class Engine:
     length = len(request.prompt_ids)
     tokens = np.zeros((1, bucket(length, self.max_len)), np.int32)
     tokens[0, :length] = request.prompt_ids
-    self._cache, self._last = self._prefill(self.params, self._cache, self._last, jnp.int32(slot),
-                                            jnp.asarray(tokens), jnp.int32(length))
+    if self.drafter is None:
+      self._cache, self._last = self._prefill(self.params, self._cache, self._last, jnp.int32(slot),
+                                              jnp.asarray(tokens), jnp.int32(length))
+    else:
+      self._cache, self._draft_state, self._tokens = self._prefill(
+          self.params, self.drafter.params, self._cache, self._draft_state, self._tokens, jnp.int32(slot),
+          jnp.asarray(tokens), jnp.int32(length))
     # As Sampler.generate for this prompt alone: row_keys(key(seed), 1)[0].
     self._keys[slot] = jax.random.key_data(jax.random.split(jax.random.key(request.seed), 1)[0])
     self._pos[slot] = length
@@ -302,24 +351,39 @@ class Engine:
 
   def _step(self) -> None:
     active = np.array([r is not None for r in self._slots])
-    tokens, self._cache, self._last = self._decode(
-        self.params, self._cache, self._last, jnp.asarray(np.where(active, self._pos, 0)), jnp.asarray(self._keys),
-        jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), jnp.asarray(active))
-    tokens = np.asarray(tokens)
+    args = (jnp.asarray(np.where(active, self._pos, 0)), jnp.asarray(self._keys), jnp.asarray(self._temperature),
+            jnp.asarray(self._top_k), jnp.asarray(self._top_p), jnp.asarray(active))
+    if self.drafter is None:
+      tokens, self._cache, self._last = self._decode(self.params, self._cache, self._last, *args)
+      tokens, counts = np.asarray(tokens)[:, None], np.ones(self.num_slots, np.int32)
+    else:
+      all_greedy = bool(np.all(self._temperature[active] <= 0))
+      self._cache, self._draft_state, self._tokens, tokens, accepted = self._round(
+          self.params, self.drafter.params, self._cache, self._draft_state, self._tokens, *args,
+          all_greedy=all_greedy)
+      tokens, accepted = np.asarray(tokens), np.asarray(accepted)
+      counts = accepted + 1
+      self.proposed += self.gamma * int(active.sum())
+      self.accepted += int(accepted[active].sum())
     self.steps += 1
     for slot, request in enumerate(self._slots):
-      if request is None:
-        continue
-      token = int(tokens[slot])
-      self._pos[slot] += 1
-      if request._cancelled:
-        self._free(slot, 'cancelled')
-      elif token in request.stop_ids:
-        self._free(slot, 'stop')
-      else:
-        request._emit(token)
-        if len(request.tokens) >= request.max_new_tokens or self._pos[slot] >= self.max_len:
-          self._free(slot, 'length')
+      if request is not None:
+        for token in tokens[slot, :counts[slot]].tolist():
+          if not self._deliver(slot, request, token):
+            break
+
+  def _deliver(self, slot: int, request: Request, token: int) -> bool:
+    """Hands one new token of `slot` to its request; False once the slot is freed."""
+    self._pos[slot] += 1
+    if request._cancelled:
+      self._free(slot, 'cancelled')
+    elif token in request.stop_ids:
+      self._free(slot, 'stop')
+    else:
+      request._emit(token)
+      if len(request.tokens) >= request.max_new_tokens or self._pos[slot] >= self.max_len:
+        self._free(slot, 'length')
+    return self._slots[slot] is request
 
   def _free(self, slot: int, reason: str) -> None:
     request = self._slots[slot]

@@ -45,6 +45,15 @@ def token_probs(logits_BV: jax.Array, *, temperature: Any = 1.0, top_k: Any = 0,
   return jnp.where(greedy[:, None], one_hot, probs)
 
 
+def probs_for(logits_BV: jax.Array, settings: dict[str, Any], all_greedy: bool) -> jax.Array:
+  """`token_probs(logits, **settings)`; when every row is greedy (static), the same one-hot argmax without the sort
+  and softmax."""
+  if all_greedy:
+    return jax.nn.one_hot(jnp.argmax(masked_logits(logits_BV, settings.get('vocab_limit')), axis=-1),
+                          logits_BV.shape[-1], dtype=jnp.float32)
+  return token_probs(logits_BV, **settings)
+
+
 def masked_logits(logits_BV: jax.Array, vocab_limit: int | None) -> jax.Array:
   """float32 logits with ids >= vocab_limit (the model's padded vocabulary) masked to -inf."""
   logits_BV = logits_BV.astype(jnp.float32)

@@ -18,8 +18,8 @@ settings and key only. Each position's uniform and draw decide at most one commi
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import os
 import time
 from typing import Any, Protocol, Sequence
 
@@ -28,46 +28,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.model import cache as cache_lib
-from dsjax.sample.sampler import Sampler, draw, pad_prompts, row_keys, token_probs
+from dsjax.sample import sampler as sampler_lib
+from dsjax.sample.sampler import Sampler, draw, pad_prompts, probs_for, row_keys
 
 _DRAFT_STREAM, _ACCEPT_STREAM, _DRAW_STREAM = 1, 2, 3
+Settings = dict[str, Any]  # temperature / top_k / top_p: [B] arrays; vocab_limit: static int or None
 
 
-@dataclasses.dataclass
-class Context:
-  """What a drafter sees each round (host arrays unless noted).
-
-  tokens: int32 [B, L] committed tokens (prompt + generated) right-padded; lengths: [B] committed counts, the
-  last one (tokens[b, lengths[b] - 1]) being the pending token; active: bool [B] rows still generating;
-  keys: [B] drafter keys (device); settings: temperature/top_k/top_p [B] arrays (device) and vocab_limit;
-  vocab_size: V of the target's logits.
-  """
-  tokens: np.ndarray
-  lengths: np.ndarray
-  active: np.ndarray
-  keys: jax.Array
-  settings: dict[str, Any]
-  vocab_size: int
+def stream_keys(keys_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A row's (draft, accept, draw) keys [B] from its sampling key [B]."""
+  return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys_B, s) for s in (_DRAFT_STREAM, _ACCEPT_STREAM,
+                                                                            _DRAW_STREAM))
 
 
 class Drafter(Protocol):
-  """Proposes gamma tokens per row and the distributions they were drawn from."""
+  """Proposes gamma tokens per row and the distributions they were drawn from, inside jit.
 
-  def init(self, tokens_BP: np.ndarray, lengths_B: np.ndarray) -> Any:
-    """State for right-padded prompts [B, P] of lengths [B] (e.g. a prefilled KV cache)."""
+  `params` is the drafter's parameter pytree (passed to the jitted loop as an argument, never baked in as
+  constants; None when it has none). The drafter object itself is a static argument of the jitted functions.
+  Rows follow the target's invariant: tokens_BL holds each row's committed tokens, lengths_B counts them, and the
+  last one (tokens[b, lengths[b] - 1]) is pending: committed but not yet fed to any model.
+  """
+  params: Any
 
-  def propose(self, state: Any, ctx: Context, gamma: int) -> tuple[jax.Array, jax.Array, Any]:
-    """(drafts int32 [B, gamma], q float32 [B, gamma, V] with drafts[b, i] ~ q[b, i], new state)."""
+  def check(self, gamma: int) -> None:
+    """Raises ValueError if this drafter cannot propose `gamma` tokens per round."""
 
+  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> Any:
+    """State (e.g. a prefilled KV cache) for right-padded prompts [B, P] of lengths [B]."""
 
-def _prefill_all_but_last(sampler: Sampler, params: Any, tokens_BP: np.ndarray, lengths_B: np.ndarray):
-  """A fresh cache holding every prompt token except the last (the first pending token)."""
-  batch, width = tokens_BP.shape
-  positions = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width))
-  segment_ids = (positions < (lengths_B - 1)[:, None]).astype(np.int32)
-  _, cache = sampler.forward(params, sampler.init_cache(batch), jnp.asarray(tokens_BP), jnp.asarray(positions),
-                             jnp.asarray(segment_ids))
-  return cache
+  def insert_row(self, state: Any, row_state: Any, index: jax.Array) -> Any:
+    """`state` with its row `index` replaced by a 1-row state from `init` (continuous batching)."""
+
+  def propose(self, params: Any, state: Any, tokens_BL: jax.Array, lengths_B: jax.Array, active_B: jax.Array,
+              keys_B: jax.Array, settings: Settings, *, gamma: int, vocab_size: int,
+              all_greedy: bool) -> tuple[jax.Array, jax.Array, Any]:
+    """(drafts int32 [B, gamma], q float32 [B, gamma, <= vocab_size] with drafts[b, i] ~ q[b, i], new state)."""
 
 
 def _check_ring(sampler: Sampler, gamma: int, who: str) -> None:
@@ -79,72 +75,101 @@ def _check_ring(sampler: Sampler, gamma: int, who: str) -> None:
                      f'got extra_slots={sampler.extra_slots}')
 
 
-@functools.partial(jax.jit, static_argnames=('sampler', 'gamma', 'vocab_limit'))
-def _draft_step(sampler: Sampler, params: Any, cache: cache_lib.Cache, prev_B, pending_B, pos_B, active_B, keys_B,
-                temperature_B, top_k_B, top_p_B, *, gamma: int, vocab_limit: int | None):
-  """gamma autoregressive draft tokens per row. The cache is first cut back to positions < pos - 1 and then fed
-  [prev, pending] at [pos - 1, pos]: that re-syncs it whatever the last round accepted (the last accepted draft or
-  the old pending token is `prev`), with one static shape."""
-  settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
-  cache = cache_lib.truncate(cache, pos_B - 1)
-  tokens = jnp.stack([prev_B, pending_B], axis=1)
-  positions = jnp.stack([jnp.maximum(pos_B - 1, 0), pos_B], axis=1)
-  segment_ids = jnp.stack([active_B & (pos_B >= 1), active_B], axis=1).astype(jnp.int32)
-  logits, cache = sampler.forward(params, cache, tokens, positions, segment_ids)
+def _prefill_all_but_last(sampler: Sampler, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array):
+  """A fresh cache holding every prompt token except the last (the first pending token)."""
+  return sampler.prefill(params, sampler.init_cache(tokens_BP.shape[0]), tokens_BP, lengths_B - 1)[1]
 
-  def propose(last_BV, i):
-    q_BV = token_probs(last_BV, **settings)
-    return draw(q_BV, keys_B, pos_B + 1 + i), q_BV
 
-  def step(carry, i):
-    cache, last_BV = carry
-    d_B, q_BV = propose(last_BV, i)
-    logits, cache = sampler.forward(params, cache, d_B[:, None], (pos_B + 1 + i)[:, None],
-                                    active_B[:, None].astype(jnp.int32))
-    return (cache, logits[:, 0]), (d_B, q_BV)
-
-  (cache, last_BV), (d_GB, q_GBV) = jax.lax.scan(step, (cache, logits[:, 1]), jnp.arange(gamma - 1))
-  d_B, q_BV = propose(last_BV, gamma - 1)  # the last draft needs no forward
-  drafts = jnp.concatenate([d_GB, d_B[None]], axis=0).T
-  q = jnp.concatenate([q_GBV, q_BV[None]], axis=0).transpose(1, 0, 2)
-  return drafts, q, cache
+def _rows(tokens_BL: jax.Array, index_B: jax.Array) -> jax.Array:
+  """tokens_BL[b, index_B[b]] for every row."""
+  return jnp.take_along_axis(tokens_BL, index_B[:, None], axis=1)[:, 0]
 
 
 class ModelDrafter:
   """A small dsjax model sharing the target's tokenizer, with its own KV cache (same invariant as the target's:
-  every committed token but the pending one, re-synced at the start of each proposal). q = token_probs of its
+  every committed token but the pending one, re-synced at the start of each proposal). q = the distribution of its
   logits with the target's settings. Ring caches need Sampler(extra_slots >= gamma + 1)."""
 
   def __init__(self, sampler: Sampler, params: Any):
     self.sampler = sampler
     self.params = params
 
-  def init(self, tokens_BP: np.ndarray, lengths_B: np.ndarray) -> Any:
-    return _prefill_all_but_last(self.sampler, self.params, tokens_BP, lengths_B)
-
-  def propose(self, state: Any, ctx: Context, gamma: int) -> tuple[jax.Array, jax.Array, Any]:
+  def check(self, gamma: int) -> None:
     _check_ring(self.sampler, gamma, 'ModelDrafter')
-    rows = np.arange(len(ctx.lengths))
-    pending = ctx.tokens[rows, ctx.lengths - 1]
-    prev = ctx.tokens[rows, np.maximum(ctx.lengths - 2, 0)]
-    s = ctx.settings
-    drafts, q, cache = _draft_step(
-        self.sampler, self.params, state, jnp.asarray(prev), jnp.asarray(pending),
-        jnp.asarray(ctx.lengths - 1, jnp.int32), jnp.asarray(ctx.active), ctx.keys, s['temperature'], s['top_k'],
-        s['top_p'], gamma=gamma, vocab_limit=s['vocab_limit'])
-    V = q.shape[-1]
-    if V < ctx.vocab_size:
-      q = jnp.pad(q, ((0, 0), (0, 0), (0, ctx.vocab_size - V)))
-    elif V > ctx.vocab_size:
-      raise ValueError(f'the draft model has {V} logits, more than the target\'s {ctx.vocab_size}')
+
+  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> cache_lib.Cache:
+    return _prefill_all_but_last(self.sampler, params, tokens_BP, lengths_B)
+
+  def insert_row(self, state: cache_lib.Cache, row_state: cache_lib.Cache, index: jax.Array) -> cache_lib.Cache:
+    return cache_lib.insert_row(state, row_state, index)
+
+  def propose(self, params, state, tokens_BL, lengths_B, active_B, keys_B, settings, *, gamma, vocab_size,
+              all_greedy):
+    """gamma autoregressive draft tokens per row. The cache is first cut back to positions < pos - 1 and then fed
+    [prev, pending] at [pos - 1, pos] (pos = lengths - 1): that re-syncs it whatever the last round accepted (the
+    last accepted draft or the old pending token is `prev`), with one static shape."""
+    sampler = self.sampler
+    pos_B = lengths_B - 1
+    fits = lambda positions: active_B[:, None] & (positions < sampler.max_len)
+    cache = cache_lib.truncate(state, pos_B - 1)
+    tokens = jnp.stack([_rows(tokens_BL, jnp.maximum(pos_B - 1, 0)), _rows(tokens_BL, pos_B)], axis=1)
+    positions = jnp.stack([jnp.maximum(pos_B - 1, 0), pos_B], axis=1)
+    segment_ids = (fits(positions) & jnp.stack([pos_B >= 1, pos_B >= 0], axis=1)).astype(jnp.int32)
+    logits, cache = sampler.forward(params, cache, tokens, positions, segment_ids)
+
+    def propose_one(last_BV, i):
+      q_BV = probs_for(last_BV, settings, all_greedy)
+      if all_greedy:  # q is one-hot: its draw is its argmax
+        return jnp.argmax(q_BV, axis=-1).astype(jnp.int32), q_BV
+      return draw(q_BV, keys_B, pos_B + 1 + i), q_BV
+
+    def step(carry, i):
+      cache, last_BV = carry
+      d_B, q_BV = propose_one(last_BV, i)
+      position = (pos_B + 1 + i)[:, None]
+      logits, cache = sampler.forward(params, cache, d_B[:, None], position, fits(position).astype(jnp.int32))
+      return (cache, logits[:, 0]), (d_B, q_BV)
+
+    (cache, last_BV), (d_GB, q_GBV) = jax.lax.scan(step, (cache, logits[:, 1]), jnp.arange(gamma - 1))
+    d_B, q_BV = propose_one(last_BV, gamma - 1)  # the last draft needs no forward
+    drafts = jnp.concatenate([d_GB, d_B[None]], axis=0).T
+    q = jnp.concatenate([q_GBV, q_BV[None]], axis=0).transpose(1, 0, 2)
+    if q.shape[-1] > vocab_size:
+      raise ValueError(f'the draft model has {q.shape[-1]} logits, more than the target\'s {vocab_size}')
     return drafts, q, cache
 
 
+def prompt_lookup(tokens_BL: jax.Array, lengths_B: jax.Array, gamma: int, ngram_max: int,
+                  ngram_min: int) -> jax.Array:
+  """int32 [B, gamma]: for each row's committed tokens tokens[b, :lengths[b]], the gamma tokens that followed the
+  latest earlier occurrence of its last n tokens (the longest n in ngram_min..ngram_max that occurs), copied with
+  overlap (draft i = tokens[start + i mod (length - start)], so periodic text continues its period); no match: the
+  last token repeated. One vectorised pass over every candidate end position (a few ops on [B, L]: cheap next to
+  a forward, and few enough that the on-device loop's per-op overhead stays small on CPU)."""
+  B, L = tokens_BL.shape
+  ends = jnp.arange(L, dtype=jnp.int32)[None]  # candidate n-gram end e; its continuation starts at e + 1
+  n_B = lengths_B[:, None]
+  # run[b, e]: how many of the last ngram_max tokens match, aligned at their ends (tokens[e - i] == tokens[n-1-i]).
+  run = jnp.zeros((B, L), jnp.int32)
+  still = jnp.ones((B, L), bool)
+  for i in range(ngram_max):
+    earlier = jnp.pad(tokens_BL, ((0, 0), (i, 0)), constant_values=-1)[:, :L]  # earlier[b, e] = tokens[b, e - i]
+    still &= (earlier == jnp.take_along_axis(tokens_BL, jnp.maximum(n_B - 1 - i, 0), axis=1)) & (n_B - 1 - i >= 0)
+    run += still
+  usable = (ends <= n_B - 2) & (run >= ngram_min)  # a token follows the occurrence, which is not the suffix itself
+  score = jnp.where(usable, run * L + ends, -1)  # longest n first, then the latest occurrence
+  best = jnp.argmax(score, axis=1).astype(jnp.int32)
+  start = jnp.where(jnp.max(score, axis=1) >= 0, best + 1, lengths_B - 1)
+  index = start[:, None] + jnp.arange(gamma, dtype=jnp.int32)[None] % (lengths_B - start)[:, None]
+  return jnp.take_along_axis(tokens_BL, index, axis=1).astype(jnp.int32)
+
+
 class PromptLookupDrafter:
-  """n-gram prompt lookup (Saxena 2023): find the latest earlier occurrence of the context's last n tokens
-  (n = ngram_max .. ngram_min, longest first; generated text counts) and propose the gamma tokens that followed it,
-  copying overlapping (periodic text continues its period). No match: repeat the last token. q is one-hot, so a
-  draft d is accepted with probability p(d) and is greedy-exact at temperature 0."""
+  """n-gram prompt lookup (Saxena 2023): propose what followed the latest earlier occurrence of the context's last
+  n tokens (generated text counts; see `prompt_lookup`). q is one-hot, so a draft d is accepted with probability
+  p(d) and is greedy-exact at temperature 0. No parameters and no state."""
+
+  params = None
 
   def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
     if not 1 <= ngram_min <= ngram_max:
@@ -152,54 +177,64 @@ class PromptLookupDrafter:
     self.ngram_max = ngram_max
     self.ngram_min = ngram_min
 
-  def init(self, tokens_BP: np.ndarray, lengths_B: np.ndarray) -> Any:
+  def check(self, gamma: int) -> None:
+    pass
+
+  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> None:
+    return None
+
+  def insert_row(self, state: None, row_state: None, index: jax.Array) -> None:
     return None
 
   def lookup(self, context: np.ndarray, gamma: int) -> list[int]:
-    """gamma proposed continuations of one row's committed tokens [n]."""
-    n = len(context)
-    for k in range(min(self.ngram_max, n - 1), self.ngram_min - 1, -1):
-      windows = np.lib.stride_tricks.sliding_window_view(context[:n - 1], k)  # starts j with a token after
-      hits = np.flatnonzero(np.all(windows == context[n - k:], axis=1))
-      if hits.size:
-        start = int(hits[-1]) + k
-        out = list(context)
-        for i in range(gamma):
-          out.append(out[start + i])
-        return out[n:]
-    return [int(context[-1])] * gamma
+    """gamma proposed continuations of one row's committed tokens [n] (host convenience over `prompt_lookup`)."""
+    context = jnp.asarray(context, jnp.int32)[None]
+    return prompt_lookup(context, jnp.array([context.shape[1]]), gamma, self.ngram_max, self.ngram_min)[0].tolist()
 
-  def propose(self, state: Any, ctx: Context, gamma: int) -> tuple[jax.Array, jax.Array, Any]:
-    drafts = np.zeros((len(ctx.lengths), gamma), np.int32)
-    for b in np.flatnonzero(ctx.active):
-      drafts[b] = self.lookup(ctx.tokens[b, :ctx.lengths[b]], gamma)
-    drafts = jnp.asarray(drafts)
-    return drafts, jax.nn.one_hot(drafts, ctx.vocab_size, dtype=jnp.float32), state
+  def propose(self, params, state, tokens_BL, lengths_B, active_B, keys_B, settings, *, gamma, vocab_size,
+              all_greedy):
+    drafts = prompt_lookup(tokens_BL, lengths_B, gamma, self.ngram_max, self.ngram_min)
+    return drafts, jax.nn.one_hot(drafts, vocab_size, dtype=jnp.float32), state
 
 
-@functools.partial(jax.jit, static_argnames=('sampler', 'vocab_limit'))
-def _verify_step(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_B, pos_B, drafts_BG, q_BGV, active_B,
-                 accept_keys_B, draw_keys_B, temperature_B, top_k_B, top_p_B, *, vocab_limit: int | None):
+def _verify(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_B, pos_B, drafts_BG, q_BGV, active_B,
+            accept_keys_B, draw_keys_B, settings: Settings, all_greedy: bool):
   """One target forward of [pending, drafts] per row, the accept/reject rule and the extra token.
 
   Returns (cache truncated to each row's committed tokens but the new pending one, accepted counts int32 [B],
-  new pending tokens int32 [B]). Inactive rows write nothing and accept 0.
+  new pending tokens int32 [B]). Inactive rows write nothing and accept 0; positions >= max_len are not written.
   """
   B, G = drafts_BG.shape
   tokens = jnp.concatenate([pending_B[:, None], drafts_BG], axis=1)
   positions = pos_B[:, None] + jnp.arange(G + 1, dtype=jnp.int32)
-  segment_ids = jnp.broadcast_to(active_B[:, None], tokens.shape).astype(jnp.int32)
+  segment_ids = (active_B[:, None] & (positions < sampler.max_len)).astype(jnp.int32)
   logits, cache = sampler.forward(params, cache, tokens, positions, segment_ids)
-  V = logits.shape[-1]
-  per_token = lambda x: jnp.repeat(x, G + 1)
-  p = token_probs(logits.reshape(B * (G + 1), V), temperature=per_token(temperature_B), top_k=per_token(top_k_B),
-                  top_p=per_token(top_p_B), vocab_limit=vocab_limit).reshape(B, G + 1, V)
+  if all_greedy:  # p and q are one-hot: d is accepted iff it is the target's argmax, which is also the next token
+    targets = jnp.argmax(sampler_lib.masked_logits(logits, settings['vocab_limit']), axis=-1).astype(jnp.int32)
+    accepted = drafts_BG == targets[:, :G]
+    n_acc = jnp.where(active_B, jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1), 0)
+    next_B = jnp.take_along_axis(targets, n_acc[:, None], axis=1)[:, 0]
+  else:
+    n_acc, next_B = _accept(logits, positions, drafts_BG, q_BGV, active_B, accept_keys_B, draw_keys_B, settings)
+  cache = cache_lib.truncate(cache, pos_B + 1 + n_acc)
+  return cache, n_acc, next_B
+
+
+def _accept(logits_BTV, positions_BT, drafts_BG, q_BGV, active_B, accept_keys_B, draw_keys_B, settings):
+  """The rejection rule on the target's logits [B, G + 1, V] at positions [B, G + 1]: (accepted counts [B], the
+  token drawn after them [B])."""
+  B, G = drafts_BG.shape
+  V = logits_BTV.shape[-1]
+  per_token = {name: (value if name == 'vocab_limit' else jnp.repeat(value, G + 1))
+               for name, value in settings.items()}
+  p = sampler_lib.token_probs(logits_BTV.reshape(B * (G + 1), V), **per_token).reshape(B, G + 1, V)
+  if q_BGV.shape[-1] < V:  # a draft model with a smaller (unpadded) vocabulary
+    q_BGV = jnp.pad(q_BGV, ((0, 0), (0, 0), (0, V - q_BGV.shape[-1])))
   p_d = jnp.take_along_axis(p[:, :G], drafts_BG[..., None], axis=-1)[..., 0]
   q_d = jnp.take_along_axis(q_BGV, drafts_BG[..., None], axis=-1)[..., 0]
   # u ~ U[0, 1) per draft, keyed by the draft's position; accept iff u < p / q (q(d) > 0: d was drawn from q).
-  draft_pos = positions[:, 1:]
   u = jax.vmap(jax.vmap(lambda key, pos: jax.random.uniform(jax.random.fold_in(key, pos)), (None, 0)))(
-      accept_keys_B, draft_pos)
+      accept_keys_B, positions_BT[:, 1:])
   accepted = u * q_d < p_d
   n_acc = jnp.where(active_B, jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1), 0)
   p_next = jnp.take_along_axis(p, n_acc[:, None, None], axis=1)[:, 0]
@@ -207,9 +242,77 @@ def _verify_step(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_
   residual = jnp.maximum(p_next - q_next, 0.0)  # = p_next after full acceptance (q row of zeros)
   total = jnp.sum(residual, axis=-1, keepdims=True)
   probs = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_next)  # rounding guard
-  next_B = draw(probs, draw_keys_B, pos_B + 1 + n_acc)
-  cache = cache_lib.truncate(cache, pos_B + 1 + n_acc)
-  return cache, n_acc, next_B
+  return n_acc, draw(probs, draw_keys_B, positions_BT[:, 0] + 1 + n_acc)
+
+
+def speculative_round(sampler: Sampler, drafter: Drafter, params: Any, draft_params: Any, cache: cache_lib.Cache,
+                      draft_state: Any, tokens_BL: jax.Array, lengths_B: jax.Array, active_B: jax.Array,
+                      keys: tuple[jax.Array, jax.Array, jax.Array], settings: Settings, *, gamma: int,
+                      all_greedy: bool):
+  """One draft + verify round for every active row (traced; the loop below and the engine jit it).
+
+  Returns (cache, draft_state, tokens_BL with each active row's committed tokens written at lengths.., committed
+  int32 [B, gamma + 1]: the n_acc accepted drafts then the drawn token, accepted counts n_acc int32 [B]). A row
+  commits n_acc + 1 tokens; callers cut that at stop tokens and length limits.
+  """
+  draft_keys, accept_keys, draw_keys = keys
+  drafts, q, draft_state = drafter.propose(draft_params, draft_state, tokens_BL, lengths_B, active_B, draft_keys,
+                                           settings, gamma=gamma, vocab_size=sampler.model.cfg.vocab_size,
+                                           all_greedy=all_greedy)
+  cache, n_acc, next_B = _verify(sampler, params, cache, _rows(tokens_BL, lengths_B - 1), lengths_B - 1, drafts,
+                                 q, active_B, accept_keys, draw_keys, settings, all_greedy)
+  committed = committed_tokens(drafts, n_acc, next_B)
+  index = lengths_B[:, None] + jnp.arange(gamma + 1)
+  index = jnp.where(active_B[:, None] & (jnp.arange(gamma + 1) <= n_acc[:, None]), index, tokens_BL.shape[1])
+  tokens_BL = tokens_BL.at[jnp.arange(tokens_BL.shape[0])[:, None], index].set(committed, mode='drop')
+  return cache, draft_state, tokens_BL, committed, n_acc
+
+
+def committed_tokens(drafts_BG: jax.Array, n_acc_B: jax.Array, next_B: jax.Array) -> jax.Array:
+  """int32 [B, gamma + 1]: the n_acc accepted drafts, then the drawn token (entries after it are don't-cares)."""
+  slots = jnp.arange(drafts_BG.shape[1] + 1)[None]
+  padded = jnp.pad(drafts_BG, ((0, 0), (0, 1)))
+  return jnp.where(slots < n_acc_B[:, None], padded, next_B[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=('sampler', 'drafter', 'prompt_width', 'gamma', 'vocab_limit',
+                                             'all_greedy'))
+def _generate_loop(sampler: Sampler, drafter: Drafter, params, draft_params, tokens_BL, lengths_B, max_new_B,
+                   keys_B, temperature_B, top_k_B, top_p_B, stop_ids, *, prompt_width, gamma, vocab_limit,
+                   all_greedy):
+  """The whole speculative generation in one `lax.while_loop` (no host round trip per round).
+
+  tokens_BL: prompts (the longest prompt_width tokens) right-padded to the buffer width L >= prompt + max_new.
+  Returns (tokens_BL with the new tokens after each prompt, committed lengths [B], stats [3] = rounds, row rounds,
+  accepted drafts)."""
+  settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
+  keys = stream_keys(keys_B)
+  prompts_BP = tokens_BL[:, :prompt_width]
+  cache = _prefill_all_but_last(sampler, params, prompts_BP, lengths_B)
+  draft_state = drafter.init(draft_params, prompts_BP, lengths_B)
+  slots = jnp.arange(gamma + 1)[None]
+
+  def cond(carry):
+    return ~jnp.all(carry[4])
+
+  def body(carry):
+    cache, draft_state, tokens_BL, n_B, done_B, generated_B, stats = carry
+    active_B = ~done_B
+    cache, draft_state, tokens_BL, committed, n_acc = speculative_round(
+        sampler, drafter, params, draft_params, cache, draft_state, tokens_BL, n_B, active_B, keys, settings,
+        gamma=gamma, all_greedy=all_greedy)
+    is_stop = jnp.isin(committed, stop_ids) & (slots <= n_acc[:, None])
+    stop_at = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), gamma + 1)
+    room = max_new_B - generated_B
+    take = jnp.where(active_B, jnp.minimum(jnp.minimum(n_acc + 1, stop_at + 1), room), 0)
+    done_B = done_B | (active_B & ((stop_at < take) | (take >= room)))
+    stats = stats + jnp.stack([1, jnp.sum(active_B), jnp.sum(n_acc)]).astype(jnp.int32)
+    return cache, draft_state, tokens_BL, n_B + take, done_B, generated_B + take, stats
+
+  carry = (cache, draft_state, tokens_BL, lengths_B, max_new_B <= 0, jnp.zeros_like(lengths_B),
+           jnp.zeros((3,), jnp.int32))
+  _, _, tokens_BL, n_B, _, _, stats = jax.lax.while_loop(cond, body, carry)
+  return tokens_BL, n_B, stats
 
 
 def speculative_generate(target_sampler: Sampler, target_params: Any, drafter: Drafter,
@@ -218,63 +321,57 @@ def speculative_generate(target_sampler: Sampler, target_params: Any, drafter: D
                          top_p: float | Sequence[float] = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
                          vocab_limit: int | None = None) -> tuple[list[list[int]], dict[str, float]]:
   """Like `Sampler.generate` (same arguments and results: new tokens per row, stop token dropped) but drafting
-  gamma tokens per target forward. Returns (results, stats): acceptance_rate (accepted / proposed drafts),
-  tokens_per_target_step (committed tokens per row per verify forward, <= gamma + 1), target_steps (verify
-  forwards of the batch), row_steps, proposed, accepted, generated_tokens, seconds."""
+  gamma tokens per target forward, the whole loop on device. Returns (results, stats): acceptance_rate (accepted /
+  proposed drafts), tokens_per_target_step (committed tokens per row per verify forward, <= gamma + 1),
+  target_steps (verify forwards of the batch), row_steps, proposed, accepted, generated_tokens, seconds."""
   if gamma < 1:
     raise ValueError(f'gamma={gamma}: need at least 1')
   _check_ring(target_sampler, gamma, 'target')
+  drafter.check(gamma)
   start_time = time.perf_counter()
   batch = len(prompts)
-  per_row = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (batch,))
-  longest = max((len(p) for p in prompts), default=0) + int(np.max(max_new_tokens))  # host buffer of each row
-  ctx_tokens, lengths, max_new = pad_prompts(prompts, max_new_tokens, target_sampler.max_len, pad_id, width=longest)
-  prompt_tokens = ctx_tokens[:, :int(lengths.max())].copy()
-  keys = row_keys(rng, batch)
-  draft_keys, accept_keys, draw_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, s)
-                                        for s in (_DRAFT_STREAM, _ACCEPT_STREAM, _DRAW_STREAM))
-  settings = dict(temperature=jnp.asarray(per_row(temperature, np.float32)),
-                  top_k=jnp.asarray(per_row(top_k, np.int32)), top_p=jnp.asarray(per_row(top_p, np.float32)),
-                  vocab_limit=vocab_limit)
-  vocab_size = int(target_sampler.model.cfg.vocab_size)
-  stops = set(int(s) for s in stop_ids)
-
-  cache = _prefill_all_but_last(target_sampler, target_params, prompt_tokens, lengths)
-  draft_state = drafter.init(prompt_tokens, lengths)
-  n = lengths.copy()  # committed tokens per row, the last one pending
-  generated = np.zeros(batch, np.int32)
-  done = max_new <= 0
-  rows = np.arange(batch)
-  target_steps = row_steps = accepted = 0
-  while not done.all():
-    active = ~done
-    ctx = Context(ctx_tokens, n.copy(), active, draft_keys, settings, vocab_size)
-    drafts, q, draft_state = drafter.propose(draft_state, ctx, gamma)
-    cache, n_acc, next_B = _verify_step(
-        target_sampler, target_params, cache, jnp.asarray(ctx_tokens[rows, n - 1]), jnp.asarray(n - 1),
-        drafts, q, jnp.asarray(active), accept_keys, draw_keys, settings['temperature'], settings['top_k'],
-        settings['top_p'], vocab_limit=vocab_limit)
-    drafts, n_acc, next_B = np.asarray(drafts), np.asarray(n_acc), np.asarray(next_B)
-    target_steps += 1
-    row_steps += int(active.sum())
-    accepted += int(n_acc[active].sum())
-    for b in np.flatnonzero(active):
-      for token in list(drafts[b, :n_acc[b]]) + [next_B[b]]:
-        ctx_tokens[b, n[b]] = token
-        n[b] += 1
-        generated[b] += 1
-        if int(token) in stops or generated[b] >= max_new[b]:
-          done[b] = True
-          break
-
+  per_row = lambda value, dtype: jnp.asarray(np.broadcast_to(np.asarray(value, dtype), (batch,)))
+  width = max((len(p) for p in prompts), default=0) + int(np.max(max_new_tokens))
+  tokens, lengths, max_new = pad_prompts(prompts, max_new_tokens, target_sampler.max_len, pad_id, width=width)
+  temperatures = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
+  stops = sorted(set(int(s) for s in stop_ids))
+  out, n, stats = _generate_loop(
+      target_sampler, drafter, target_params, drafter.params, jnp.asarray(tokens), jnp.asarray(lengths),
+      jnp.asarray(max_new), row_keys(rng, batch), jnp.asarray(temperatures), per_row(top_k, np.int32),
+      per_row(top_p, np.float32), jnp.asarray(stops or [-1], jnp.int32), prompt_width=int(lengths.max()),
+      gamma=gamma, vocab_limit=vocab_limit,
+      all_greedy=bool(np.all(temperatures <= 0)))
+  out, n = np.asarray(out), np.asarray(n)
+  target_steps, row_steps, accepted = (int(x) for x in np.asarray(stats))
   results = []
   for b in range(batch):
-    new = ctx_tokens[b, lengths[b]:n[b]].tolist()
+    new = out[b, lengths[b]:n[b]].tolist()
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     results.append(new[:cut])
+  generated = int((n - lengths).sum())
   proposed = gamma * row_steps
-  stats = dict(acceptance_rate=accepted / max(proposed, 1),
-               tokens_per_target_step=int(generated.sum()) / max(row_steps, 1), target_steps=target_steps,
-               row_steps=row_steps, proposed=proposed, accepted=accepted,
-               generated_tokens=int(generated.sum()), seconds=time.perf_counter() - start_time)
+  stats = dict(acceptance_rate=accepted / max(proposed, 1), tokens_per_target_step=generated / max(row_steps, 1),
+               target_steps=target_steps, row_steps=row_steps, proposed=proposed, accepted=accepted,
+               generated_tokens=generated, seconds=time.perf_counter() - start_time)
   return results, stats
+
+
+def make_drafter(draft: str, target_cfg: Any, *, max_len: int, gamma: int) -> Drafter | None:
+  """The drafter a command line names: '' (none), 'lookup' (PromptLookupDrafter) or a dsjax checkpoint directory
+  of a draft model (ModelDrafter; its vocabulary must fit in the target's `target_cfg.vocab_size`)."""
+  if not draft:
+    return None
+  if gamma < 1:
+    raise ValueError(f'gamma={gamma}: need at least 1')
+  if draft == 'lookup':
+    return PromptLookupDrafter()
+  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(draft):
+    raise FileNotFoundError(f'draft model checkpoint not found: {draft} (or use "lookup")')
+  cfg = checkpoint.load_config(draft)
+  if cfg.model.vocab_size > target_cfg.vocab_size:
+    raise ValueError(f'draft model {draft}: vocab_size {cfg.model.vocab_size} exceeds the target\'s '
+                     f'{target_cfg.vocab_size} (the two must share a tokenizer)')
+  params = checkpoint.load_params(draft, cfg.model)
+  return ModelDrafter(Sampler(Transformer(cfg.model), max_len=max_len, extra_slots=gamma + 1), params)

@@ -10,6 +10,7 @@ import pytest
 from dsjax.model import Transformer
 from dsjax.sample import engine as engine_lib
 from dsjax.sample import sampler as sampler_lib
+from dsjax.sample import speculative
 from tests.model import helpers
 
 MAX_LEN = 48
@@ -133,3 +134,39 @@ def test_shutdown_without_cancel_finishes_requests(setup):
   engine.shutdown(cancel=False, timeout=120)
   assert [r.finish_reason for r in requests] == ['length'] * 3
   assert requests[0].tokens == reference(prompts[0], 10)
+
+
+@pytest.mark.parametrize('drafter_kind', ['lookup', pytest.param('model', marks=pytest.mark.slow)])
+def test_speculative_engine_matches_greedy_and_speculative_sampling(drafter_kind):
+  """Speculative rounds inside the engine: greedy requests equal plain greedy decoding of each prompt alone, and a
+  seeded sampled request equals `speculative_generate` of its prompt alone with the same seed and drafter."""
+  model, params, reference = shared_model()
+  if drafter_kind == 'lookup':
+    drafter = speculative.PromptLookupDrafter()
+  else:
+    draft_model, draft_params = tiny_model(seed=5)
+    drafter = speculative.ModelDrafter(sampler_lib.Sampler(draft_model, max_len=MAX_LEN), draft_params)
+  engine = engine_lib.Engine(model, params, num_slots=3, max_len=MAX_LEN, vocab_limit=VOCAB_LIMIT, drafter=drafter,
+                             gamma=3)
+  try:
+    lengths = [5, 12, 20, 1, MAX_LEN - 4]  # a 1-token prompt; the last runs into max_len
+    prompts = [prompt_of(n, offset=i) for i, n in enumerate(lengths)]
+    stop = reference(prompts[0], 10)[4]
+    requests = [engine.submit(p, 10, stop_ids=[stop] if i == 0 else []) for i, p in enumerate(prompts)]
+    settings = dict(temperature=1.0, top_k=50, top_p=0.9)
+    sampled_prompt = prompt_of(12, offset=2)
+    sampled = engine.submit(sampled_prompt, 10, seed=3, **settings)
+    for i, (prompt, request) in enumerate(zip(prompts, requests)):
+      expected = reference(prompt, min(10, MAX_LEN - len(prompt)))
+      if i == 0:
+        expected = expected[:4]
+      assert request.result(timeout=120) == expected, i
+    assert requests[0].finish_reason == 'stop' and requests[-1].finish_reason == 'length'
+    target = sampler_lib.Sampler(model, max_len=MAX_LEN, extra_slots=4)
+    alone, _ = speculative.speculative_generate(target, params, drafter, [sampled_prompt], jax.random.key(3),
+                                                max_new_tokens=10, gamma=3, vocab_limit=VOCAB_LIMIT, **settings)
+    assert sampled.result(timeout=120) == alone[0]
+    stats = engine.stats()
+    assert stats['proposed'] > 0 and 0 <= stats['accepted'] <= stats['proposed']
+  finally:
+    engine.shutdown(cancel=True)
