@@ -149,4 +149,11 @@ def get_config() -> ml_collections.ConfigDict:
   dp.noise_multiplier = 1.0    # noise std = noise_multiplier * C (on the summed gradient)
   dp.delta = 1e-5              # epsilon is reported for this delta
 
+  # ---------------------------------------------------------------- evaluation at the end of training (dsjax/eval/)
+  ev = cfg.eval = ml_collections.ConfigDict()
+  ev.tasks = ()                # any of 'perplexity', 'completion', 'mc'; results land in the summary and metrics.jsonl
+  ev.mc_file = ''              # mc: an MMLU-format JSONL file (question, choices, answer)
+  ev.completion_examples = 200  # completion: held-out functions scored
+  ev.completion_lines = 1      # completion: body lines that must match exactly
+
   return cfg

@@ -1,0 +1,77 @@
+"""Evaluation harness: held-out loss / bits per byte (`perplexity`), code completion exact match on held-out
+functions (`completion`), multiple-choice accuracy by log-likelihood on MMLU-format JSONL (`multiple_choice`).
+
+`run_tasks` runs any of them on a model in memory (train.py calls it at the end of training when `eval.tasks` is
+set); `python -m dsjax.eval --checkpoint=DIR --tasks=perplexity,completion,mc --mc_file=FILE` runs them on a
+saved checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+TASKS = ('perplexity', 'completion', 'mc')
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
+  """'perplexity,mc' or a sequence -> validated task names (ValueError naming an unknown one)."""
+  names = tuple(t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks) if t.strip())
+  for name in names:
+    if name not in TASKS:
+      raise ValueError(f'unknown eval task {name!r} (tasks: {", ".join(TASKS)})')
+  return names
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming `config.eval.*` when the `eval` section cannot run (checked before training)."""
+  from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if 'eval' not in cfg:
+    return
+  try:
+    names = parse_tasks(cfg.eval.tasks)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config.eval.tasks={tuple(cfg.eval.tasks)!r}: {e}') from e
+  if 'mc' in names and not cfg.eval.mc_file:
+    raise config_lib.ConfigError("config.eval.mc_file='': the 'mc' task needs an MMLU-format JSONL file")
+  if 'mc' in names and not os.path.isfile(cfg.eval.mc_file):
+    raise config_lib.ConfigError(f'config.eval.mc_file={cfg.eval.mc_file!r}: no such file')
+
+
+def run_tasks(cfg: ml_collections.ConfigDict, params: Any, tasks: str | Sequence[str], *, model=None,
+              tokenizer=None, mc_file: str = '', completion_examples: int = 200, completion_lines: int = 1,
+              max_new_tokens: int = 64) -> dict[str, dict[str, Any]]:
+  """{task: result} for each of `tasks` on `params` of a model of `cfg.model` (data from `cfg.data`)."""
+  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from dsjax.eval import completion, multiple_choice, perplexity  # pylint: disable=g-import-not-at-top
+  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  names = parse_tasks(tasks)
+  if 'mc' in names and not mc_file:
+    raise ValueError("the 'mc' task needs a multiple-choice JSONL file (--mc_file / eval.mc_file)")
+  tokenizer = tokenizer or tokenizer_lib.from_config(cfg.data)
+  model = model or Transformer(cfg.model)
+  results: dict[str, dict[str, Any]] = {}
+  for name in names:
+    if name == 'perplexity':
+      results[name] = perplexity.evaluate(cfg, params, model=model, tokenizer=tokenizer)
+    elif name == 'completion':
+      results[name] = completion.evaluate_held_out(cfg, params, model=model, tokenizer=tokenizer,
+                                                   max_examples=completion_examples, target_lines=completion_lines,
+                                                   max_new_tokens=max_new_tokens)
+    else:
+      results[name] = multiple_choice.evaluate_file(model, params, tokenizer, mc_file,
+                                                    max_len=min(int(cfg.model.max_positions), 4096))
+  return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+  """A small text table: one line per (task, metric) with a scalar value."""
+  lines = [f'{"task":<12} {"metric":<16} value']
+  for task, metrics in results.items():
+    for key, value in metrics.items():
+      if isinstance(value, float):
+        lines.append(f'{task:<12} {key:<16} {value:.4f}')
+      elif isinstance(value, (int, str)) and not isinstance(value, bool):
+        lines.append(f'{task:<12} {key:<16} {value}')
+  return '\n'.join(lines)
