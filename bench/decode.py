@@ -141,7 +141,7 @@ def bench_vs_transformers(model, params, hf_dir: str, prompts: list[list[int]], 
 
 
 def bench_speculative(model, params, prompts: list[list[int]], new_tokens: int, gammas: list[int], pad_id: int,
-                      vocab_limit: int, draft: str = '') -> list[dict]:
+                      vocab_limit: int, draft: str = '', repeats: int = 3) -> list[dict]:
   max_len = len(prompts[0]) + new_tokens
   sampler = Sampler(model, max_len=max_len, extra_slots=max(gammas) + 1)
   plain = lambda p: sampler.generate(params, [p], jax.random.key(0), max_new_tokens=new_tokens, temperature=0.0,
@@ -159,13 +159,19 @@ def bench_speculative(model, params, prompts: list[list[int]], new_tokens: int, 
     plain_s = spec_s = 0.0
     accepted = proposed = generated = row_steps = 0
     same = True
-    for p in prompts:
-      start = time.perf_counter()
-      reference = plain(p)
-      plain_s += time.perf_counter() - start
-      start = time.perf_counter()
-      out, stats = spec(p)
-      spec_s += time.perf_counter() - start
+    for p in prompts:  # per prompt: the median of `repeats` runs of each, alternating
+      times = {'plain': [], 'spec': []}
+      for _ in range(repeats):
+        for which, fn in (('plain', plain), ('spec', spec)):
+          start = time.perf_counter()
+          result = fn(p)
+          times[which].append(time.perf_counter() - start)
+          if which == 'plain':
+            reference = result
+          else:
+            out, stats = result
+      plain_s += statistics.median(times['plain'])
+      spec_s += statistics.median(times['spec'])
       same &= out == reference
       accepted, proposed = accepted + stats['accepted'], proposed + stats['proposed']
       generated, row_steps = generated + stats['generated_tokens'], row_steps + stats['row_steps']
@@ -212,7 +218,7 @@ def main() -> None:
                                  args.repeats, tokenizer.pad_id, workdir)
     rows += bench_speculative(model, params, prompts[:args.spec_prompts], args.spec_new_tokens,
                               [int(g) for g in args.gammas.split(',')],
-                              tokenizer.pad_id, tokenizer.vocab_size, args.draft)
+                              tokenizer.pad_id, tokenizer.vocab_size, args.draft, args.repeats)
 
   print(f'\ndevice: {jax.devices()[0].device_kind}; weights: {weights}; greedy, float32')
   print(f'{"batch":>5} {"prompt":>6} {"new":>4} {"dsjax tok/s":>12} {"HF tok/s":>10} {"speedup":>8} {"same":>6}')

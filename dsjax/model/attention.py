@@ -114,6 +114,23 @@ def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int
   return None, 0
 
 
+def uses_ring(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether decoding keeps a bounded ring cache (sparse attention with RoPE; see dsjax/model/cache.py)."""
+  return mask_args(cfg.attention)[0] is not None and cfg.positions.kind == 'rope'
+
+
+def attends_in_place(cfg: ml_collections.ConfigDict, slots: int, num_new: int) -> bool:
+  """Whether `num_new` tokens may be written into a cache of `slots` slots first and then attend to it (no copy of
+  the cache plus the chunk). True for one token, and for any chunk with a full cache (a slot per position). In a
+  ring of R = slots - num_global slots, token i of the chunk displaces the key R positions back, which the chunk's
+  first query can still see when R - i < window: safe iff num_new - 1 <= R - window (the ring's extra slots, as
+  speculative verification of gamma + 1 tokens with Sampler(extra_slots >= gamma + 1) has)."""
+  if num_new == 1 or not uses_ring(cfg):
+    return True
+  window, num_global = mask_args(cfg.attention)
+  return num_new - 1 <= slots - num_global - window
+
+
 class Attention(nn.Module):
   """Attention block body: projections, RoPE or XL encoding, masked attention, optional head routing.
 
@@ -164,9 +181,10 @@ class Attention(nn.Module):
     if cache is not None:
       old_k, old_v = cache.k[cache.layer], cache.v[cache.layer]  # [B, S, K, H] before this call
       new_kv = tuple(write_to_slots(c, t, cache.write_slot, cache.layer) for c, t in ((cache.k, k), (cache.v, v)))
-      if x.shape[1] == 1:
-        # One token per row (decoding): it is in the updated cache, and the key it displaced from a ring is out of
-        # its window, so attend to the updated cache itself; no copy of the cache per step.
+      if attends_in_place(cfg, cache.k.shape[2], x.shape[1]):
+        # Decoding one token, or a short chunk (speculative verification): its tokens are in the updated cache and
+        # the keys they displaced from a ring are out of their windows, so attend to the updated cache itself; no
+        # copy of the cache per step.
         k, v = (t[cache.layer].astype(k.dtype) for t in new_kv)
         k_pos, k_seg = cache.written_positions, cache.written_segment_ids
       else:  # the cache as it was, then this call's tokens: exact even when they wrap a ring

@@ -9,7 +9,8 @@ share the R ring slots round-robin, so the cache holds the keys a future query c
 caller write tokens it may take back (speculative decoding: `truncate`) without overwriting keys still in the
 window. (Transformer-XL keeps a full cache: its relative-position term must see the true distances of the global
 tokens.) A chunk of several tokens attends to the cache as it was plus the chunk, so a chunk longer than the
-window is exact too; a single token attends to the cache with itself written (see Attention).
+window is exact too, and a single token, or a chunk whose writes displace no key its queries can see (always with a
+full cache), attends to the cache with itself written (see Attention).
 """
 from __future__ import annotations
 
@@ -20,20 +21,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import config as config_lib
-from dsjax.model.attention import mask_args
+from dsjax.model.attention import mask_args, uses_ring
 from dsjax.model.layers import to_dtype
 
 Cache = dict[str, jax.Array]
 
 
-def _uses_ring(cfg: ml_collections.ConfigDict) -> bool:
-  return mask_args(cfg.attention)[0] is not None and cfg.positions.kind == 'rope'
-
-
 def cache_length(cfg: ml_collections.ConfigDict, max_len: int, extra_slots: int = 0) -> int:
   """Slots S of the cache for sequences of up to max_len tokens (`cfg` is the model config)."""
   window, num_global = mask_args(cfg.attention)
-  if not _uses_ring(cfg):
+  if not uses_ring(cfg):
     return max_len
   return min(max_len, num_global + window + extra_slots)
 
@@ -55,7 +52,7 @@ def write_slots(cfg: ml_collections.ConfigDict, cache: Cache, positions: jax.Arr
   of the same call overwrites in a ring."""
   slots = cache['segment_ids'].shape[1]
   valid = segment_ids > 0
-  if not _uses_ring(cfg):
+  if not uses_ring(cfg):
     keep = valid & (positions < slots)
     return jnp.where(keep, positions, slots).astype(jnp.int32)
   # Ring of R = S - num_global slots; a full-length cache is the ring that never wraps (slot = position).
