@@ -35,6 +35,8 @@ _QUANT = flags.DEFINE_string('quant', None, 'Weight-only quantization: none | in
                              'sets config.quant.mode (default: the checkpoint\'s, normally none).')
 _QUANT_GROUP_SIZE = flags.DEFINE_integer('quant_group_size', None, 'int4: weights per scale along the input '
                                          'dimension (config.quant.group_size, default 128).')
+_ADAPTER = flags.DEFINE_string('adapter', '', 'A LoRA adapter directory (PEFT format, e.g. <workdir>/adapter of a '
+                               'lora.enabled run) merged into the checkpoint\'s weights before serving.')
 _DRAFT = flags.DEFINE_string('draft', '', 'Speculative decoding: "lookup" (n-gram prompt lookup) or a draft model '
                              'checkpoint sharing the tokenizer; empty: off.')
 _GAMMA = flags.DEFINE_integer('gamma', 4, 'Speculative decoding: tokens drafted per target forward.')
@@ -49,6 +51,7 @@ def main(argv):
   from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from dsjax import lora  # pylint: disable=g-import-not-at-top
   from dsjax import quant  # pylint: disable=g-import-not-at-top
   from dsjax.sample import speculative  # pylint: disable=g-import-not-at-top
   from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
@@ -62,6 +65,8 @@ def main(argv):
       cfg.quant.group_size = _QUANT_GROUP_SIZE.value
     config_lib.validate(cfg)
     params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
+    if _ADAPTER.value:
+      params = lora.merge_peft(params, cfg.model, _ADAPTER.value)
     params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
     tokenizer = tokenizer_lib.from_config(cfg.data)
     max_len = _MAX_LEN.value or int(cfg.model.max_positions)

@@ -126,7 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
   lo.dropout = 0.1             # on the adapter's input
   lo.targets = ('q_proj', 'v_proj')  # any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
   lo.base_int8 = False         # keep the frozen base weights in int8 (QLoRA-style memory saving)
-  lo.adapter = ''              # a PEFT adapter directory to start from (or to serve)
+  lo.adapter = ''              # a PEFT adapter directory to start from (serve.py --adapter=DIR serves one)
 
   # ---------------------------------------------------------------- distillation (dsjax/distill.py)
   di = cfg.distill = ml_collections.ConfigDict()

@@ -32,7 +32,7 @@ from dsjax import config as config_lib
 from dsjax.model.layers import LoraSpec, pack_int8, quantize_int8, unpack_int8
 
 __all__ = ['LoraSpec', 'TARGETS', 'spec_from_config', 'spec_for_run', 'add_adapters', 'init_adapters',
-           'adapters_of', 'trainable_mask', 'merge', 'save_peft', 'load_peft', 'quantize_int8', 'pack_int8',
+           'adapters_of', 'trainable_mask', 'merge', 'merge_peft', 'save_peft', 'load_peft', 'quantize_int8', 'pack_int8',
            'unpack_int8', 'dequantize']
 
 # dsjax projection name -> (dsjax module inside a layer, Hugging Face LlamaDecoderLayer module).
@@ -202,6 +202,13 @@ def dequantize(packed: jax.Array, scale: jax.Array, lead: int = 0) -> jax.Array:
   q = unpack_int8(packed).astype(jnp.float32)
   num_in = q.ndim - scale.ndim
   return q * jnp.expand_dims(scale.astype(jnp.float32), tuple(range(lead, lead + num_in)))
+
+
+def merge_peft(base: Any, model_cfg: ml_collections.ConfigDict, directory: str) -> dict:
+  """Plain params of the base with the PEFT adapter in `directory` merged in (serving an adapter: no adapter math
+  per token)."""
+  spec, adapters = load_peft(directory, model_cfg)
+  return merge(add_adapters(base, model_cfg, spec, adapters=adapters), spec)
 
 
 def merge(params: Any, spec: LoraSpec) -> dict:

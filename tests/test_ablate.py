@@ -35,6 +35,7 @@ def test_grid_is_the_cartesian_product_in_order():
                                    'model.attention.num_global': 0}
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_two_run_study_writes_tables_and_plots(tmp_path):
   study = tiny_study()
   workdir = str(tmp_path / 'study')

@@ -91,6 +91,9 @@ def test_merge_equals_peft_merge_and_the_adapter_logits(setup):
   assert not lora.adapters_of(merged)
   # The merged params are a plain model: they load into Transformer(cfg.model) and export to HF ...
   np.testing.assert_allclose(logits_of(cfg.model, merged, TOKENS), setup['peft_logits'], atol=ATOL, rtol=0)
+  # serve.py --adapter: the PEFT directory merged into the base (read back from disk) gives PEFT's logits too.
+  served = lora.merge_peft(setup['base'], cfg.model, str(d / 'adapter'))
+  np.testing.assert_allclose(logits_of(cfg.model, served, TOKENS), setup['peft_logits'], atol=ATOL, rtol=0)
   checkpoint.save_model(str(d / 'merged'), cfg, merged)
   hf.export_hf(str(d / 'merged'), str(d / 'merged_hf'))
   exported = load_file(str(d / 'merged_hf' / hf.SINGLE_FILE))
@@ -267,6 +270,7 @@ def _loop_config(workdir):
   return cfg
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_training_loop_writes_a_loadable_adapter_and_resumes(tmp_path):
   cfg = _loop_config(tmp_path / 'run')
   base = base_params(cfg.model, seed=2)  # a random base "checkpoint" to fine-tune (no slow model.init compile)

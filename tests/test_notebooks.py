@@ -70,6 +70,7 @@ def test_notebooks_are_built_from_the_generator():
     assert all(not c.outputs and c.execution_count is None for c in code)  # committed without outputs
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_quickstart():
   text, outputs = run_notebook('quickstart')
   check_install_cell(text)
@@ -89,6 +90,7 @@ def test_kernels():
   assert re.search(r'128 +32 +kernel +[\d.]+ +[\d.]+', text) and re.search(r'128 +None +reference', text)
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_serving():
   text, _ = run_notebook('serving')
   check_install_cell(text)

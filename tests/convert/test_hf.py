@@ -129,6 +129,7 @@ def test_bfloat16_checkpoint_round_trips_exactly(tmp_path):
     assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_fine_tuned_checkpoint_exports_with_matching_logits(tmp_path):
   make_hf_model('gqa_tied_linear_rope', tmp_path / 'hf')
   cfg, params = imported(tmp_path / 'hf', tmp_path / 'ckpt')
@@ -199,6 +200,7 @@ def test_missing_shard_is_reported(tmp_path):
     hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'))
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_cli_import_then_sample_matches_transformers_greedy(tmp_path):
   texts = ['def add(a, b):\n    return a + b\n', 'class A:\n    pass\n'] * 20
   tok = tokenizer_lib.train_bpe(texts, 300, tmp_path / 'tokenizer.json')
@@ -224,6 +226,7 @@ def test_cli_import_then_sample_matches_transformers_greedy(tmp_path):
   assert bad.returncode == 2 and bad.stderr.startswith('error: ') and 'config.json' in bad.stderr
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_train_py_starts_from_an_imported_checkpoint(tmp_path):
   torch.manual_seed(0)
   config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -117,7 +117,8 @@ def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
   return float(scipy_stats.chisquare(observed, expected).pvalue)
 
 
-@pytest.mark.parametrize('settings', [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9)])
+@pytest.mark.parametrize('settings', [pytest.param(dict(temperature=1.0), marks=pytest.mark.slow),
+                                      dict(temperature=0.8, top_k=6, top_p=0.9)])
 def test_speculative_samples_follow_the_target_distribution(settings):
   vocab, rows, prompt = 8, 4000, [1, 2, 3, 1, 2]
   model, params = tiny_model(vocab=vocab, seed=1, std=0.6)

@@ -210,6 +210,7 @@ def test_load_teacher_shards_on_its_own_terms_and_checks_the_vocab(tmp_path, tea
     distill.load_teacher(cfg, mesh)
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_loop_trains_with_a_teacher_and_dp(tmp_path, teacher):
   """train() with distill.teacher (and DP-SGD on): logs distill_kl and clipped_fraction, reports epsilon."""
   teacher_cfg, _, teacher_params = teacher

@@ -201,6 +201,7 @@ def test_retention_keeps_the_latest_and_the_best(tmp_path):
   assert kept == [2, 4, 5], kept
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_rerunning_a_finished_run_resumes_at_its_end(tmp_path):
   """The same command again: resumes at the last step, trains nothing, evaluates the same params, saves again."""
   from dsjax.train import loop

@@ -117,6 +117,7 @@ def test_gradient_accumulation_equals_one_batch(accum, single_device):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # heavy end-to-end run: kept out of the 10-minute default suite (pytest -m slow runs it)
 def test_routed_accumulation_averages_the_router_loss():
   """The load-balance loss is a per-batch mean: accumulated, it is the mean over microbatches."""
   batch = random_batch(3)
