@@ -1,6 +1,7 @@
 """Sample completions from a dsjax checkpoint (e.g. one imported with dsjax.convert.hf):
 
-  python sample.py --checkpoint=DIR --prompt='def fibonacci(n):' [--max_new_tokens=128 --temperature=0 --quant=int4]
+  python sample.py --checkpoint=DIR --prompt='def fibonacci(n):' [--max_new_tokens=128 --temperature=0 --quant=int4
+                          --adapter=LORA_DIR]
 
 A thin CLI over dsjax.sample.sampler; the checkpoint's own config and tokenizer are used.
 """
@@ -20,39 +21,24 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, '0: no top-k filtering.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass in (0, 1]; 1: off.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
-_QUANT = flags.DEFINE_string('quant', None, 'Weight-only quantization: none | int8 (per channel) | int4 (group-wise); '
-                             'sets config.quant.mode (default: the checkpoint\'s, normally none).')
-_QUANT_GROUP_SIZE = flags.DEFINE_integer('quant_group_size', None, 'int4: weights per scale along the input '
-                                         'dimension (config.quant.group_size, default 128).')
-
+_MODEL_FLAGS = cli.define_model_flags()
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.quiet_logging()
   from dsjax.data import tokenizer as tokenizer_lib
-  from dsjax.model import Transformer
-  from dsjax import quant
-  from dsjax.train import checkpoint
   from dsjax.train import loop
   try:
-    cfg = checkpoint.load_config(_CHECKPOINT.value)
-    if _DTYPE.value:
-      cfg.model.dtype = _DTYPE.value
-    if _QUANT.value is not None:
-      cfg.quant.mode = _QUANT.value
-    if _QUANT_GROUP_SIZE.value is not None:
-      cfg.quant.group_size = _QUANT_GROUP_SIZE.value
+    cfg = cli.checkpoint_config(_CHECKPOINT.value, _MODEL_FLAGS)
     cfg.sample.update(dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                            top_p=_TOP_P.value))
     config_lib.validate(cfg)
-    params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
-    params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
+    model, params = cli.load_model(_CHECKPOINT.value, cfg, _MODEL_FLAGS)
     tokenizer = tokenizer_lib.from_config(cfg.data)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
-  completions = loop.complete(Transformer(cfg.model), params, tokenizer, list(_PROMPT.value),
+  completions = loop.complete(model, params, tokenizer, list(_PROMPT.value),
                               jax.random.key(_SEED.value), cfg.sample)
   for prompt, text in zip(_PROMPT.value, completions):
     sys.stdout.write(f'{prompt}{text}\n')

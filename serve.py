@@ -29,14 +29,8 @@ _NUM_SLOTS = flags.DEFINE_integer('num_slots', 8, 'Concurrent decode slots (rows
 _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Context length, prompt + completion (0: model.max_positions).')
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot before 429s.')
 _MODEL_NAME = flags.DEFINE_string('model_name', None, 'Model id of the API (default: the checkpoint dir name).')
-_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).')
 _DRAIN_TIMEOUT = flags.DEFINE_float('drain_timeout', 10.0, 'On SIGTERM, seconds to finish in-flight requests.')
-_QUANT = flags.DEFINE_string('quant', None, 'Weight-only quantization: none | int8 (per channel) | int4 (group-wise); '
-                             'sets config.quant.mode (default: the checkpoint\'s, normally none).')
-_QUANT_GROUP_SIZE = flags.DEFINE_integer('quant_group_size', None, 'int4: weights per scale along the input '
-                                         'dimension (config.quant.group_size, default 128).')
-_ADAPTER = flags.DEFINE_string('adapter', '', 'A LoRA adapter directory (PEFT format, e.g. <workdir>/adapter of a '
-                               'lora.enabled run) merged into the checkpoint\'s weights before serving.')
+_MODEL_FLAGS = cli.define_model_flags()  # --dtype, --quant, --quant_group_size, --quant_activations, --adapter
 _DRAFT = flags.DEFINE_string('draft', '', 'Speculative decoding: "lookup" (n-gram prompt lookup) or a draft model '
                              'checkpoint sharing the tokenizer; empty: off.')
 _GAMMA = flags.DEFINE_integer('gamma', 4, 'Speculative decoding: tokens drafted per target forward.')
@@ -50,28 +44,15 @@ def main(argv):
   import uvicorn  # pylint: disable=g-import-not-at-top
   from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
-  from dsjax import lora  # pylint: disable=g-import-not-at-top
-  from dsjax import quant  # pylint: disable=g-import-not-at-top
   from dsjax.sample import speculative  # pylint: disable=g-import-not-at-top
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    cfg = checkpoint.load_config(_CHECKPOINT.value)
-    if _DTYPE.value:
-      cfg.model.dtype = _DTYPE.value
-    if _QUANT.value is not None:
-      cfg.quant.mode = _QUANT.value
-    if _QUANT_GROUP_SIZE.value is not None:
-      cfg.quant.group_size = _QUANT_GROUP_SIZE.value
+    cfg = cli.checkpoint_config(_CHECKPOINT.value, _MODEL_FLAGS)
     config_lib.validate(cfg)
-    params = checkpoint.load_params(_CHECKPOINT.value, cfg.model)
-    if _ADAPTER.value:
-      params = lora.merge_peft(params, cfg.model, _ADAPTER.value)
-    params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
+    model, params = cli.load_model(_CHECKPOINT.value, cfg, _MODEL_FLAGS)
     tokenizer = tokenizer_lib.from_config(cfg.data)
     max_len = _MAX_LEN.value or int(cfg.model.max_positions)
     drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value)
-    engine = engine_lib.Engine(Transformer(cfg.model), params, num_slots=_NUM_SLOTS.value, max_len=max_len,
+    engine = engine_lib.Engine(model, params, num_slots=_NUM_SLOTS.value, max_len=max_len,
                                max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size, drafter=drafter,
                                gamma=_GAMMA.value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:

@@ -1,4 +1,5 @@
-"""Shared command-line plumbing for train.py (and later serve.py): config flags with one-line errors.
+"""Shared command-line plumbing for train.py, sample.py and serve.py: config flags with one-line errors, and the
+flags that say how a checkpoint's model is loaded (dtype, quantization, a LoRA adapter).
 
 ml_collections' `config_flags` parses `--config=path --config.a.b=value`; its failures surface as KeyError,
 AttributeError or OSError tracebacks from deep inside the flag machinery. These helpers turn every such failure
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import NoReturn, Sequence
+from typing import Any, NamedTuple, NoReturn, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -76,3 +77,54 @@ def resolve_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
   except config_lib.ConfigError as e:
     fail(str(e))
   return cfg
+
+
+class ModelFlags(NamedTuple):
+  """Flags of sample.py and serve.py that change how a checkpoint's model is loaded (`define_model_flags`)."""
+  dtype: flags.FlagHolder
+  quant: flags.FlagHolder
+  quant_group_size: flags.FlagHolder
+  quant_activations: flags.FlagHolder
+  adapter: flags.FlagHolder
+
+
+def define_model_flags() -> ModelFlags:
+  """Defines --dtype, --quant, --quant_group_size, --quant_activations and --adapter."""
+  return ModelFlags(
+      dtype=flags.DEFINE_string('dtype', None, 'Compute dtype override, e.g. float32 (default: the checkpoint\'s).'),
+      quant=flags.DEFINE_string('quant', None, 'Weight-only quantization: none | int8 (per channel) | int4 '
+                                '(group-wise); sets config.quant.mode (default: the checkpoint\'s, normally none).'),
+      quant_group_size=flags.DEFINE_integer('quant_group_size', None, 'int4: weights per scale along the input '
+                                            'dimension (config.quant.group_size, default 128).'),
+      quant_activations=flags.DEFINE_bool('quant_activations', None, 'With --quant=int8: int8 activations too, '
+                                          'int8 x int8 matmuls (config.quant.activations).'),
+      adapter=flags.DEFINE_string('adapter', '', 'A LoRA adapter directory (PEFT format, e.g. <workdir>/adapter of '
+                                  'a lora.enabled run) merged into the checkpoint\'s weights.'))
+
+
+def checkpoint_config(directory: str, model_flags: ModelFlags) -> ml_collections.ConfigDict:
+  """The config saved with a checkpoint, with the --dtype and --quant* overrides applied (validate it after any
+  further changes). Raises FileNotFoundError / ConfigError."""
+  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  cfg = checkpoint.load_config(directory)
+  if model_flags.dtype.value:
+    cfg.model.dtype = model_flags.dtype.value
+  for field in ('quant', 'quant_group_size', 'quant_activations'):
+    value = getattr(model_flags, field).value
+    if value is not None:
+      cfg.quant[{'quant': 'mode'}.get(field, field[len('quant_'):])] = value
+  return cfg
+
+
+def load_model(directory: str, cfg: ml_collections.ConfigDict, model_flags: ModelFlags) -> tuple[Any, Any]:
+  """(model, params) to run a checkpoint with: its params with the --adapter merged in, quantized as cfg.quant
+  says, and the model (wrapped for int8 activations when asked). Raises FileNotFoundError / ValueError."""
+  from dsjax import lora  # pylint: disable=g-import-not-at-top
+  from dsjax import quant  # pylint: disable=g-import-not-at-top
+  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  params = checkpoint.load_params(directory, cfg.model)
+  if model_flags.adapter.value:
+    params = lora.merge_peft(params, cfg.model, model_flags.adapter.value)
+  params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
+  return quant.quantize_model(Transformer(cfg.model), cfg.quant), params
