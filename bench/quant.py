@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.attention import write_results  # pylint: disable=g-import-not-at-top
+from bench.decode import median_time
 from dsjax import config as config_lib
 from dsjax import quant
 from dsjax.data import tokenizer as tokenizer_lib
@@ -56,16 +55,6 @@ def get_checkpoint(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
   config_lib.validate(cfg)
   summary = loop.train(cfg)
   return summary['checkpoint'], f'configs/tiny.py trained {args.train_steps} steps'
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()  # warm-up: compiles
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def big_model_bytes(group_size: int) -> dict[str, float]:

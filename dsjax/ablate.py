@@ -19,7 +19,6 @@ import copy
 import csv
 import dataclasses
 import difflib
-import importlib.util
 import itertools
 import json
 import os
@@ -116,14 +115,7 @@ def load_study(path: str) -> Study:
   """`get_study()` of a study file (imported like a config file: `from configs import tiny` works)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'study file not found: {path}')
-  root = os.path.dirname(os.path.abspath(path))
-  while os.path.isfile(os.path.join(root, '__init__.py')):
-    root = os.path.dirname(root)
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location('_study_' + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.import_config_file(path, module_prefix='_study_')
   if not hasattr(module, 'get_study'):
     raise config_lib.ConfigError(f'{path}: defines no get_study()')
   return as_study(module.get_study())

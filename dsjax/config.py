@@ -23,21 +23,26 @@ class ConfigError(ValueError):
   """A config value (or what it points to: a file, a data source) that cannot work. Its message names the field."""
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a Python config file (as `--config=path` does) and validates it."""
+def import_config_file(path: str, module_prefix: str = ''):
+  """Imports a Python config (or study) file as a module. Config files import their parents as a package
+  (`from configs import base`): the directory that holds the outermost package around the file goes on sys.path,
+  as running a script from the repo root would."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file not found: {path}')
-  # Config files import their parents as a package (`from configs import base`): put the directory that holds
-  # the outermost package around the file on sys.path, as running a script from the repo root would.
   root = os.path.dirname(os.path.abspath(path))
   while os.path.isfile(os.path.join(root, '__init__.py')):
     root = os.path.dirname(root)
   if root not in sys.path:
     sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  spec = importlib.util.spec_from_file_location(module_prefix + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config()
+  return module
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a Python config file (as `--config=path` does) and validates it."""
+  cfg = import_config_file(path).get_config()
   validate(cfg)
   cfg.lock()
   return cfg
