@@ -37,8 +37,8 @@ Settings = dict[str, Any]  # temperature / top_k / top_p: [B] arrays; vocab_limi
 
 def stream_keys(keys_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """A row's (draft, accept, draw) keys [B] from its sampling key [B]."""
-  return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys_B, s) for s in (_DRAFT_STREAM, _ACCEPT_STREAM,
-                                                                            _DRAW_STREAM))
+  fold = jax.vmap(jax.random.fold_in, (0, None))
+  return fold(keys_B, _DRAFT_STREAM), fold(keys_B, _ACCEPT_STREAM), fold(keys_B, _DRAW_STREAM)
 
 
 class Drafter(Protocol):
@@ -75,7 +75,7 @@ def _check_ring(sampler: Sampler, gamma: int, who: str) -> None:
                      f'got extra_slots={sampler.extra_slots}')
 
 
-def _prefill_all_but_last(sampler: Sampler, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array):
+def prefill_all_but_last(sampler: Sampler, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array):
   """A fresh cache holding every prompt token except the last (the first pending token)."""
   return sampler.prefill(params, sampler.init_cache(tokens_BP.shape[0]), tokens_BP, lengths_B - 1)[1]
 
@@ -98,7 +98,7 @@ class ModelDrafter:
     _check_ring(self.sampler, gamma, 'ModelDrafter')
 
   def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> cache_lib.Cache:
-    return _prefill_all_but_last(self.sampler, params, tokens_BP, lengths_B)
+    return prefill_all_but_last(self.sampler, params, tokens_BP, lengths_B)
 
   def insert_row(self, state: cache_lib.Cache, row_state: cache_lib.Cache, index: jax.Array) -> cache_lib.Cache:
     return cache_lib.insert_row(state, row_state, index)
@@ -288,12 +288,13 @@ def _generate_loop(sampler: Sampler, drafter: Drafter, params, draft_params, tok
   settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
   keys = stream_keys(keys_B)
   prompts_BP = tokens_BL[:, :prompt_width]
-  cache = _prefill_all_but_last(sampler, params, prompts_BP, lengths_B)
+  cache = prefill_all_but_last(sampler, params, prompts_BP, lengths_B)
   draft_state = drafter.init(draft_params, prompts_BP, lengths_B)
   slots = jnp.arange(gamma + 1)[None]
 
   def cond(carry):
-    return ~jnp.all(carry[4])
+    done_B = carry[4]
+    return ~jnp.all(done_B)
 
   def body(carry):
     cache, draft_state, tokens_BL, n_B, done_B, generated_B, stats = carry
