@@ -31,8 +31,8 @@ from safetensors.numpy import save_file
 from dsjax import config as config_lib
 from dsjax.model.layers import LoraSpec, pack_int8, quantize_int8, unpack_int8
 
-__all__ = ['LoraSpec', 'TARGETS', 'spec_from_config', 'spec_for_run', 'add_adapters', 'init_adapters',
-           'adapters_of', 'trainable_mask', 'merge', 'merge_peft', 'save_peft', 'load_peft', 'quantize_int8', 'pack_int8',
+__all__ = ['LoraSpec', 'TARGETS', 'spec_from_config', 'spec_for_run', 'add_adapters', 'init_adapters', 'adapters_of',
+           'trainable_mask', 'merge', 'merge_peft', 'save_peft', 'load_peft', 'quantize_int8', 'pack_int8',
            'unpack_int8', 'dequantize']
 
 # dsjax projection name -> (dsjax module inside a layer, Hugging Face LlamaDecoderLayer module).

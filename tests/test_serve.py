@@ -240,8 +240,8 @@ def test_serve_py_answers_and_exits_on_sigterm(tmp_path):
   port = free_port()
   proc = subprocess.Popen(
       [sys.executable, 'serve.py', f'--checkpoint={tmp_path / "tiny-ckpt"}', f'--port={port}', '--num_slots=2',
-       f'--max_len={MAX_LEN}', '--draft=lookup', '--gamma=3'], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+       f'--max_len={MAX_LEN}', '--draft=lookup', '--gamma=3'], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     base = (f'http://127.0.0.1:{port}',)
     deadline = time.time() + 90
