@@ -109,10 +109,10 @@ def checkpoint_config(directory: str, model_flags: ModelFlags) -> ml_collections
   cfg = checkpoint.load_config(directory)
   if model_flags.dtype.value:
     cfg.model.dtype = model_flags.dtype.value
-  for field in ('quant', 'quant_group_size', 'quant_activations'):
-    value = getattr(model_flags, field).value
-    if value is not None:
-      cfg.quant[{'quant': 'mode'}.get(field, field[len('quant_'):])] = value
+  for holder, field in ((model_flags.quant, 'mode'), (model_flags.quant_group_size, 'group_size'),
+                        (model_flags.quant_activations, 'activations')):
+    if holder.value is not None:
+      cfg.quant[field] = holder.value
   return cfg
 
 

@@ -179,7 +179,6 @@ class Attention(nn.Module):
       q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
     new_kv = None
     if cache is not None:
-      old_k, old_v = cache.k[cache.layer], cache.v[cache.layer]  # [B, S, K, H] before this call
       new_kv = tuple(write_to_slots(c, t, cache.write_slot, cache.layer) for c, t in ((cache.k, k), (cache.v, v)))
       if attends_in_place(cfg, cache.k.shape[2], x.shape[1]):
         # Decoding one token, or a short chunk (speculative verification): its tokens are in the updated cache and
@@ -187,9 +186,10 @@ class Attention(nn.Module):
         # copy of the cache per step.
         k, v = (t[cache.layer].astype(k.dtype) for t in new_kv)
         k_pos, k_seg = cache.written_positions, cache.written_segment_ids
-      else:  # the cache as it was, then this call's tokens: exact even when they wrap a ring
-        k = jnp.concatenate([old_k.astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([old_v.astype(v.dtype), v], axis=1)
+      else:  # the cache as it was (this layer's slice before the write), then this call's tokens: exact even
+        # when they wrap a ring
+        k = jnp.concatenate([cache.k[cache.layer].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([cache.v[cache.layer].astype(v.dtype), v], axis=1)
         k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
         k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
     rel = None

@@ -168,7 +168,7 @@ class Engine:
     self._cache = self.sampler.init_cache(n)
     if drafter is None:
       self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1, 2))
-      self._decode = jax.jit(self._decode_step, donate_argnums=(1, 2))
+      self._decode = jax.jit(self._decode_step, donate_argnums=(1, 2), static_argnames=('all_greedy',))
       self._last = jnp.zeros((n, model.cfg.vocab_size), jnp.float32)  # logits each slot draws its next token from
     else:
       self._prefill = jax.jit(self._prefill_speculative, donate_argnums=(2, 3, 4))
@@ -262,12 +262,12 @@ class Engine:
     cache = cache_lib.insert_row(cache, row, slot)
     return cache, last_NV.at[slot].set(last_1V[0].astype(last_NV.dtype))
 
-  def _decode_step(self, params, cache, last_NV, pos_N, keys_N, temperature_N, top_k_N, top_p_N, active_N):
+  def _decode_step(self, params, cache, last_NV, pos_N, keys_N, temperature_N, top_k_N, top_p_N, active_N, *,
+                   all_greedy):
     """Every slot draws its next token [N] from last_NV (key folded with its position) and feeds it at pos_N;
     inactive slots get segment 0 (not written). Returns (tokens [N], cache, next logits [N, V])."""
-    probs = sampler_lib.token_probs(last_NV, temperature=temperature_N, top_k=top_k_N, top_p=top_p_N,
-                                    vocab_limit=self.vocab_limit)
-    tokens = sampler_lib.draw(probs, jax.random.wrap_key_data(keys_N), pos_N)
+    settings = dict(temperature=temperature_N, top_k=top_k_N, top_p=top_p_N, vocab_limit=self.vocab_limit)
+    tokens = sampler_lib.next_tokens(last_NV, settings, jax.random.wrap_key_data(keys_N), pos_N, all_greedy)
     tokens = jnp.where(active_N, tokens, 0)
     logits, cache = self.sampler.forward(params, cache, tokens[:, None], pos_N[:, None],
                                          active_N[:, None].astype(jnp.int32))
@@ -353,11 +353,12 @@ class Engine:
     active = np.array([r is not None for r in self._slots])
     args = (jnp.asarray(np.where(active, self._pos, 0)), jnp.asarray(self._keys), jnp.asarray(self._temperature),
             jnp.asarray(self._top_k), jnp.asarray(self._top_p), jnp.asarray(active))
+    all_greedy = bool(np.all(self._temperature[active] <= 0))  # two compiles at most: argmax or sampling
     if self.drafter is None:
-      tokens, self._cache, self._last = self._decode(self.params, self._cache, self._last, *args)
+      tokens, self._cache, self._last = self._decode(self.params, self._cache, self._last, *args,
+                                                     all_greedy=all_greedy)
       tokens, counts = np.asarray(tokens)[:, None], np.ones(self.num_slots, np.int32)
     else:
-      all_greedy = bool(np.all(self._temperature[active] <= 0))
       self._cache, self._draft_state, self._tokens, tokens, accepted = self._round(
           self.params, self.drafter.params, self._cache, self._draft_state, self._tokens, *args,
           all_greedy=all_greedy)

@@ -54,6 +54,15 @@ def probs_for(logits_BV: jax.Array, settings: dict[str, Any], all_greedy: bool) 
   return token_probs(logits_BV, **settings)
 
 
+def next_tokens(logits_BV: jax.Array, settings: dict[str, Any], keys_B: jax.Array, positions_B: jax.Array,
+                all_greedy: bool) -> jax.Array:
+  """int32 [B]: each row's next token drawn from `token_probs(logits, **settings)` with its key folded with its
+  position; when every row is greedy (static), the argmax without the sort, softmax and draw."""
+  if all_greedy:
+    return jnp.argmax(masked_logits(logits_BV, settings.get('vocab_limit')), axis=-1).astype(jnp.int32)
+  return draw(token_probs(logits_BV, **settings), keys_B, positions_B)
+
+
 def masked_logits(logits_BV: jax.Array, vocab_limit: int | None) -> jax.Array:
   """float32 logits with ids >= vocab_limit (the model's padded vocabulary) masked to -inf."""
   logits_BV = logits_BV.astype(jnp.float32)
@@ -143,11 +152,7 @@ class Sampler:
 
     def body(state):
       i, cache, last_BV, pos_B, done, out = state
-      if all_greedy:  # argmax of the same distribution, without token_probs' sort and softmax per step
-        next_B = jnp.argmax(masked_logits(last_BV, vocab_limit), axis=-1).astype(jnp.int32)
-      else:
-        next_B = draw(token_probs(last_BV, **settings), keys_B, pos_B)
-      next_B = jnp.where(done, pad_id, next_B)
+      next_B = jnp.where(done, pad_id, next_tokens(last_BV, settings, keys_B, pos_B, all_greedy))
       out = out.at[:, i].set(next_B)
       done = done | jnp.isin(next_B, stop_ids) | (i + 1 >= max_new_B)
       logits, cache = self._forward(params, cache, next_B[:, None], pos_B[:, None],
