@@ -73,7 +73,8 @@ class Transformer(nn.Module):
 
   apply({'params': p}, tokens [B, T], positions [B, T], segment_ids=None, memory=None, cache=None,
         deterministic=True)
-  -> (logits float32 [B, T, V], aux dict(router_loss=float32 scalar, memory=Memory | None, cache=Cache | None)).
+  -> (logits float32 [B, T, V], aux dict(router_loss=float32 scalar, memory=Memory | None, cache=Cache | None,
+  hidden=the final-normed hidden states [B, T, D])).
   Positions restart at 0 in each document; segment_ids None means one document per row; 0 marks padding.
   cache (decoding, dsjax/model/cache.py): the tokens attend to the cached ones and are added to the returned cache;
   with a cache, XL memory is not used (the cache holds every past token).
@@ -140,4 +141,7 @@ class Transformer(nn.Module):
     new_cache = None
     if cache is not None:
       new_cache = dict(k=new_kv[0], v=new_kv[1], positions=written[0], segment_ids=written[1])
-    return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory, cache=new_cache)
+    # `hidden` (the final-normed states [B, T, D]) serves as a text embedding (dsjax/retrieval); jit drops it when
+    # the caller does not use it.
+    return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory, cache=new_cache,
+                                            hidden=x)
