@@ -60,6 +60,23 @@ def get_config() -> ml_collections.ConfigDict:
   d.num_shards = 0             # data shards (0: one per process); each process reads num_shards / processes of
                                # them, so the global batches do not depend on the number of processes
   d.eval_batches = 16
+  # Mixtures (dsjax/data/mixture.py): {name: {source, weight[, jsonl_field, include_stdlib_tests]}}; config files add
+  # entries (see configs/continual_deepseek_coder.py), the command line can change them. Empty: data.source alone.
+  d.mixture = ml_collections.ConfigDict()
+  d.mixture_unit = 'tokens'    # weights are shares of tokens | documents
+  d.balance_by = ''            # class-balanced sampling within each source by: '' (off) | extension | directory |
+                               # a JSONL field (e.g. 'lang')
+  d.balance_alpha = 0.0        # class share ~ size ** alpha: 0 balanced, 1 natural proportions
+  d.dedup = 'near'             # none | exact | near (MinHash, includes exact): across all sources, before the split
+  d.dedup_threshold = 0.8      # near duplicates: estimated Jaccard similarity of word 5-gram shingles
+  d.scrub = ''                 # secrets/PII scrubbing (dsjax/data/scrub.py): '' (off) | all | comma-separated
+                               # categories
+  d.scrub_mode = 'mask'        # mask (placeholders such as <EMAIL>) | drop_document
+  d.cache_dir = ''             # dedup/scrub pass results; '' = $XDG_CACHE_HOME/dsjax (~/.cache/dsjax)
+  d.fim_rate = 0.0             # share of training documents in fill-in-the-middle form (DeepSeek-Coder: 0.5)
+  d.fim_spm_rate = 0.5         # of those, the share in SPM order (else PSM)
+  d.curriculum = ()            # ((start_step, seq_len, fim_rate), ...): short-to-long rows and a FIM schedule; the
+                               # first stage starts at 0, seq_len <= data.seq_len; (): data.seq_len and fim_rate
 
   # ---------------------------------------------------------------- training
   t = cfg.train = ml_collections.ConfigDict()

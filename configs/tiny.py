@@ -8,7 +8,7 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
   cfg = base.get_config()
   m = cfg.model
-  m.vocab_size = 384           # 259 byte-level ids, padded to a multiple of 128
+  m.vocab_size = 384           # 262 byte-level ids, padded to a multiple of 128
   m.hidden_size = 256
   m.num_layers = 4
   m.num_heads = 8

@@ -160,6 +160,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if 'quant' in cfg:
     _check_choice(cfg, 'quant.mode', ('none', 'int8', 'int4'))
     _check_positive(cfg, 'quant.group_size')
+  _validate_data(cfg.data)
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+  """The mixture, cleaning and curriculum fields of `data` (checked without reading any data)."""
+  from dsjax.data import mixture, pipeline  # pylint: disable=g-import-not-at-top  (they import grain)
+  for field, choices in (('mixture_unit', mixture.UNITS), ('dedup', ('none', 'exact', 'near')),
+                         ('scrub_mode', ('mask', 'drop_document'))):
+    if field in d:
+      _check_choice(d, field, choices, prefix='data')
+  for field in ('dedup_threshold', 'fim_rate', 'fim_spm_rate'):
+    if field in d and not 0 <= d[field] <= 1:
+      _fail(f'data.{field}', d[field], 'must be in [0, 1]')
+  if 'balance_alpha' in d and d.balance_alpha < 0:
+    _fail('data.balance_alpha', d.balance_alpha, 'must be >= 0')
+  try:
+    mixture.source_specs(d)
+    pipeline.curriculum_stages(d)
+    mixture.scrub_config(d)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
 
 
 def dtype(name: str) -> jnp.dtype:

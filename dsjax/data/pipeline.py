@@ -1,9 +1,13 @@
 """The grain input pipeline: documents -> shuffled, tokenized, packed, fixed-shape batches.
 
-  documents of one split (corpus.load_split)
-    -> this process's shard, by document           MapDataset slicing   [shard_index::shard_count]
+  the mixture's components for one split          dsjax/data/mixture.py: sources deduplicated and scrub-counted
+                                                    before the split; class-balanced with data.balance_by
+    -> this process's shard of each, by document   MapDataset slicing   [shard_index::shard_count]
     -> shuffled by document, reshuffled per epoch   MapDataset.shuffle(seed) then .repeat()
-    -> [bos] + encode(text) + [eos], cut in pieces  MapDataset.map, run on grain read threads (data.num_threads)
+    -> mixed by weight, tagged with the component   MapDataset.mix (mixture.mixed_documents)
+    -> scrubbed (data.scrub), [bos] + encode(text)  MapDataset.random_map, run on grain read threads
+       (in fill-in-the-middle form for data.fim_rate of the training documents, dsjax/data/fim.py) + [eos],
+       cut in pieces
     -> one element per piece                        grain.experimental.FlatMapIterDataset
     -> packed into rows of seq_len, rows shuffled   grain.experimental.FirstFitPackIterDataset
        within each packing group
@@ -13,7 +17,9 @@
 A batch is a dict of int32 numpy arrays, all [batch_size, seq_len]:
   inputs       token ids; targets  the next token of the same document (inputs shifted left by one within a segment);
   segment_ids  1, 2, ... numbers the document pieces within a row, 0 = padding (loss mask: segment_ids > 0);
-  positions    position within the piece, restarting at 0 at each piece start.
+  positions    position within the piece, restarting at 0 at each piece start;
+  source_ids   the mixture component each token comes from (index into mixture.components; 0 in padding): the
+               trainer logs the realised proportions from it and drops it before the step.
 Padding cells hold tokenizer.pad_id in inputs/targets and 0 in segment_ids/positions.
 
 Every stage is a grain dataset whose iterator state is exact, so `it = iter(ds); it.set_state(state)` on a fresh
@@ -30,12 +36,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
 
 from dsjax.data import corpus
+from dsjax.data import fim
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.data import mixture
 from dsjax.data.tokenizer import Tokenizer
 
 # Tokens per packing group: FirstFit fills ceil(PACK_GROUP_TOKENS / seq_len) rows at once (at least batch_size), then
@@ -48,32 +57,49 @@ READ_PREFETCH_DOCS = 64
 PREFETCH_BATCHES = 2
 
 
-def document_pieces(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+def document_pieces(tokens: np.ndarray, seq_len: int, source_id: int = 0) -> list[np.ndarray]:
   """Next-token pairs of one document cut into pieces of at most `seq_len` pairs.
 
-  `tokens` [n] is the whole document, [bos, ..., eos]. Its pairs are [n - 1, 2]: column 0 the inputs tokens[:-1],
-  column 1 the targets tokens[1:]; piece k holds pairs [k * seq_len, (k + 1) * seq_len). Each piece later becomes its
-  own segment with positions from 0: the standard practice for fixed-length rows (a document longer than a row is
-  continued in another row, and attention cannot reach across rows anyway). No text is thrown away: every token after
-  bos is a target exactly once.
+  `tokens` [n] is the whole document, [bos, ..., eos]. Its pairs are [n - 1, 3]: column 0 the inputs tokens[:-1],
+  column 1 the targets tokens[1:], column 2 `source_id`; piece k holds pairs [k * seq_len, (k + 1) * seq_len). Each
+  piece later becomes its own segment with positions from 0: the standard practice for fixed-length rows (a document
+  longer than a row is continued in another row, and attention cannot reach across rows anyway). No text is thrown
+  away: every token after bos is a target exactly once.
   """
-  pairs = np.stack([tokens[:-1], tokens[1:]], axis=1)
+  pairs = np.stack([tokens[:-1], tokens[1:], np.full(len(tokens) - 1, source_id, tokens.dtype)], axis=1)
   return [pairs[s:s + seq_len] for s in range(0, len(pairs), seq_len)]
 
 
 class _TokenizeDocument:
-  """corpus.Document -> its pieces as packer elements {'pairs': [piece_len, 2]}. Runs on grain read threads."""
+  """(component index, corpus.Document), rng -> its pieces as packer elements {'pairs': [piece_len, 3]}. Runs on
+  grain read threads; `rng` is grain's per-element generator (seeded by the element's index, so resumable)."""
 
-  def __init__(self, tokenizer: Tokenizer, seq_len: int):
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, fim_rate: float = 0.0, fim_spm_rate: float = 0.5,
+               scrub_config: Any = None):
     self._tokenizer = tokenizer
     self._seq_len = seq_len
     self._bos = np.asarray([tokenizer.bos_id], np.int32)
     self._eos = np.asarray([tokenizer.eos_id], np.int32)
+    self._fim_rate = fim_rate
+    self._fim_spm_rate = fim_spm_rate
+    if fim_rate > 0 and getattr(tokenizer, 'fim_ids', None) is None:
+      raise ValueError(f'data.fim_rate={fim_rate}: the tokenizer {tokenizer!r} has no fill-in-the-middle tokens '
+                       f'(names: {tokenizer_lib.FIM_TOKEN_NAMES})')
+    self._scrubber = None
+    if scrub_config is not None:
+      from dsjax.data import scrub  # pylint: disable=g-import-not-at-top
+      self._scrubber = scrub.Scrubber(scrub_config)
 
-  def __call__(self, doc: corpus.Document) -> list[dict[str, np.ndarray]]:
-    ids = np.asarray(self._tokenizer.encode(doc.text), dtype=np.int32)
+  def __call__(self, element: tuple[int, corpus.Document], rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    source_id, doc = element
+    text = doc.text
+    if self._scrubber is not None:
+      text = self._scrubber.scrub(text)[0] or ''  # drop_document mode: mixture.prepare already dropped these
+    ids = np.asarray(self._tokenizer.encode(text), dtype=np.int32)
+    if self._fim_rate > 0 and rng.random() < self._fim_rate:
+      ids = fim.permute(ids, self._tokenizer.fim_ids, rng, self._fim_spm_rate)
     tokens = np.concatenate([self._bos, ids, self._eos])
-    return [{'pairs': piece} for piece in document_pieces(tokens, self._seq_len)]
+    return [{'pairs': piece} for piece in document_pieces(tokens, self._seq_len, source_id)]
 
 
 class _Unlist(grain.experimental.FlatMapTransform):
@@ -87,7 +113,8 @@ class _Unlist(grain.experimental.FlatMapTransform):
 class _ToBatch:
   """Packed rows -> the batch dict, padding the last partial batch with empty rows.
 
-  Hand-written because the packed feature is the [seq_len, 2] `pairs` (split here into inputs and targets), grain's
+  Hand-written because the packed feature is the [seq_len, 3] `pairs` (split here into inputs, targets and source
+  ids), grain's
   packers name their outputs `<feature>_segment_ids` / `<feature>_positions` and pad with 0, and grain's
   batch_and_pad uses one pad value for all features.
   """
@@ -101,67 +128,58 @@ class _ToBatch:
     pos = np.zeros_like(seg)
     inputs = np.full_like(seg, self._pad_id)
     targets = np.full_like(seg, self._pad_id)
+    sources = np.zeros_like(seg)
     for i, row in enumerate(rows):
       seg[i] = row['pairs_segment_ids']
       pos[i] = row['pairs_positions']
-      inputs[i] = row['pairs'][:, 0]
-      targets[i] = row['pairs'][:, 1]
+      inputs[i], targets[i], sources[i] = row['pairs'].T
     inputs[seg == 0] = self._pad_id
     targets[seg == 0] = self._pad_id
-    return {'inputs': inputs, 'targets': targets, 'segment_ids': seg, 'positions': pos}
-
-
-def document_dataset(docs: corpus.DocumentSource, *, seed: int, shuffle: bool, repeat: bool, shard_index: int = 0,
-                     shard_count: int = 1) -> grain.MapDataset:
-  """The documents this process reads, in reading order: shard `shard_index::shard_count` of `docs`, shuffled with
-  `seed` if `shuffle`, repeated forever if `repeat`.
-
-  Shuffle comes before repeat: grain's ShuffleMapDataset reseeds with seed + epoch for indices past the first epoch
-  (RepeatMapDataset passes them through), so every epoch is a different permutation of the same documents.
-  """
-  if shard_count < 1 or not 0 <= shard_index < shard_count:
-    raise ValueError(f'need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}')
-  ds = grain.MapDataset.source(docs)[shard_index::shard_count]
-  if len(ds) == 0:
-    raise ValueError(f'shard {shard_index} of {shard_count} of {docs!r} has no documents (fewer documents than '
-                     'processes)')
-  if shuffle:
-    ds = ds.shuffle(seed=seed % 2**32)
-  if repeat:
-    ds = ds.repeat()
-  return ds
+    sources[seg == 0] = 0
+    return {'inputs': inputs, 'targets': targets, 'segment_ids': seg, 'positions': pos, 'source_ids': sources}
 
 
 def make_dataset(data_cfg: Any, tokenizer: Tokenizer, *, split: str, batch_size: int, seed: int,
-                 shard_index: int = 0, shard_count: int = 1, repeat: bool,
-                 shuffle: bool | None = None) -> grain.IterDataset:
+                 shard_index: int = 0, shard_count: int = 1, repeat: bool, shuffle: bool | None = None,
+                 components: Sequence[mixture.Component] | None = None, seq_len: int | None = None,
+                 fim_rate: float | None = None) -> grain.IterDataset:
   """The batches of `split` for one process, as a grain IterDataset (see the module docstring for the format).
 
   Args:
-    data_cfg: `cfg.data` (source, include_stdlib_tests, jsonl_field, validation_fraction, seq_len, num_threads).
+    data_cfg: `cfg.data` (sources: source or mixture, dedup/scrub/balance settings, validation_fraction, seq_len,
+      fim_rate, fim_spm_rate, num_threads).
     tokenizer: a `Tokenizer`; each document becomes [bos] + encode(text) + [eos].
     split: 'train' or 'validation'.
     batch_size: rows per batch for this process (the global batch / shard_count).
-    seed: document shuffle and packing-group shuffle seed (e.g. `cfg.data.shuffle_seed`).
-    shard_index, shard_count: this process reads documents shard_index::shard_count (jax.process_index() /
-      jax.process_count()), so processes read disjoint documents.
-    repeat: True: endless, each epoch in a new order. False: one pass, then StopIteration; the last partial batch is
-      padded with empty rows (segment 0), so shapes stay fixed and every token is seen exactly once.
+    seed: document shuffle, fill-in-the-middle and packing-group shuffle seed (e.g. `cfg.data.shuffle_seed`).
+    shard_index, shard_count: this process reads documents shard_index::shard_count of every component
+      (jax.process_index() / jax.process_count()), so processes read disjoint documents.
+    repeat: True: endless, each epoch in a new order. False: one pass (of the first component to run out), then
+      StopIteration; the last partial batch is padded with empty rows (segment 0), so shapes stay fixed.
     shuffle: shuffle documents and rows; default True for 'train', False for 'validation' (a fixed order).
+    components: the mixture components of `split` (default: `mixture.components(data_cfg, split)`).
+    seq_len, fim_rate: override data.seq_len / data.fim_rate (a curriculum stage). Validation batches never use
+      fill-in-the-middle, so held-out losses stay comparable across settings.
 
   Returns:
-    IterDataset of {'inputs', 'targets', 'segment_ids', 'positions'}: int32 [batch_size, seq_len]. Its iterator is a
-    grain DatasetIterator with exact get_state() / set_state().
+    IterDataset of {'inputs', 'targets', 'segment_ids', 'positions', 'source_ids'}: int32 [batch_size, seq_len].
+    Its iterator is a grain DatasetIterator with exact get_state() / set_state().
   """
-  seq_len = int(data_cfg.seq_len)
+  seq_len = int(seq_len or data_cfg.seq_len)
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'data.seq_len and batch_size must be positive, got seq_len={seq_len}, batch_size={batch_size}')
   if shuffle is None:
     shuffle = split == 'train'
-  docs = corpus.load_split(data_cfg, split)
-  ds = document_dataset(docs, seed=seed, shuffle=shuffle, repeat=repeat, shard_index=shard_index,
-                        shard_count=shard_count)
-  ds = ds.map(_TokenizeDocument(tokenizer, seq_len))
+  if fim_rate is None:
+    fim_rate = float(data_cfg.get('fim_rate', 0.0))
+  if split != 'train':
+    fim_rate = 0.0
+  if components is None:
+    components = mixture.components(data_cfg, split)
+  ds = mixture.mixed_documents(components, unit=data_cfg.get('mixture_unit', 'tokens'), seed=seed, shuffle=shuffle,
+                               repeat=repeat, shard_index=shard_index, shard_count=shard_count)
+  ds = ds.random_map(_TokenizeDocument(tokenizer, seq_len, fim_rate, float(data_cfg.get('fim_spm_rate', 0.5)),
+                                       mixture.scrub_config(data_cfg)), seed=(seed + 1) % 2**32)
   num_threads = int(data_cfg.num_threads)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=READ_PREFETCH_DOCS if num_threads else 0))
@@ -171,8 +189,8 @@ def make_dataset(data_cfg: Any, tokenizer: Tokenizer, *, split: str, batch_size:
   # shorter than a row is never split across two rows, the pieces are the same every epoch, and a test can compute
   # them independently. The price is a little padding at the end of some rows (small with large groups; see
   # PACK_GROUP_TOKENS), where ConcatThenSplit would leave none but would cut documents wherever a row ends.
-  # Inputs and targets travel as one [len, 2] feature: grain's packer costs ~0.15 ms per element and feature, so one
-  # feature packs about 30% faster than two.
+  # Inputs, targets and source ids travel as one [len, 3] feature: grain's packer costs ~0.15 ms per element and
+  # feature, so one feature packs faster than several.
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={'pairs': seq_len},
       num_packing_bins=max(batch_size, math.ceil(PACK_GROUP_TOKENS / seq_len)), seed=seed % 2**32,
@@ -189,40 +207,111 @@ def process_shards(num_shards: int, process_index: int, process_count: int) -> r
   return range(process_index * per_process, (process_index + 1) * per_process)
 
 
+class Stage(NamedTuple):
+  """One curriculum stage: from global batch `start` on, rows are `seq_len` long and `fim_rate` of the training
+  documents are in fill-in-the-middle form."""
+  start: int
+  seq_len: int
+  fim_rate: float
+
+
+def curriculum_stages(data_cfg: Any) -> list[Stage]:
+  """`data.curriculum` ((start_step, seq_len, fim_rate), ...) as Stages, checked; () -> one stage of data.seq_len
+  and data.fim_rate. Raises ValueError naming the field."""
+  raw = tuple(data_cfg.get('curriculum', ()) or ())
+  if not raw:
+    return [Stage(0, int(data_cfg.seq_len), float(data_cfg.get('fim_rate', 0.0)))]
+  stages = []
+  for entry in raw:
+    if len(entry) != 3:
+      raise ValueError(f'data.curriculum: each stage is (start_step, seq_len, fim_rate), got {entry!r}')
+    stage = Stage(int(entry[0]), int(entry[1]), float(entry[2]))
+    if not 1 <= stage.seq_len <= int(data_cfg.seq_len):
+      raise ValueError(f'data.curriculum: stage {entry!r} has seq_len outside [1, data.seq_len={data_cfg.seq_len}]')
+    if not 0.0 <= stage.fim_rate <= 1.0:
+      raise ValueError(f'data.curriculum: stage {entry!r} has fim_rate outside [0, 1]')
+    if stages and stage.start <= stages[-1].start:
+      raise ValueError('data.curriculum: stage start steps must increase')
+    stages.append(stage)
+  if stages[0].start != 0:
+    raise ValueError(f'data.curriculum: the first stage must start at step 0, got {stages[0].start}')
+  return stages
+
+
+def stage_at(stages: Sequence[Stage], batch_index: int) -> int:
+  """The index of the stage global batch `batch_index` (0-based) belongs to."""
+  return max(i for i, stage in enumerate(stages) if stage.start <= batch_index)
+
+
 class ShardedBatchIterator:
-  """One process's rows of every global batch: its data shards' batches, concatenated in shard order.
+  """One process's rows of every global batch: its data shards' batches, concatenated in shard order, following the
+  curriculum (`data.curriculum`).
 
   The global batch is the concatenation over shards 0..S-1 (S = data.num_shards), so it is the same for any number
   of processes dividing S: two processes reading shards {0} and {1} assemble exactly the batches one process
-  reading {0, 1} sees. State: `get_state()` -> bytes (JSON of every shard iterator's state) and
-  `set_state(bytes)`, the protocol grain.checkpoint's orbax handler uses for non-grain iterators.
+  reading {0, 1} sees. At a curriculum stage's first batch the shard iterators are rebuilt with the stage's seq_len
+  and fim_rate (and a seed of their own, so a stage reads the documents in a new order, as a new epoch would).
+  State: `get_state()` -> bytes (JSON of the batch count and every shard iterator's state) and `set_state(bytes)`,
+  the protocol grain.checkpoint's orbax handler uses for non-grain iterators; a restored iterator continues in the
+  same stage with exactly the batches that would have followed.
   """
 
   def __init__(self, data_cfg: Any, tokenizer: Tokenizer, *, split: str, global_batch_size: int, seed: int,
                num_shards: int, process_index: int = 0, process_count: int = 1, repeat: bool = True):
     if global_batch_size % num_shards:
       raise ValueError(f'the batch of {global_batch_size} rows does not split into {num_shards} data shards')
+    self._data_cfg, self._tokenizer, self._split, self._seed, self._repeat = data_cfg, tokenizer, split, seed, repeat
+    self._num_shards, self._shard_batch = num_shards, global_batch_size // num_shards
+    self._shards = process_shards(num_shards, process_index, process_count)
+    self.components = mixture.components(data_cfg, split)
+    self.stages = curriculum_stages(data_cfg)
+    self._batches = 0
+    self._start_stage(0)
+
+  def _start_stage(self, index: int) -> None:
+    self._stage = index
+    stage = self.stages[index]
     self._iterators = [
-        iter(make_dataset(data_cfg, tokenizer, split=split, batch_size=global_batch_size // num_shards, seed=seed,
-                          shard_index=shard, shard_count=num_shards, repeat=repeat))
-        for shard in process_shards(num_shards, process_index, process_count)]
+        iter(make_dataset(self._data_cfg, self._tokenizer, split=self._split, batch_size=self._shard_batch,
+                          seed=self._seed + 1_000_003 * index, shard_index=shard, shard_count=self._num_shards,
+                          repeat=self._repeat, components=self.components, seq_len=stage.seq_len,
+                          fim_rate=stage.fim_rate))
+        for shard in self._shards]
+
+  @property
+  def stage(self) -> Stage:
+    """The curriculum stage of the next batch."""
+    return self.stages[stage_at(self.stages, self._batches)]
 
   def __iter__(self) -> ShardedBatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    stage = stage_at(self.stages, self._batches)
+    if stage != self._stage:
+      self._start_stage(stage)
     parts = [next(it) for it in self._iterators]
+    self._batches += 1
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
   def get_state(self) -> bytes:
-    return json.dumps([it.get_state() for it in self._iterators]).encode()
+    return json.dumps({'batches': self._batches, 'stage': self._stage,
+                       'shards': [it.get_state() for it in self._iterators]}).encode()
 
   def set_state(self, state: bytes) -> None:
-    states = json.loads(state)
-    if len(states) != len(self._iterators):
-      raise ValueError(f'the data iterator state holds {len(states)} shards, this process reads '
+    state = json.loads(state)
+    if isinstance(state, list):  # written before curriculum stages existed: the shard states alone
+      state = {'batches': 0, 'stage': 0, 'shards': state}
+    if len(state['shards']) != len(self._iterators):
+      raise ValueError(f'the data iterator state holds {len(state["shards"])} shards, this process reads '
                        f'{len(self._iterators)}: resume with the same data.num_shards and number of processes')
-    for it, s in zip(self._iterators, states):
+    if state['stage'] >= len(self.stages):
+      raise ValueError(f'the data iterator state is in curriculum stage {state["stage"]}, data.curriculum has '
+                       f'{len(self.stages)}: resume with the same data.curriculum')
+    self._batches = int(state['batches'])
+    if state['stage'] != self._stage:
+      self._start_stage(state['stage'])
+    for it, s in zip(self._iterators, state['shards']):
       it.set_state(s)
 
   def start_prefetch(self) -> None:

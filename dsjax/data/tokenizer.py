@@ -22,6 +22,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 DEFAULT_BOS_TOKENS = ('<｜begin▁of▁sentence｜>', '<s>', '<|begin_of_text|>', '<bos>', '<|endoftext|>')
 DEFAULT_EOS_TOKENS = ('<｜end▁of▁sentence｜>', '</s>', '<|end_of_text|>', '<eos>', '<|endoftext|>')
 DEFAULT_PAD_TOKENS = ('<pad>', '<|pad|>', '<｜▁pad▁｜>', '[PAD]')  # none found: pad = eos (padding is masked anyway)
+# Fill-in-the-middle sentinels (prefix, suffix, middle), looked up by name: DeepSeek-Coder's, then StarCoder's (the
+# names train_bpe adds). DeepSeek-Coder writes <fim_begin> prefix <fim_hole> suffix <fim_end> middle.
+FIM_TOKEN_NAMES = (('<｜fim▁begin｜>', '<｜fim▁hole｜>', '<｜fim▁end｜>'), ('<fim_prefix>', '<fim_suffix>', '<fim_middle>'))
 _BYTE_FALLBACK = re.compile(r'<0x[0-9A-Fa-f]{2}>')
 
 
@@ -32,6 +35,7 @@ class Tokenizer(Protocol):
   bos_id: int
   eos_id: int
   pad_id: int
+  fim_ids: tuple[int, int, int] | None  # (prefix, suffix, middle) sentinels; None: no fill-in-the-middle tokens
 
   def encode(self, text: str) -> np.ndarray:
     """text -> int32 ids [num_tokens], without bos/eos."""
@@ -47,11 +51,13 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-  """UTF-8 bytes as tokens: ids 0..255 are the bytes, 256 = pad, 257 = bos, 258 = eos; vocab_size 259."""
-  vocab_size = 259
+  """UTF-8 bytes as tokens: ids 0..255 are the bytes, 256 = pad, 257 = bos, 258 = eos, 259..261 = the
+  fill-in-the-middle sentinels prefix, suffix, middle; vocab_size 262."""
+  vocab_size = 262
   pad_id = 256
   bos_id = 257
   eos_id = 258
+  fim_ids = (259, 260, 261)
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
@@ -104,6 +110,12 @@ class HFTokenizer:
     self.bos_id = self._tok.token_to_id(self.bos_token)
     self.eos_id = self._tok.token_to_id(self.eos_token)
     self.pad_id = self._tok.token_to_id(self.pad_token)
+    self.fim_ids = None
+    for names in FIM_TOKEN_NAMES:
+      ids = tuple(self._tok.token_to_id(n) for n in names)
+      if all(i is not None for i in ids):
+        self.fim_ids = ids
+        break
 
   def _find_special(self, role: str, name: str | None, candidates: Sequence[str]) -> str:
     if name is not None:
@@ -167,15 +179,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
               bos_token: str = '<s>', eos_token: str = '</s>', min_frequency: int = 2,
               show_progress: bool = False) -> HFTokenizer:
   """Trains a byte-level BPE (ByteLevel pre-tokenizer and decoder, no prefix space, all 256 bytes in the base
-  alphabet, specials pad/bos/eos with ids 0/1/2) on `texts`, saves it to `out_path` and returns it loaded."""
-  num_base = 3 + len(pre_tokenizers.ByteLevel.alphabet())
+  alphabet, specials pad/bos/eos with ids 0/1/2 and the fill-in-the-middle sentinels <fim_prefix>/<fim_suffix>/
+  <fim_middle> with ids 3/4/5) on `texts`, saves it to `out_path` and returns it loaded."""
+  fim_tokens = list(FIM_TOKEN_NAMES[1])
+  num_base = 3 + len(fim_tokens) + len(pre_tokenizers.ByteLevel.alphabet())
   if vocab_size < num_base:
-    raise ValueError(f'vocab_size must be at least {num_base} (3 specials + 256 bytes), got {vocab_size}')
+    raise ValueError(f'vocab_size must be at least {num_base} (6 specials + 256 bytes), got {vocab_size}')
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
-                                special_tokens=[pad_token, bos_token, eos_token],
+                                special_tokens=[pad_token, bos_token, eos_token] + fim_tokens,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer=trainer)
   out_path = os.fspath(out_path)

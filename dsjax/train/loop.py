@@ -22,6 +22,7 @@ from dsjax import distill
 from dsjax import lora as lora_lib
 from dsjax import privacy
 from dsjax import sharding as sharding_lib
+from dsjax.data import mixture
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
@@ -45,7 +46,8 @@ def load_eval_batches(cfg: ml_collections.ConfigDict, tokenizer) -> list[dict[st
   (every process loads them all and feeds its own rows)."""
   dataset = pipeline.make_dataset(cfg.data, tokenizer, split='validation', batch_size=cfg.train.batch_size,
                                   seed=cfg.data.shuffle_seed, repeat=False)
-  batches = list(itertools.islice(iter(dataset), cfg.data.eval_batches))
+  batches = [{k: v for k, v in b.items() if k != 'source_ids'}
+             for b in itertools.islice(iter(dataset), cfg.data.eval_batches)]
   if not batches:
     raise config_lib.ConfigError('the validation split produced no batch: lower train.batch_size or data.seq_len, '
                      'or raise data.validation_fraction')
@@ -112,7 +114,11 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())
     eval_batches = load_eval_batches(cfg, tokenizer)
   except ValueError as e:  # an empty source or split: name the config field that points at it
-    raise config_lib.ConfigError(f'config.data.source={cfg.data.source!r}: {e}') from e
+    where = f'config.data.mixture ({", ".join(cfg.data.mixture)})' if cfg.data.get('mixture') else (
+        f'config.data.source={cfg.data.source!r}')
+    raise config_lib.ConfigError(f'{where}: {e}') from e
+  data_summary = mixture.prepare(cfg.data)[1]
+  shares = mixture.RealisedShares([c.name for c in train_iter.components])
 
   batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
   replicated = sharding_lib.replicated(mesh)
@@ -156,13 +162,19 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   eval_arrays = [sharding_lib.global_batch(local_rows(b), batch_sharding) for b in eval_batches]
   logger = metrics_lib.MetricsLogger(cfg.train.workdir, tensorboard=cfg.train.tensorboard, enabled=main_process)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  throughput = _Throughput(cfg, tokens_per_step, start_step)
+  throughput = _Throughput(cfg, start_step)
 
   bar = tqdm.tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress_bar and main_process),
                   desc='train', unit='step', dynamic_ncols=True)
   _say(bar, main_process, f'model: {num_params:,} parameters; attention={cfg.model.attention.kind}, '
        f'positions={cfg.model.positions.kind}; {tokens_per_step:,} tokens per step; mesh {dict(mesh.shape)} over '
        f'{jax.process_count()} process(es)' + (f'; resumed at step {start_step}' if resume_step is not None else ''))
+  _say(bar, main_process, mixture.format_report(train_iter.components, data_summary, cfg.data.mixture_unit))
+  logger.write('data', {'step': start_step, **{k: v for k, v in data_summary.items()},
+                        'weights': {c.name: c.weight for c in train_iter.components}})
+  if len(train_iter.stages) > 1:
+    _say(bar, main_process, 'curriculum: ' + '; '.join(
+        f'from step {s.start + 1}: seq_len {s.seq_len}, fim_rate {s.fim_rate:g}' for s in train_iter.stages))
   if lora:
     num_trainable = state_lib.param_count(lora_lib.adapters_of(state.params))
     _say(bar, main_process, f'lora: {num_trainable:,} trainable adapter parameters (rank {lora.rank}, alpha '
@@ -179,11 +191,13 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   try:
     for step in range(start_step + 1, cfg.train.steps + 1):
       local = next(train_iter)
+      shares.update(local.pop('source_ids'), local['segment_ids'])
+      throughput.tokens += cfg.train.batch_size * local['inputs'].shape[1]
       unigram.update(local['targets'], local['segment_ids'])
       state, step_metrics = train_step(state, sharding_lib.global_batch(local, batch_sharding), dropout_rng,
                                        *teacher_args)
       if pending is not None:
-        _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger)
+        _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger, shares)
       pending = (step, step_metrics)
       bar.update(1)
       eval_loss = None
@@ -204,7 +218,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
              (f', checkpoint saved in {checkpointer.directory}' if checkpointer else ''))
         break
     if pending is not None:
-      _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger)
+      _finish_step(*pending, cfg, throughput, learning_rate, bar, history, logger, shares)
   finally:
     watcher.close()
     bar.close()
@@ -326,16 +340,16 @@ def _tokenizer_files(spec: str) -> list[str]:
 class _Throughput:
   """Tokens per second and MFU between consecutive logged steps (FLOPs per token from dsjax.train.flops)."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, tokens_per_step: int, start_step: int):
-    self.tokens_per_step = tokens_per_step
+  def __init__(self, cfg: ml_collections.ConfigDict, start_step: int):
+    self.tokens = 0  # global tokens since the last update (the loop adds each step's; curriculum stages differ)
     self.flops_per_token = flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
     self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
     self.time, self.step = time.time(), start_step
 
   def update(self, step: int) -> dict[str, float]:
     now = time.time()
-    tokens_per_sec = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
-    self.time, self.step = now, step
+    tokens_per_sec = self.tokens / max(now - self.time, 1e-9)
+    self.time, self.step, self.tokens = now, step, 0
     out = {'tokens_per_sec': tokens_per_sec}
     mfu = flops_lib.mfu(tokens_per_sec, self.flops_per_token, jax.device_count(), self.peak)
     if mfu is not None:
@@ -344,8 +358,9 @@ class _Throughput:
 
 
 def _finish_step(step: int, device_metrics, cfg: ml_collections.ConfigDict, throughput: _Throughput, learning_rate,
-                 bar, history: list, logger: metrics_lib.MetricsLogger) -> None:
-  """Reads one step's metrics (waiting for that step only): stops a diverged run, logs every `train.log_every`."""
+                 bar, history: list, logger: metrics_lib.MetricsLogger, shares: mixture.RealisedShares) -> None:
+  """Reads one step's metrics (waiting for that step only): stops a diverged run, logs every `train.log_every`
+  (with a mixture, the realised token share of each component so far on this process as `share/<name>`)."""
   streak = int(device_metrics['nonfinite_streak'])
   if streak:
     _say(bar, jax.process_index() == 0, f'step {step}: non-finite loss or gradient, update skipped '
@@ -358,6 +373,8 @@ def _finish_step(step: int, device_metrics, cfg: ml_collections.ConfigDict, thro
     return
   record = {'step': step, **{k: float(v) for k, v in jax.device_get(device_metrics).items()},
             'learning_rate': float(learning_rate(step - 1)), **throughput.update(step)}
+  if len(shares.names) > 1:
+    record.update({f'share/{name}': share for name, share in shares.shares().items()})
   history.append(record)
   logger.write('train', record)
   postfix = dict(loss=f'{record["loss"]:.3f}', tok_s=f'{record["tokens_per_sec"]:,.0f}')

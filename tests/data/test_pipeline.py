@@ -7,7 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from dsjax.data import corpus, pipeline
+from dsjax.data import corpus, mixture, pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from tests.data.conftest import make_data_cfg
 
@@ -54,7 +54,7 @@ def split_rows(batches, pad_id):
   pieces = collections.Counter()
   rows = 0
   for b in batches:
-    assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions'}
+    assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions', 'source_ids'}
     for v in b.values():
       assert v.dtype == np.int32 and v.shape == (BATCH, SEQ_LEN)
     for inputs, targets, seg, pos in zip(b['inputs'], b['targets'], b['segment_ids'], b['positions']):
@@ -145,21 +145,26 @@ def test_same_seed_same_batches_different_seed_different_order(corpus_dir, group
   assert batches_differ(a, c)
 
 
+def docs_ds(docs, **kwargs):
+  """The document order of a one-source mixture: (0, document) pairs."""
+  return mixture.mixed_documents([mixture.Component('data', docs, 1.0)], unit='documents', **kwargs)
+
+
 def test_epochs_are_reshuffled(corpus_dir):
   root, expected = corpus_dir
   docs = corpus.list_documents(root)
   n = len(docs)
-  ds = pipeline.document_dataset(docs, seed=0, shuffle=True, repeat=True)
-  epochs = [[ds[i].name for i in range(e * n, (e + 1) * n)] for e in range(3)]
+  ds = docs_ds(docs, seed=0, shuffle=True, repeat=True)
+  epochs = [[ds[i][1].name for i in range(e * n, (e + 1) * n)] for e in range(3)]
   for names in epochs:
     assert sorted(names) == sorted(expected)  # each epoch is a permutation of all documents
   assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
   assert epochs[0] != docs.names  # shuffled
-  again = pipeline.document_dataset(docs, seed=0, shuffle=True, repeat=True)
-  assert [again[i].name for i in range(n, 2 * n)] == epochs[1]
+  again = docs_ds(docs, seed=0, shuffle=True, repeat=True)
+  assert [again[i][1].name for i in range(n, 2 * n)] == epochs[1]
   # Without shuffle: source order, one pass.
-  plain = pipeline.document_dataset(docs, seed=0, shuffle=False, repeat=False)
-  assert [d.name for d in plain] == docs.names
+  plain = docs_ds(docs, seed=0, shuffle=False, repeat=False)
+  assert [d.name for _, d in plain] == docs.names
 
 
 def test_repeat_goes_past_one_epoch_with_every_piece(corpus_dir, small_groups):
@@ -197,8 +202,8 @@ def test_shards_read_disjoint_documents_covering_all(corpus_dir, shard_count):
   root, expected = corpus_dir
   tok = tokenizer_lib.ByteTokenizer()
   docs = corpus.list_documents(root)
-  shard_names = [{d.name for d in pipeline.document_dataset(docs, seed=0, shuffle=True, repeat=False,
-                                                           shard_index=i, shard_count=shard_count)}
+  shard_names = [{d.name for _, d in docs_ds(docs, seed=0, shuffle=True, repeat=False, shard_index=i,
+                                             shard_count=shard_count)}
                  for i in range(shard_count)]
   assert sum(len(s) for s in shard_names) == len(expected)
   assert set().union(*shard_names) == set(expected)
@@ -226,7 +231,8 @@ def test_bad_arguments_raise(corpus_dir, tmp_path):
 
 def test_document_pieces_cover_every_target_once():
   tokens = np.arange(100, dtype=np.int32)
-  pieces = pipeline.document_pieces(tokens, 32)
-  assert [p.shape for p in pieces] == [(32, 2), (32, 2), (32, 2), (3, 2)]
+  pieces = pipeline.document_pieces(tokens, 32, source_id=5)
+  assert [p.shape for p in pieces] == [(32, 3), (32, 3), (32, 3), (3, 3)]
   assert np.concatenate([p[:, 0] for p in pieces]).tolist() == list(range(0, 99))
   assert np.concatenate([p[:, 1] for p in pieces]).tolist() == list(range(1, 100))
+  assert np.concatenate([p[:, 2] for p in pieces]).tolist() == [5] * 99

@@ -24,9 +24,9 @@ def test_byte_tokenizer_round_trip(text):
 
 def test_byte_tokenizer_specials_and_invalid_utf8():
   tok = tokenizer_lib.ByteTokenizer()
-  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (259, 256, 257, 258)
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (262, 256, 257, 258)
   lengths = tok.token_byte_lengths()
-  assert lengths.shape == (259,) and lengths[:256].tolist() == [1] * 256 and lengths[256:].tolist() == [0, 0, 0]
+  assert lengths.shape == (262,) and lengths[:256].tolist() == [1] * 256 and lengths[256:].tolist() == [0] * 6
   assert tok.decode([257, ord('h'), ord('i'), 258, 256]) == 'hi'
   assert tok.decode([0xff, ord('a'), 0xc3]) == '\ufffda\ufffd'
   assert tok.decode(np.array([[104, 105]])) == 'hi'
@@ -48,9 +48,9 @@ def test_trained_bpe_round_trips(bpe_path):
   tok = tokenizer_lib.load_tokenizer(bpe_path)
   assert isinstance(tok, tokenizer_lib.HFTokenizer) and isinstance(tok, tokenizer_lib.Tokenizer)
   assert tok.vocab_size == 320
-  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.fim_ids) == (0, 1, 2, (3, 4, 5))
   lengths = tok.token_byte_lengths()
-  assert lengths.shape == (320,) and lengths[:3].tolist() == [0, 0, 0] and (lengths[3:] >= 1).all()
+  assert lengths.shape == (320,) and lengths[:6].tolist() == [0] * 6 and (lengths[6:] >= 1).all()
   for text in TEXTS + ['def function_7(x, y):\n    return x * 7 + y\n']:
     ids = tok.encode(text)
     assert ids.dtype == np.int32
@@ -67,7 +67,8 @@ def test_trained_bpe_round_trips(bpe_path):
 def test_trained_bpe_file_is_byte_level(bpe_path):
   spec = json.load(open(bpe_path))
   assert spec['pre_tokenizer']['type'] == 'ByteLevel' and spec['decoder']['type'] == 'ByteLevel'
-  assert [t['content'] for t in spec['added_tokens']] == ['<pad>', '<s>', '</s>']
+  assert [t['content'] for t in spec['added_tokens']] == ['<pad>', '<s>', '</s>', '<fim_prefix>',
+                                                          '<fim_suffix>', '<fim_middle>']
 
 
 def test_named_specials_and_missing_specials(bpe_path):
@@ -109,7 +110,7 @@ def test_missing_tokenizer_file(tmp_path):
 
 
 def test_train_bpe_rejects_tiny_vocab(tmp_path):
-  with pytest.raises(ValueError, match='at least 259'):
+  with pytest.raises(ValueError, match='at least 262'):
     tokenizer_lib.train_bpe(['abc'], 100, tmp_path / 't.json')
 
 

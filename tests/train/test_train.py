@@ -77,7 +77,7 @@ def test_short_run_beats_the_unigram_baseline(tmp_path):
   # Byte tokenizer: one target token per byte except eos, so bits per byte ~ nats per token / ln 2.
   assert abs(summary['final_eval']['bits_per_byte'] - final / math.log(2)) < 0.05
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  assert {r['split'] for r in records} == {'train', 'validation'}
+  assert {r['split'] for r in records} == {'data', 'train', 'validation'}
   assert all(r['tokens_per_sec'] > 0 for r in records if r['split'] == 'train')
   # TensorBoard events hold the same train losses (read back with tensorboardX's own event parser).
   from tensorboardX.event_file_writer import event_pb2
