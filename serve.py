@@ -5,6 +5,16 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
 GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_tokens; n must be 1.
+Output safety filter (off by default): --safety_config=FILE.json, a JSON object with any of the keys blocklist
+(words/phrases: whole-word, case-insensitive), patterns (regexes), classifier ("package.module:function", a hook
+text -> score in [0, 1] or bool), classifier_threshold, classifier_chars, action ("refuse" | "redact"),
+refusal_message, redaction, apply_to (default ["chat"]; add "completion"), max_match_chars; see docs/safety.md.
+Retrieval-augmented completion (off by default): --retrieval_index=NAME=DIR (repeatable) loads indexes built with
+`python -m dsjax.retrieval build`; a /v1/completions request may then add the non-standard body field
+`"retrieval": {"index": NAME, "k": INT}` (k in [1, 20], default 2; text prompts only): the index's top k snippets for
+the prompt's last lines are prepended to the prompt as `# Retrieved from FILE:QUALNAME:` blocks, as many as leave
+room for max_tokens, and usage.prompt_tokens counts the augmented prompt. Dense and hybrid indexes embed queries
+with the served model, which must be the one that built them (checked at start-up).
 The app itself is dsjax/serve/api.py (`create_app`); this file is the command line.
 """
 from __future__ import annotations
@@ -20,6 +30,7 @@ from dsjax import cli
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.api import create_app
 from dsjax.serve.chat import read_chat_template
+from dsjax.serve.safety import load_safety_config
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'dsjax checkpoint directory.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on.')
@@ -34,12 +45,51 @@ _MODEL_FLAGS = cli.define_model_flags()  # --dtype, --quant, --quant_group_size,
 _DRAFT = flags.DEFINE_string('draft', '', 'Speculative decoding: "lookup" (n-gram prompt lookup) or a draft model '
                              'checkpoint sharing the tokenizer; empty: off.')
 _GAMMA = flags.DEFINE_integer('gamma', 4, 'Speculative decoding: tokens drafted per target forward.')
+_RETRIEVAL_INDEX = flags.DEFINE_multi_string('retrieval_index', [], 'NAME=DIR: a retrieval index (python -m '
+                                             'dsjax.retrieval build) requests may name; repeatable.')
+_SAFETY_CONFIG = flags.DEFINE_string('safety_config', '', 'A JSON file configuring the output safety filter (see '
+                                     'docs/safety.md); empty: off.')
+
+
+def _retrieval_index_paths(specs: list[str]) -> dict[str, str]:
+  """--retrieval_index values NAME=DIR -> {NAME: DIR}; a one-line error for a malformed or repeated NAME."""
+  paths: dict[str, str] = {}
+  for spec in specs or []:
+    name, sep, path = spec.partition('=')
+    if not sep or not name.strip() or not path:
+      cli.fail(f'--retrieval_index must be NAME=DIR, got {spec!r}')
+    if name in paths:
+      cli.fail(f'--retrieval_index: the name {name!r} is given twice')
+    paths[name] = path
+  return paths
+
+
+def _load_retrieval_indexes(paths: dict[str, str], model: Any, params: Any, tokenizer: Any) -> dict[str, Any]:
+  """The named indexes; dense ones embed with the served model and must have been built by it (ValueError)."""
+  if not paths:
+    return {}
+  from dsjax.retrieval.index import RetrievalIndex  # pylint: disable=g-import-not-at-top
+  indexes = {}
+  for name, path in paths.items():
+    try:
+      indexes[name] = RetrievalIndex.load(path, model=model, params=params, tokenizer=tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+      raise ValueError(f'--retrieval_index={name}={path}: {e}') from None
+  return indexes
+
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _CHECKPOINT.value:
     cli.fail('--checkpoint is required')
+  safety = None
+  if _SAFETY_CONFIG.value:
+    try:
+      safety = load_safety_config(_SAFETY_CONFIG.value)
+    except (FileNotFoundError, ValueError) as e:
+      cli.fail(f'--safety_config: {e}')
+  retrieval_paths = _retrieval_index_paths(_RETRIEVAL_INDEX.value)
   cli.quiet_logging()
   import uvicorn  # pylint: disable=g-import-not-at-top
   from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -50,6 +100,7 @@ def main(argv):
     config_lib.validate(cfg)
     model, params = cli.load_model(_CHECKPOINT.value, cfg, _MODEL_FLAGS)
     tokenizer = tokenizer_lib.from_config(cfg.data)
+    retrieval_indexes = _load_retrieval_indexes(retrieval_paths, model, params, tokenizer)
     max_len = _MAX_LEN.value or int(cfg.model.max_positions)
     drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value)
     engine = engine_lib.Engine(model, params, num_slots=_NUM_SLOTS.value, max_len=max_len,
@@ -59,7 +110,8 @@ def main(argv):
     cli.fail(str(e))
   model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(os.path.abspath(_CHECKPOINT.value)))
   api = create_app(engine, tokenizer, model_name, _API_KEY.value, max_len,
-                   chat_template=read_chat_template(_CHECKPOINT.value), shutdown_engine=True)
+                   chat_template=read_chat_template(_CHECKPOINT.value), shutdown_engine=True,
+                   safety=safety, retrieval_indexes=retrieval_indexes)
   server = uvicorn.Server(uvicorn.Config(api, host=_HOST.value, port=_PORT.value, log_level='warning',
                                          timeout_graceful_shutdown=max(1, int(_DRAIN_TIMEOUT.value))))
   handle_exit = server.handle_exit

@@ -3,6 +3,8 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
 GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_tokens; n must be 1.
+Retrieval (an extension of /v1/completions): `"retrieval": {"index": NAME, "k": INT}` prepends the index's top k
+snippets for the prompt's last lines (dsjax/retrieval); usage.prompt_tokens counts the augmented prompt.
 `create_app` builds the app around an existing engine (serve.py, tests, bench/serve.py).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hmac
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
 
 import fastapi
 from fastapi import responses
@@ -23,8 +25,14 @@ from starlette import exceptions as starlette_exceptions
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.chat import ChatFormatter
 from dsjax.serve.errors import APIError, error_response
+from dsjax.serve.safety import OutputFilter, SafetyConfig
+
+if TYPE_CHECKING:
+  from dsjax.retrieval.index import RetrievalIndex
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+DEFAULT_RETRIEVAL_K, MAX_RETRIEVAL_K = 2, 20  # the `retrieval` extension of /v1/completions
+MAX_RETRIEVED_CHARS = 8000  # retrieved text per prompt, at most (less when the context is short)
 
 @dataclasses.dataclass
 class Params:
@@ -118,9 +126,13 @@ class TextStream:
 
 def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_key: str = '',
                max_len: int | None = None, chat_template: str | None = None,
-               shutdown_engine: bool = False) -> fastapi.FastAPI:
+               shutdown_engine: bool = False, safety: SafetyConfig | None = None,
+               retrieval_indexes: Mapping[str, RetrievalIndex] | None = None) -> fastapi.FastAPI:
   """The FastAPI app serving `engine` (prompt + completion <= max_len, default the engine's). With
-  shutdown_engine, the app's shutdown (e.g. SIGTERM under uvicorn) shuts the engine down too."""
+  shutdown_engine, the app's shutdown (e.g. SIGTERM under uvicorn) shuts the engine down too. `safety`: an output
+  filter for the request kinds it applies to (dsjax/serve/safety.py; None: off). `retrieval_indexes`: name ->
+  index that /v1/completions requests may name in their `retrieval` field (dsjax/retrieval)."""
+  indexes = dict(retrieval_indexes or {})
   max_len = int(max_len or engine.max_len)
   chat = ChatFormatter(tokenizer, chat_template)
   created = int(time.time())
@@ -200,22 +212,33 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     request = submit(prompt, params, lambda _, token: loop.call_soon_threadsafe(events.put_nowait, token))
     rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{secrets.token_hex(12)}'
     text = TextStream(tokenizer, params.stop)
+    guard = OutputFilter(safety, name=rid) if safety is not None and safety.applies_to(kind) else None
     base = dict(id=rid, object='chat.completion' if kind == 'chat' else 'text_completion', created=int(time.time()),
                 model=model_name)
 
     async def tokens() -> AsyncIterator[str]:
-      """Text pieces as they become safe to send; cancels the request early on a stop string."""
+      """Text pieces as they become safe to send; cancels the request early on a stop string or a refusal."""
       while True:
         token = await events.get()
         piece = text.push(token)
+        if guard is not None:  # a classifier hook may be slow: off the event loop then
+          piece = await asyncio.to_thread(screen, piece, token is None) if safety.hook else screen(piece, token is None)
         if piece:
           yield piece
         if token is None:
           return
-        if text.stopped:
+        if ended_early():
           request.cancel()
 
+    def screen(piece: str, last: bool) -> str:
+      return guard.push(piece) + (guard.finish() if last else '')
+
+    def ended_early() -> bool:
+      return text.stopped or (guard is not None and guard.refused)
+
     def finish_reason() -> str:
+      if guard is not None and guard.refused:
+        return 'content_filter'
       return 'stop' if text.stopped or request.finish_reason == 'stop' else 'length'
 
     def usage() -> dict[str, int]:
@@ -225,7 +248,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     def check_error() -> None:
       if request.finish_reason == 'error':
         raise APIError(500, f'generation failed: {request.error}', type='server_error')
-      if request.finish_reason == 'cancelled' and not text.stopped:
+      if request.finish_reason == 'cancelled' and not ended_early():
         raise APIError(503, 'the request was cancelled (server shutting down)', type='server_error',
                        code='cancelled')
 
@@ -236,11 +259,12 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
       finally:
         request.cancel()  # a no-op when done; frees the slot if the client went away
       check_error()
+      content = guard.text if guard is not None else text.text
       if kind == 'chat':
-        choice = dict(index=0, message=dict(role='assistant', content=text.text), logprobs=None,
+        choice = dict(index=0, message=dict(role='assistant', content=content), logprobs=None,
                       finish_reason=finish_reason())
       else:
-        choice = dict(index=0, text=text.text, logprobs=None, finish_reason=finish_reason())
+        choice = dict(index=0, text=content, logprobs=None, finish_reason=finish_reason())
       return responses.JSONResponse({**base, 'choices': [choice], 'usage': usage()})
 
     chunk_object = 'chat.completion.chunk' if kind == 'chat' else 'text_completion'
@@ -262,7 +286,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
           yield chunk(None, None, first=True)
         async for piece in tokens():
           yield chunk(piece, None)
-        if request.finish_reason == 'error' or (request.finish_reason == 'cancelled' and not text.stopped):
+        if request.finish_reason == 'error' or (request.finish_reason == 'cancelled' and not ended_early()):
           message = f'generation failed: {request.error}' if request.error else 'the request was cancelled'
           yield f'data: {json.dumps({"error": dict(message=message, type="server_error", param=None, code=None)})}\n\n'
         else:
@@ -276,6 +300,28 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     return responses.StreamingResponse(sse(), media_type='text/event-stream',
                                        headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
 
+  async def retrieve(prompt: str, spec: Any, params: Params) -> str:
+    """`prompt` with the snippets that `spec` ({"index": NAME, "k": INT}) asks for prepended, as many as leave
+    room for max_tokens in the context; searched off the event loop (a dense index runs the model)."""
+    from dsjax.retrieval import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
+    if not isinstance(spec, dict) or set(spec) - {'index', 'k'}:
+      raise APIError(400, 'retrieval must be an object {"index": NAME, "k": INT}', param='retrieval')
+    name = spec.get('index')
+    if not isinstance(name, str) or name not in indexes:
+      available = ', '.join(sorted(indexes)) or 'none (start the server with --retrieval_index=NAME=DIR)'
+      raise APIError(400, f'unknown retrieval index {name!r}; available: {available}', param='retrieval.index',
+                     code='index_not_found')
+    k = spec.get('k', DEFAULT_RETRIEVAL_K)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RETRIEVAL_K:
+      raise APIError(400, f'retrieval.k must be an integer in [1, {MAX_RETRIEVAL_K}], got {k!r}', param='retrieval.k')
+    budget = max_len - (params.max_tokens or DEFAULT_COMPLETION_TOKENS)
+
+    def search_and_augment() -> str:
+      hits = indexes[name].search(prompt_lib.build_query(prompt), k)
+      return prompt_lib.fit_augmented(prompt, hits, tokenizer, budget, max_chars=MAX_RETRIEVED_CHARS)
+
+    return await asyncio.to_thread(search_and_augment)
+
   @api.post('/v1/completions')
   async def completions(request: fastapi.Request):
     body = await read_body(request)
@@ -283,6 +329,10 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     prompt = body.get('prompt')
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
       prompt = prompt[0]  # a batch of one
+    if body.get('retrieval') is not None and isinstance(prompt, str):
+      prompt = await retrieve(prompt, body['retrieval'], params)
+    elif body.get('retrieval') is not None and isinstance(prompt, list):
+      raise APIError(400, 'retrieval needs a text prompt, not token ids', param='retrieval')
     if isinstance(prompt, str):
       ids = [tokenizer.bos_id] + [int(t) for t in tokenizer.encode(prompt)]
     elif (isinstance(prompt, list) and prompt and

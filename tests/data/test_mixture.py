@@ -1,6 +1,7 @@
 """Mixtures, class balancing, fill-in-the-middle, curriculum stages and ArrayRecord sources, checked against counts
 and orders computed here from the raw documents."""
 import itertools
+import os
 import json
 import random
 
@@ -206,3 +207,54 @@ def test_array_record_source(tmp_path):
   assert docs.names == ['docs.array_record:0', 'docs.array_record:1', 'docs.array_record:2']
   assert [d.text for d in docs] == ['def f():\n  return 1\n', 'plain text record ✓', 'x = 2']
   assert docs.sizes == [len('def f():\n  return 1\n'), len('plain text record ✓'.encode()), 5]
+
+
+def test_dedup_runs_across_sources_before_the_split(tmp_path):
+  """A near copy of a validation document, placed in another source, must not reach the training split; the
+  earliest copy (mixture order) is the one kept."""
+  rng = random.Random(0)
+  words = [''.join(rng.choice('abcdefghij') for _ in range(6)) for _ in range(400)]
+  base = ' '.join(rng.choice(words) for _ in range(300))
+  near = base.split()
+  near[150] = 'changed'
+  first = tmp_path / 'first'
+  second = tmp_path / 'second'
+  first.mkdir(), second.mkdir()
+  # Unrelated documents in both, so every split has some.
+  for i in range(12):
+    (first / f'other{i}.txt').write_text(' '.join(rng.choice(words) for _ in range(200)))
+    (second / f'more{i}.txt').write_text(' '.join(rng.choice(words) for _ in range(200)))
+  (first / 'orig.txt').write_text(base)
+  (second / 'copy.txt').write_text(' '.join(near))
+  (second / 'exact.txt').write_text(base)
+  cfg = mixture_cfg({'first': dict(source=str(first), weight=1.0), 'second': dict(source=str(second), weight=1.0)},
+                    dedup='near', dedup_threshold=0.8, cache_dir=str(tmp_path / 'cache'))
+  cfg.validation_fraction = 0.5
+  names = {split: [n for c in mixture.components(cfg, split) for n in c.docs.names] for split in corpus.SPLITS}
+  everything = names['train'] + names['validation']
+  assert 'orig.txt' in everything and 'copy.txt' not in everything and 'exact.txt' not in everything
+  assert sorted(everything) == sorted([f'other{i}.txt' for i in range(12)] + [f'more{i}.txt' for i in range(12)]
+                                      + ['orig.txt'])
+  _, summary = mixture.prepare(cfg)
+  assert (summary['exact_duplicates'], summary['near_duplicates'], summary['kept']) == (1, 1, 25)
+  assert os.listdir(tmp_path / 'cache' / 'prepared')  # the pass is cached ...
+  cfg.dedup = 'none'  # ... per setting
+  assert mixture.prepare(cfg)[1]['kept'] == 27
+
+
+def test_scrubbing_masks_training_text_and_counts_categories(tmp_path):
+  docs = tmp_path / 'docs'
+  docs.mkdir()
+  (docs / 'a.py').write_text('AUTHOR = "Jane Roe <jane.roe@corp-mail.net>"\nHOST = "93.184.216.34"\n')
+  (docs / 'b.py').write_text('def f():\n    return 1\n')
+  cfg = make_data_cfg(source=str(docs), seq_len=128, scrub='all', cache_dir=str(tmp_path / 'cache'))
+  _, summary = mixture.prepare(cfg)
+  assert summary['scrub_counts'] == {'email': 1, 'ipv4': 1} and summary['scrubbed_documents'] == 1
+  texts = [TOK.decode(inputs) for b in pipeline.make_dataset(cfg, TOK, split='train', batch_size=2, seed=0,
+                                                             repeat=False) for _, inputs in segments(b)]
+  joined = '\n'.join(texts)
+  assert '<EMAIL>' in joined and '<IP_ADDRESS>' in joined and 'return 1' in joined
+  assert 'jane.roe@' not in joined and '93.184.216.34' not in joined
+  cfg.scrub_mode = 'drop_document'
+  comps = mixture.components(cfg, 'train')
+  assert [n for c in comps for n in c.docs.names] == ['b.py']
