@@ -16,8 +16,12 @@ and Gupta et al. 2023 ("How to (re)warm your model"):
 
 The model (architecture, positions, tokenizer and its special tokens, seq_len) comes from the checkpoint, so it
 cannot mismatch. Without an argument the config starts from a random configs/tiny.py model (to try the recipe).
-The replay source defaults to the stdlib corpus, a stand-in: DeepSeek-Coder's pretraining data is not public.
+The replay source defaults to the stdlib corpus, a stand-in: DeepSeek-Coder's pretraining data is not public; the new
+source defaults to the stdlib's asyncio package, a stand-in too.
 """
+import os
+import sysconfig
+
 import ml_collections
 
 from configs import tiny
@@ -34,7 +38,9 @@ def get_config(init_from: str = '') -> ml_collections.ConfigDict:
     cfg = tiny.get_config()
   d = cfg.data
   d.mixture = ml_collections.ConfigDict({
-      'new': dict(source='', weight=1.0 - REPLAY_RATIO),      # set on the command line: the new data
+      # The new data: set it on the command line. The default, the stdlib's asyncio package, is a stand-in "new
+      # domain" that works everywhere; deduplication across sources then drops it from the replayed stdlib.
+      'new': dict(source=os.path.join(sysconfig.get_paths()['stdlib'], 'asyncio'), weight=1.0 - REPLAY_RATIO),
       'replay': dict(source='stdlib', weight=REPLAY_RATIO),   # a sample of the old distribution
   })
   d.dedup = 'near'       # across new and replay data, before the split

@@ -1,5 +1,6 @@
 """serve.py: the OpenAI-compatible server, talked to with the official `openai` client and raw HTTP."""
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -34,13 +35,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope='module')
-def server():
-  """(base_url, engine): an in-process uvicorn on a free port, serving the tiny model as 'tiny'."""
-  model, params, _ = test_engine.shared_model()
-  engine = engine_lib.Engine(model, params, num_slots=3, max_len=MAX_LEN, max_queue=4,
-                             vocab_limit=TOKENIZER.vocab_size)
-  app = serve_api.create_app(engine, TOKENIZER, 'tiny', api_key=KEY, max_len=MAX_LEN)
+@contextlib.contextmanager
+def serving(app):
+  """Serves `app` with an in-process uvicorn on a free port; yields the base URL."""
   port = free_port()
   uv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
   thread = threading.Thread(target=uv.run, daemon=True)
@@ -49,11 +46,23 @@ def server():
   while not uv.started and time.time() < deadline:
     time.sleep(0.05)
   assert uv.started
-  yield f'http://127.0.0.1:{port}', engine
-  uv.should_exit = True
-  thread.join(15)
-  engine.shutdown(cancel=True)
+  try:
+    yield f'http://127.0.0.1:{port}'
+  finally:
+    uv.should_exit = True
+    thread.join(15)
   assert not thread.is_alive()
+
+
+@pytest.fixture(scope='module')
+def server():
+  """(base_url, engine): an in-process uvicorn on a free port, serving the tiny model as 'tiny'."""
+  model, params, _ = test_engine.shared_model()
+  engine = engine_lib.Engine(model, params, num_slots=3, max_len=MAX_LEN, max_queue=4,
+                             vocab_limit=TOKENIZER.vocab_size)
+  with serving(serve_api.create_app(engine, TOKENIZER, 'tiny', api_key=KEY, max_len=MAX_LEN)) as url:
+    yield url, engine
+  engine.shutdown(cancel=True)
 
 
 def client(server, key=KEY) -> openai.OpenAI:

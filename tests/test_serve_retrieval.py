@@ -1,11 +1,8 @@
 """The `retrieval` extension of /v1/completions: the answer equals a plain request for the augmented prompt built
 here with index.search + augment_prompt; bad index names, k values and token-id prompts are 400s."""
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.data.corpus import list_documents
@@ -15,7 +12,8 @@ from dsjax.retrieval.snippets import corpus_snippets
 from dsjax.sample import engine as engine_lib
 from dsjax.serve import api as serve_api
 from tests.sample import test_engine
-from tests.test_serve import free_port, raw
+from tests import test_serve
+from tests.test_serve import raw
 
 MAX_LEN = 128  # = the tiny model's max_positions: room for retrieved snippets
 TOKENIZER = tokenizer_lib.load_tokenizer('byte')
@@ -37,17 +35,8 @@ def server(tmp_path_factory):
   engine = engine_lib.Engine(model, params, num_slots=2, max_len=MAX_LEN, max_queue=4,
                              vocab_limit=TOKENIZER.vocab_size)
   app = serve_api.create_app(engine, TOKENIZER, 'tiny', max_len=MAX_LEN, retrieval_indexes={'code': index})
-  port = free_port()
-  uv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  deadline = time.time() + 30
-  while not uv.started and time.time() < deadline:
-    time.sleep(0.05)
-  assert uv.started
-  yield f'http://127.0.0.1:{port}', index
-  uv.should_exit = True
-  thread.join(15)
+  with test_serve.serving(app) as url:
+    yield url, index
   engine.shutdown(cancel=True)
 
 

@@ -6,12 +6,9 @@ import random
 import re
 import subprocess
 import sys
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 
 from dsjax.sample import engine as engine_lib
 from dsjax.serve import api as serve_api
@@ -199,19 +196,8 @@ MAX_TOKENS = 20
 def serving(engine, safety):
   """An in-process uvicorn serving the tiny model as 'tiny' with `safety`; yields an openai client."""
   app = serve_api.create_app(engine, TOKENIZER, 'tiny', max_len=test_serve.MAX_LEN, safety=safety)
-  port = test_serve.free_port()
-  uv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  deadline = time.time() + 30
-  while not uv.started and time.time() < deadline:
-    time.sleep(0.05)
-  assert uv.started
-  try:
-    yield openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='unused', max_retries=0, timeout=120)
-  finally:
-    uv.should_exit = True
-    thread.join(15)
+  with test_serve.serving(app) as url:
+    yield openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope='module')

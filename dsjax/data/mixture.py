@@ -183,14 +183,20 @@ def _write_json_atomic(path: str, value: dict[str, Any]) -> None:
 def components(data_cfg: Any, split: str) -> list[Component]:
   """The mixture's components for `split`, weights normalised to sum to 1 (see the module docstring).
 
-  Raises ValueError when a source's split is empty or `data.balance_by` names a field a document lacks.
+  A source without validation documents is left out of a mixture's validation split. Raises ValueError when a
+  source's train split (or every validation split) is empty, or `data.balance_by` names a field a document lacks.
   """
   prepared, _ = prepare(data_cfg)
   balance_by = data_cfg.get('balance_by', '') or ''
   alpha = float(data_cfg.get('balance_alpha', 0.0))
   found: list[Component] = []
   for spec, docs in prepared:
-    docs = corpus.split_documents(docs, split, data_cfg.validation_fraction)
+    try:
+      docs = corpus.split_documents(docs, split, data_cfg.validation_fraction)
+    except ValueError:
+      if split == 'train' or len(prepared) == 1:
+        raise
+      continue  # a small source may have no held-out document; the others' validation documents remain
     if not balance_by:
       found.append(Component(spec.name, docs, spec.weight))
       continue
@@ -203,6 +209,9 @@ def components(data_cfg: Any, split: str) -> list[Component]:
       found.append(Component(f'{spec.name}/{label or "(none)"}', docs.select(by_class[label], f'{docs.description}, '
                                                                              f'{balance_by}={label!r}'),
                              spec.weight * sizes[label] / total))
+  if not found:
+    raise ValueError(f'no source of the mixture has documents in the {split!r} split (raise '
+                     'data.validation_fraction)')
   total = sum(c.weight for c in found)
   return [dataclasses.replace(c, weight=c.weight / total) for c in found]
 

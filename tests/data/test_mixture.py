@@ -12,6 +12,7 @@ import pytest
 from dsjax.data import corpus, fim, mixture, pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from tests.data.conftest import make_data_cfg
+from tests.data.test_corpus import oracle_is_validation
 
 TOK = tokenizer_lib.ByteTokenizer()
 P, S, M = TOK.fim_ids
@@ -258,3 +259,18 @@ def test_scrubbing_masks_training_text_and_counts_categories(tmp_path):
   cfg.scrub_mode = 'drop_document'
   comps = mixture.components(cfg, 'train')
   assert [n for c in comps for n in c.docs.names] == ['b.py']
+
+
+def test_a_source_without_held_out_documents_is_left_out_of_validation(two_sources, tmp_path):
+  a, _ = two_sources
+  small = tmp_path / 'small'
+  small.mkdir()
+  names = [f'doc{i}.txt' for i in range(40) if not oracle_is_validation(f'doc{i}.txt', 0.05)][:3]
+  for name in names:  # three documents, all in train by the split's hash
+    (small / name).write_text(f'text of {name}')
+  cfg = mixture_cfg({'a': dict(source=a, weight=1.0), 'small': dict(source=str(small), weight=1.0)})
+  assert [c.name for c in mixture.components(cfg, 'train')] == ['a', 'small']
+  assert [c.name for c in mixture.components(cfg, 'validation')] == ['a']
+  cfg.mixture = ml_collections.ConfigDict({'small': dict(source=str(small), weight=1.0)})
+  with pytest.raises(ValueError, match="'validation' split"):
+    mixture.components(cfg, 'validation')
