@@ -5,11 +5,19 @@ method with a body on its own lines becomes one example: the prompt is the file 
 `def` header (and the docstring, with `include_docstring`), the target the next `target_lines` source lines of
 the body. The model continues the prompt greedily; an example is an exact match when the first `target_lines`
 lines of the continuation equal the target's, each line right-stripped and the whole stripped.
+
+Two softer scores go with it, since a small model rarely completes a whole line exactly: `edit_similarity`, the
+mean of difflib's ratio 2 * matched / (len(a) + len(b)) between the normalized continuation and target (the ES of
+code-completion benchmarks, with difflib's matching in place of Levenshtein), and `target_bits_per_byte`, the
+model's loss on the target lines and their line end after the same prompt (teacher-forced), in bits per UTF-8
+byte over all examples.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import math
 from typing import Any, Sequence
 
 from flax import linen as nn
@@ -17,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dsjax.eval import scoring
 from dsjax.sample import sampler as sampler_lib
 
 
@@ -99,11 +108,39 @@ def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
   return ids[-max_tokens:]
 
 
+def edit_similarity(output: str, target: str, num_lines: int) -> float:
+  """difflib's ratio (2 * matched characters / total characters, 1.0 for two empty strings) of the normalized
+  first `num_lines` lines of `output` and `target`."""
+  return difflib.SequenceMatcher(None, normalize(output, num_lines), normalize(target, num_lines),
+                                 autojunk=False).ratio()
+
+
+def target_bits_per_byte(model: nn.Module, params: Any, tokenizer, examples: Sequence[Example],
+                         prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 8) -> float:
+  """Bits per UTF-8 byte of each example's target plus its line end after its encoded prompt (`prompts`:
+  encode_prompt's ids), summed over examples; targets are cut to `max_new_tokens` tokens, as generation is."""
+  byte_lengths = tokenizer.token_byte_lengths()
+  room = int(model.cfg.max_positions) + 1  # tokens a row may hold: inputs are all but the last
+  rows, num_bytes = [], 0
+  for ex, prompt in zip(examples, prompts):
+    continuation = [int(t) for t in tokenizer.encode(ex.target + '\n')][:max_new_tokens][:room - len(prompt)]
+    if not continuation:
+      continue
+    rows.append((list(prompt) + continuation, len(continuation)))
+    num_bytes += int(byte_lengths[continuation].sum())
+  if not rows:
+    return 0.0
+  nats = scoring.continuation_log_likelihoods(model, params, rows, pad_id=int(tokenizer.pad_id),
+                                              batch_size=batch_size)
+  return float(-nats.sum() / math.log(2) / max(num_bytes, 1))
+
+
 def evaluate(model: nn.Module, params: Any, tokenizer, examples: Sequence[Example], *, target_lines: int = 1,
              max_new_tokens: int = 64, max_prompt_tokens: int | None = None, batch_size: int = 8,
-             return_outputs: bool = False) -> dict[str, Any]:
-  """Greedy completion of every example's prompt; returns {'exact_match': rate, 'matches', 'count'} (and
-  `outputs`, the generated texts, with `return_outputs`).
+             return_outputs: bool = False, score_targets: bool = True) -> dict[str, Any]:
+  """Greedy completion of every example's prompt; returns {'exact_match': rate, 'matches', 'count',
+  'edit_similarity'} (see the module doc), with `score_targets` 'target_bits_per_byte', and with `return_outputs`
+  `outputs`, the generated texts.
 
   Prompts are cut to their last `max_prompt_tokens` tokens (default: what fits `model.cfg.max_positions` with
   `max_new_tokens`). A target longer than `max_new_tokens` tokens cannot match. Rows stop at EOS.
@@ -130,8 +167,12 @@ def evaluate(model: nn.Module, params: Any, tokenizer, examples: Sequence[Exampl
       texts[i] = tokenizer.decode(tokens)
   outputs = [texts[i] for i in range(len(prompts))]
   matches = [normalize(out, target_lines) == normalize(ex.target, target_lines) for out, ex in zip(outputs, examples)]
+  similarity = [edit_similarity(out, ex.target, target_lines) for out, ex in zip(outputs, examples)]
   result: dict[str, Any] = {'exact_match': float(np.mean(matches)) if matches else 0.0, 'matches': int(sum(matches)),
-                            'count': len(matches)}
+                            'count': len(matches), 'edit_similarity': float(np.mean(similarity)) if similarity else 0.0}
+  if score_targets:
+    result['target_bits_per_byte'] = target_bits_per_byte(model, params, tokenizer, examples, prompts,
+                                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
   if return_outputs:
     result['outputs'] = outputs
   return result

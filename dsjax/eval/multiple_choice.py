@@ -14,9 +14,9 @@ import string
 from typing import Any, Sequence
 
 from flax import linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from dsjax.eval import scoring
 
 
 class FormatError(ValueError):
@@ -88,8 +88,8 @@ def choice_log_likelihoods(model: nn.Module, params: Any, tokenizer, questions: 
                            max_len: int | None = None, batch_size: int = 16) -> list[list[tuple[float, int]]]:
   """For each question, for each choice: (sum of the choice tokens' log-probabilities in nats, number of tokens).
 
-  Each (question, choice) pair is one row [bos, prompt..., choice...] scored by one full causal forward pass; rows
-  are right-padded to a multiple of 32 tokens (padding is its own segment 0 and masked).
+  Each (question, choice) pair is one row [bos, prompt..., choice...] scored by one full causal forward pass
+  (scoring.continuation_log_likelihoods).
   """
   max_len = int(max_len or model.cfg.max_positions)
   rows, owners = [], []
@@ -97,30 +97,8 @@ def choice_log_likelihoods(model: nn.Module, params: Any, tokenizer, questions: 
     for c_index, choice in enumerate(q.choices):
       rows.append(encode_pair(tokenizer, q.question, choice, max_len))
       owners.append((q_index, c_index))
-
-  @jax.jit
-  def score(params, inputs_BT, targets_BT, segment_ids_BT, positions_BT, mask_BT):
-    logits, _ = model.apply({'params': params}, inputs_BT, positions_BT, segment_ids=segment_ids_BT)
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_log_p = jnp.take_along_axis(log_p, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.where(mask_BT, token_log_p, 0.0).sum(axis=-1)
-
-  width = max(len(tokens) - 1 for tokens, _ in rows)
-  width = min(-(-width // 32) * 32, max_len)
-  pad = int(tokenizer.pad_id)
-  sums = np.zeros((len(rows),), np.float64)
-  for begin in range(0, len(rows), batch_size):
-    chunk = rows[begin:begin + batch_size]
-    B = batch_size
-    inputs, targets = np.full((B, width), pad, np.int32), np.full((B, width), pad, np.int32)
-    segments, mask = np.zeros((B, width), np.int32), np.zeros((B, width), bool)
-    for r, (tokens, n_choice) in enumerate(chunk):
-      n = len(tokens) - 1
-      inputs[r, :n], targets[r, :n], segments[r, :n] = tokens[:-1], tokens[1:], 1
-      mask[r, n - n_choice:n] = True
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (B, width))
-    out = np.asarray(score(params, inputs, targets, segments, positions, mask))
-    sums[begin:begin + len(chunk)] = out[:len(chunk)]
+  sums = scoring.continuation_log_likelihoods(model, params, rows, pad_id=int(tokenizer.pad_id),
+                                              batch_size=batch_size)
   result: list[list[tuple[float, int]]] = [[] for _ in questions]
   for (q_index, _), value, (_, n_choice) in zip(owners, sums, rows):
     result[q_index].append((float(value), n_choice))

@@ -78,10 +78,8 @@ def _load_checkpoint(directory: str) -> tuple[Any, Any, Any, Any]:
 
 
 def build(args: argparse.Namespace) -> None:
-  from dsjax.data import corpus  # pylint: disable=g-import-not-at-top
-  from dsjax.data import mixture  # pylint: disable=g-import-not-at-top
   from dsjax.retrieval import dense  # pylint: disable=g-import-not-at-top
-  from dsjax.retrieval.index import RetrievalIndex  # pylint: disable=g-import-not-at-top
+  from dsjax.retrieval.index import build_from_source  # pylint: disable=g-import-not-at-top
   embedder = info = None
   if args.kind != 'bm25':
     if not args.checkpoint:
@@ -92,20 +90,13 @@ def build(args: argparse.Namespace) -> None:
   data_cfg = ml_collections.ConfigDict(dict(source=args.source, include_stdlib_tests=args.include_stdlib_tests,
                                             jsonl_field=args.jsonl_field, validation_fraction=args.validation_fraction,
                                             dedup=args.dedup))
-  if args.split == 'all':
-    docs = mixture.prepare(data_cfg)[0][0][1]
-  else:
-    docs = corpus.load_split(data_cfg, args.split)
-  found = snippets_lib.corpus_snippets(docs, max_chars=args.max_chars, window_lines=args.window_lines,
-                                       max_snippets=args.max_snippets or None)
-  source = dict(source=args.source, split=args.split, validation_fraction=args.validation_fraction,
-                include_stdlib_tests=args.include_stdlib_tests, dedup=args.dedup, description=docs.description,
-                documents=len(docs))
-  settings = dict(max_chars=args.max_chars, window_lines=args.window_lines, max_snippets=args.max_snippets)
-  index = RetrievalIndex.build(found, args.kind, embedder=embedder, source=source, model_info=info,
-                               settings=settings)
+  index = build_from_source(data_cfg, args.split, args.kind, embedder=embedder, model_info=info,
+                            max_chars=args.max_chars, window_lines=args.window_lines,
+                            max_snippets=args.max_snippets or None)
   index.save(args.out)
-  print(f'indexed {len(found)} snippets of {len(docs)} documents ({docs.description}) as {args.kind} -> {args.out}')
+  source = index.manifest['source']
+  print(f'indexed {len(index)} snippets of {source["documents"]} documents ({source["description"]}) as '
+        f'{args.kind} -> {args.out}')
 
 
 def _load_index(path: str, checkpoint: str) -> Any:

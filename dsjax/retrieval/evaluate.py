@@ -45,27 +45,39 @@ def augmented_examples(examples: Sequence[completion.Example], index: RetrievalI
   return out, all_hits, retrieved
 
 
-def evaluate_with_retrieval(model: Any, params: Any, tokenizer: Any, examples: Sequence[completion.Example],
-                            index: RetrievalIndex, *, k: int = 2, context: int | None = None,
-                            max_new_tokens: int = 64, target_lines: int = 1,
-                            query_lines: int = prompt_lib.DEFAULT_QUERY_LINES, retrieval_fraction: float = 0.5,
-                            max_chars: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-  """Greedy exact match of `examples` without and with retrieval; `context` defaults to model.cfg.max_positions.
-
-  Returns {'without_retrieval': {...}, 'with_retrieval': {...}} (completion.evaluate's results), 'delta' (with
-  minus without), 'count', 'k', 'mean_hits', 'mean_retrieved_chars' and 'target_in_hits' (the fraction of examples
-  whose normalized target appears in a hit: how often retrieval could have helped by copying).
-  """
+def plain_settings(model: Any, *, context: int | None = None, max_new_tokens: int = 64, target_lines: int = 1,
+                   batch_size: int = 8) -> dict[str, Any]:
+  """The keyword arguments of `completion.evaluate` that both runs share: the prompt budget is what `context`
+  (default model.cfg.max_positions) leaves after `max_new_tokens`, at least half of it."""
   context = int(context or model.cfg.max_positions)
   max_prompt_tokens = max(context - max_new_tokens, context // 2)
   if max_prompt_tokens < 2:
     raise ValueError(f'context {context} leaves no room for a prompt after max_new_tokens={max_new_tokens}')
-  settings = dict(target_lines=target_lines, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                  batch_size=batch_size)
+  return dict(target_lines=target_lines, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+              batch_size=batch_size)
+
+
+def evaluate_with_retrieval(model: Any, params: Any, tokenizer: Any, examples: Sequence[completion.Example],
+                            index: RetrievalIndex, *, k: int = 2, context: int | None = None,
+                            max_new_tokens: int = 64, target_lines: int = 1,
+                            query_lines: int = prompt_lib.DEFAULT_QUERY_LINES, retrieval_fraction: float = 0.5,
+                            max_chars: int | None = None, batch_size: int = 8,
+                            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Greedy exact match of `examples` without and with retrieval; `context` defaults to model.cfg.max_positions.
+  `baseline`: the without-retrieval result of these examples and settings, when already computed (a sweep over
+  indexes and k computes it once).
+
+  Returns {'without_retrieval': {...}, 'with_retrieval': {...}} (completion.evaluate's results: exact match, edit
+  similarity, target bits per byte), 'delta' (exact match with minus without), 'count', 'k', 'mean_hits', 'mean_retrieved_chars' and 'target_in_hits' (the fraction of examples
+  whose normalized target appears in a hit: how often retrieval could have helped by copying).
+  """
+  settings = plain_settings(model, context=context, max_new_tokens=max_new_tokens, target_lines=target_lines,
+                            batch_size=batch_size)
+  max_prompt_tokens = settings['max_prompt_tokens']
   augmented, hits, retrieved = augmented_examples(examples, index, tokenizer, k=k, max_prompt_tokens=max_prompt_tokens,
                                        query_lines=query_lines, retrieval_fraction=retrieval_fraction,
                                        max_chars=max_chars)
-  without = completion.evaluate(model, params, tokenizer, examples, **settings)
+  without = baseline if baseline is not None else completion.evaluate(model, params, tokenizer, examples, **settings)
   with_ = completion.evaluate(model, params, tokenizer, augmented, **settings)
   count = len(examples)
   in_hits = [any(completion.normalize(ex.target, target_lines) in h.text for h in hs) for ex, hs in zip(examples, hits)]
@@ -116,13 +128,14 @@ def run(cfg: ml_collections.ConfigDict, params: Any, index: RetrievalIndex, *, m
 
 def format_table(results: dict[str, Any]) -> str:
   """The results as a small text table."""
-  rows = [('', 'exact match', 'matches', 'examples')]
+  rows = [('', 'exact match', 'matches', 'examples', 'edit sim.', 'target bits/byte')]
   for label, key in (('without retrieval', 'without_retrieval'), (f'with retrieval (k={results["k"]})',
                                                                   'with_retrieval')):
     r = results[key]
-    rows.append((label, f'{r["exact_match"]:.4f}', str(r['matches']), str(r['count'])))
-  rows.append(('delta', f'{results["delta"]:+.4f}', '', ''))
-  widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows.append((label, f'{r["exact_match"]:.4f}', str(r['matches']), str(r['count']),
+                 f'{r.get("edit_similarity", float("nan")):.4f}', f'{r.get("target_bits_per_byte", float("nan")):.3f}'))
+  rows.append(('delta', f'{results["delta"]:+.4f}', '', '', '', ''))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
            for row in rows]
   lines.append(f'(target line in a retrieved snippet: {results["target_in_hits"]:.1%} of examples; '

@@ -212,10 +212,36 @@ def test_exact_match_is_one_for_the_models_own_greedy_output_and_zero_otherwise(
   own = [completion.Example(e.name, e.prompt, reference_greedy(model, params, e.prompt, budget)) for e in examples]
   assert all(completion.normalize(e.target, 1) for e in own), own  # non-trivial targets
   result = completion.evaluate(model, params, TOK, own, max_new_tokens=budget, batch_size=3, return_outputs=True)
-  assert result == {'exact_match': 1.0, 'matches': 3, 'count': 3, 'outputs': result['outputs']}
+  assert {k: result[k] for k in ('exact_match', 'matches', 'count', 'edit_similarity')} == {
+      'exact_match': 1.0, 'matches': 3, 'count': 3, 'edit_similarity': 1.0}
   wrong = [completion.Example(e.name, e.prompt, e.target + 'x' if e.target.strip() else 'x') for e in own]
   result = completion.evaluate(model, params, TOK, wrong, max_new_tokens=budget, batch_size=3)
   assert result['exact_match'] == 0.0 and result['count'] == 3
+
+
+def test_edit_similarity_by_hand():
+  # 'return x' vs 'return y': 7 of 8 characters match on each side -> 2 * 7 / 16.
+  assert completion.edit_similarity('  return x  \nmore', '    return y', 1) == pytest.approx(14 / 16)
+  assert completion.edit_similarity('abc', 'xyz', 1) == 0.0
+  assert completion.edit_similarity('', '', 1) == 1.0
+
+
+def test_target_bits_per_byte_is_the_teacher_forced_loss_of_the_target_line(model_and_params):
+  _, model, params = model_and_params
+  examples = completion.extract_functions(SOURCE, 'm.py')[:3]
+  result = completion.evaluate(model, params, TOK, examples, max_new_tokens=4, batch_size=2)
+  nats, num_bytes = 0.0, 0
+  for ex in examples:
+    prompt = [TOK.bos_id] + list(ex.prompt.encode())
+    continuation = list((ex.target + '\n').encode())[:4]  # cut to max_new_tokens, as generation is
+    nats -= full_log_probs(model, params, prompt + continuation)[-len(continuation):].sum()
+    num_bytes += len(continuation)
+  assert result['target_bits_per_byte'] == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-4)
+  # The uniform model: log2(vocab_size) bits for every byte.
+  uniform = jax.tree_util.tree_map(lambda x: x, params)
+  uniform['final_norm']['scale'] = jnp.zeros_like(params['final_norm']['scale'])
+  result = completion.evaluate(model, uniform, TOK, examples, max_new_tokens=64, batch_size=2)
+  assert result['target_bits_per_byte'] == pytest.approx(math.log2(model.cfg.vocab_size), rel=1e-5)
 
 
 def test_normalize_compares_first_lines_stripped():
