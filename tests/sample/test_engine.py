@@ -58,6 +58,7 @@ def prompt_of(length, offset=0):
   return [(7 * i + 3 + offset) % 256 for i in range(length)]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores (2026-12-02)
 def test_concurrent_requests_of_different_lengths_match_unbatched_greedy(setup):
   _, _, engine, reference = setup
   # More requests than slots; prompts across the 8/16/32 buckets; the last one runs into max_len.

@@ -63,6 +63,7 @@ def byte_unigram_nats(cfg, eval_batches):
   return float(-log_p[targets].mean())
 
 
+@pytest.mark.slow  # over 30 s on 2 cores (2026-12-02)
 def test_short_run_beats_the_unigram_baseline(tmp_path):
   cfg = small_config()
   cfg.train.workdir = str(tmp_path)
@@ -121,6 +122,7 @@ def test_every_variant_trains(overrides):
     assert history[-1]['router_loss'] >= 1.0 - 1e-3  # the load-balance loss is >= 1, equality at uniform use
 
 
+@pytest.mark.slow  # over 30 s on 2 cores (2026-12-02)
 def test_train_py_runs_with_command_line_overrides():
   result = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/tiny.py', '--config.model.attention.kind=sparse',
