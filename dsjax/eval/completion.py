@@ -108,6 +108,12 @@ def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
   return ids[-max_tokens:]
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+  """Prompt tokens that fit a `context`-token window with `max_new_tokens` generated, keeping at least half of the
+  window for the prompt."""
+  return max(context - max_new_tokens, context // 2)
+
+
 def edit_similarity(output: str, target: str, num_lines: int) -> float:
   """difflib's ratio (2 * matched characters / total characters, 1.0 for two empty strings) of the normalized
   first `num_lines` lines of `output` and `target`."""
@@ -192,4 +198,4 @@ def evaluate_held_out(cfg: ml_collections.ConfigDict, params: Any, *, model: nn.
     return {'exact_match': 0.0, 'matches': 0, 'count': 0}
   context = min(int(cfg.data.seq_len), int(cfg.model.max_positions))  # the context length the model trained on
   return evaluate(model, params, tokenizer, examples, target_lines=target_lines, max_new_tokens=max_new_tokens,
-                  max_prompt_tokens=max(context - max_new_tokens, context // 2))
+                  max_prompt_tokens=prompt_budget(context, max_new_tokens))

@@ -50,7 +50,7 @@ def plain_settings(model: Any, *, context: int | None = None, max_new_tokens: in
   """The keyword arguments of `completion.evaluate` that both runs share: the prompt budget is what `context`
   (default model.cfg.max_positions) leaves after `max_new_tokens`, at least half of it."""
   context = int(context or model.cfg.max_positions)
-  max_prompt_tokens = max(context - max_new_tokens, context // 2)
+  max_prompt_tokens = completion.prompt_budget(context, max_new_tokens)
   if max_prompt_tokens < 2:
     raise ValueError(f'context {context} leaves no room for a prompt after max_new_tokens={max_new_tokens}')
   return dict(target_lines=target_lines, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
@@ -68,8 +68,9 @@ def evaluate_with_retrieval(model: Any, params: Any, tokenizer: Any, examples: S
   indexes and k computes it once).
 
   Returns {'without_retrieval': {...}, 'with_retrieval': {...}} (completion.evaluate's results: exact match, edit
-  similarity, target bits per byte), 'delta' (exact match with minus without), 'count', 'k', 'mean_hits', 'mean_retrieved_chars' and 'target_in_hits' (the fraction of examples
-  whose normalized target appears in a hit: how often retrieval could have helped by copying).
+  similarity, target bits per byte), 'delta' (exact match with minus without), 'count', 'k', 'mean_hits',
+  'mean_retrieved_chars' and 'target_in_hits' (the fraction of examples whose normalized target appears in a hit:
+  how often retrieval could have helped by copying).
   """
   settings = plain_settings(model, context=context, max_new_tokens=max_new_tokens, target_lines=target_lines,
                             batch_size=batch_size)
@@ -133,7 +134,7 @@ def format_table(results: dict[str, Any]) -> str:
                                                                   'with_retrieval')):
     r = results[key]
     rows.append((label, f'{r["exact_match"]:.4f}', str(r['matches']), str(r['count']),
-                 f'{r.get("edit_similarity", float("nan")):.4f}', f'{r.get("target_bits_per_byte", float("nan")):.3f}'))
+                 f'{r["edit_similarity"]:.4f}', f'{r["target_bits_per_byte"]:.3f}'))
   rows.append(('delta', f'{results["delta"]:+.4f}', '', '', '', ''))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
