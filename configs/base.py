@@ -36,7 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   a = m.attention = ml_collections.ConfigDict()
   a.kind = 'full'              # full | sparse | routed
-  a.impl = 'reference'         # reference (pure jnp); Pallas kernels plug in behind the same switch
+  a.impl = 'auto'              # auto (per call, the fastest exact path: reference on CPU, Pallas kernels on TPU,
+                               # cuDNN or Pallas on GPU; dsjax/model/dispatch.py) | reference | pallas | cudnn
+  a.platform = ''              # '' (where the process runs) | cpu | gpu | tpu: the platform attention is built for;
+                               # set it to lower for another one (e.g. tpu from a CPU machine)
   a.window = 128               # sparse (and routed with sparse_mask): keys within the last `window` positions
   a.num_global = 4             # sparse: first tokens of each document every query may attend to (sinks)
   a.top_k = 4                  # routed: active routed heads per token

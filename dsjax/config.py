@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 
 ATTENTION_KINDS = ('full', 'sparse', 'routed')
-ATTENTION_IMPLS = ('reference', 'pallas')
+ATTENTION_IMPLS = ('auto', 'reference', 'pallas', 'cudnn')  # see dsjax/model/dispatch.py
+ATTENTION_PLATFORMS = ('', 'cpu', 'gpu', 'tpu')
 POSITION_KINDS = ('rope', 'xl')
 REMAT_POLICIES = ('none', 'full', 'dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -90,7 +91,7 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
     check_positive(field, allow_zero=True)
   for field, choices in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES),
                          ('positions.kind', POSITION_KINDS), ('attention.kind', ATTENTION_KINDS),
-                         ('attention.impl', ATTENTION_IMPLS)):
+                         ('attention.impl', ATTENTION_IMPLS), ('attention.platform', ATTENTION_PLATFORMS)):
     _check_choice(m, field, choices, prefix)
 
   def fail(field, why):
@@ -109,9 +110,19 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
   if m.positions.kind == 'xl' and m.hidden_size % 2:
     fail('hidden_size', 'must be even for the sinusoidal relative encoding')
   a = m.attention
-  if a.impl == 'pallas' and m.positions.kind != 'rope':
-    fail('attention.impl', f"the Pallas kernel needs {prefix}.positions.kind='rope' (xl adds relative-position "
-         'scores and memory, which only the reference implements)')
+  if a.impl in ('pallas', 'cudnn') and m.positions.kind != 'rope':
+    fail('attention.impl', f"the {a.impl} kernels need {prefix}.positions.kind='rope' (xl adds relative-position "
+         'scores and memory, which only the reference implements; impl=auto picks it)')
+  if a.impl == 'cudnn':  # what cuDNN can never express for this model (per-call limits: dsjax/model/dispatch.py)
+    limits = []
+    if a.kind == 'routed':
+      limits.append('routed heads')
+    if a.kind == 'sparse' and a.num_global:
+      limits.append(f'global tokens ({prefix}.attention.num_global={a.num_global})')
+    if m.dtype not in ('bfloat16', 'float16'):
+      limits.append(f'{prefix}.dtype={m.dtype} (it takes bfloat16 or float16)')
+    if limits:
+      fail('attention.impl', f'cuDNN cannot express {"; ".join(limits)}; impl=auto uses the Pallas kernels there')
   if a.kind == 'routed':
     routed = m.num_heads - a.num_shared_heads
     if routed < 1:

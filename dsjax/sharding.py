@@ -5,8 +5,9 @@ Model code names logical axes (`embed`, `heads`, `mlp`, ...); the config's `mesh
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from flax import linen as nn
 import jax
@@ -57,11 +58,52 @@ def rules(mesh_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_cfg.rules)
 
 
+class Placement(NamedTuple):
+  """A device mesh and the logical-axis rules that place a model on it.
+
+  Functions that run the model on a mesh are traced inside `placement.activate()`: `jax.set_mesh(mesh)` plus flax's
+  `logical_axis_rules(rules)`. That is what the attention kernels read to run per shard in `shard_map`
+  (dsjax/model/attention_kernels.py); XLA cannot partition a kernel call itself.
+  """
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]
+
+  @classmethod
+  def of(cls, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Placement:
+    return cls(mesh, rules(mesh_cfg))
+
+  @contextlib.contextmanager
+  def activate(self) -> Iterator[None]:
+    """Trace (and call jitted functions) under this mesh and these rules. Per thread: an engine thread enters its
+    own."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+
+def activate(placement: Placement | None) -> contextlib.AbstractContextManager:
+  """`placement.activate()`, or nothing for None (one device / no mesh)."""
+  return contextlib.nullcontext() if placement is None else placement.activate()
+
+
 def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
   """NamedSharding per leaf of any tree whose leaves are boxed with logical axis names (params, optimizer moments);
   unboxed leaves (step counters, scalars) are replicated. Returns a tree shaped like the unboxed tree."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+
+
+def check_heads_divide(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       mesh_cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless the devices the rules split `heads` and `kv_heads` over divide model.num_heads and
+  model.num_kv_heads (the attention kernels run whole GQA groups per shard; the projections' params need it too)."""
+  for logical, field in (('heads', 'num_heads'), ('kv_heads', 'num_kv_heads')):
+    axes = nn.logical_to_mesh_axes((logical,), rules(mesh_cfg))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    devices = math.prod(mesh.shape[a] for a in axes)
+    if model_cfg[field] % devices:
+      raise config_lib.ConfigError(
+          f'config.model.{field}={model_cfg[field]}: must be divisible by the {devices} devices of mesh axes '
+          f'{axes} that config.mesh.rules split `{logical}` over (config.mesh.tensor={mesh_cfg.tensor})')
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> jax.sharding.NamedSharding:

@@ -1,7 +1,9 @@
 """Multi-head attention (MHA / GQA / MQA) with full, sparse (window + global) and routed (MoH) kinds.
 
-`attend` is the one dispatch point on `impl`; every implementation takes positions and segment ids, never a
-dense mask, so block-sparse kernels can skip empty blocks.
+Every attention call goes through one pure dispatch function, `dispatch.choose(model.attention.impl, call)`, which
+names the path: the pure-jnp reference here, or the Pallas / cuDNN kernels (`attention_kernels`, which run them per
+shard on a device mesh). Every implementation takes positions and segment ids, never a dense mask, so block-sparse
+kernels can skip empty blocks.
 """
 from typing import NamedTuple
 
@@ -11,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import config as config_lib
+from dsjax.model import attention_kernels
+from dsjax.model import dispatch
 from dsjax.model.layers import Linear, LoraSpec, lora_kwargs, to_dtype
 from dsjax.model.masks import make_attention_mask
 from dsjax.model.positions import apply_rope, sinusoid_embedding
@@ -81,29 +85,42 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
-           k_seg: jax.Array, *, impl: str = 'reference', **kwargs) -> jax.Array:
-  """Dispatches to the attention implementation named by `impl` (same arguments as reference_attention)."""
-  if impl == 'reference':
-    return reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kwargs)
-  if impl == 'pallas':
-    return _pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kwargs)
-  raise ValueError(f'model.attention.impl: unknown {impl!r}, expected one of {config_lib.ATTENTION_IMPLS}')
+           k_seg: jax.Array, *, impl: str = 'auto', platform: str = '', packed: bool = True,
+           window: int | None = None, num_global: int = 0, gates: jax.Array | None = None,
+           rel: RelativeBias | None = None, scale: float | None = None) -> jax.Array:
+  """Attention without a cache on the path `dispatch.choose(impl, ...)` names (arguments as reference_attention).
+
+  The kernel paths are self-attention over rows whose positions increase by 1 within each document (as packing
+  and the sampler lay them out); `packed=False` says each row is one document without padding (cuDNN's case).
+  platform: what to build for ('' = this process's default backend; see `resolve_platform`).
+  """
+  call = dispatch.AttentionCall(platform=resolve_platform(platform), dtype=jnp.dtype(q.dtype).name,
+                                mask=mask_kind(window, num_global), routed=gates is not None, packed=packed,
+                                relative=rel is not None or k.shape[1] != q.shape[1], head_dim=q.shape[-1])
+  path = dispatch.choose(impl, call)
+  if path == 'reference':
+    return reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global,
+                               gates=gates, rel=rel, scale=scale)
+  if scale is not None:
+    raise ValueError(f'attend: a custom scale runs on impl=reference only (the {path} path scales by 1/sqrt(H))')
+  return attention_kernels.self_attention(path, q, k, v, q_pos, q_seg, window=window, num_global=num_global,
+                                          gates=gates, platform=call.platform)
 
 
-def _pallas_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, gates=None, rel=None,
-                      scale=None):
-  """The Pallas kernels (self-attention over packed rows): block-sparse attention, or, with routing gates,
-  the routed kernel that computes only the active (token, head) pairs (those with a nonzero gate)."""
-  # Optional dependency of the model, imported where used.
-  from pallas_kernels.routed_attention import routed_attention  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.sparse_attention import sparse_attention  # pylint: disable=g-import-not-at-top
-  if rel is not None or k.shape[1] != q.shape[1]:
-    raise ValueError("model.attention.impl='pallas' supports RoPE self-attention only (no Transformer-XL "
-                     'relative positions or memory); use impl=reference')
-  kw = dict(window=window, num_global=num_global, scale=scale)
-  if gates is None:
-    return sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw)
-  return routed_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, gates, **kw)
+def resolve_platform(platform: str = '') -> str:
+  """'cpu', 'gpu' or 'tpu': `platform` ('' = this process's default JAX backend; other backends count as 'cpu').
+
+  Set model.attention.platform to build for another platform than the one tracing, e.g. 'tpu' to lower the model
+  for TPU on a CPU machine (`jax.jit(f).trace(...).lower(lowering_platforms=('tpu',))`)."""
+  platform = platform or jax.default_backend()
+  return platform if platform in dispatch.PLATFORMS else 'cpu'
+
+
+def mask_kind(window: int | None, num_global: int) -> str:
+  """The dispatch's mask name for (window, num_global)."""
+  if window is None:
+    return 'causal'
+  return 'window+global' if num_global else 'window'
 
 
 def mask_args(attention_cfg: ml_collections.ConfigDict) -> tuple[int | None, int]:
@@ -142,10 +159,10 @@ class Attention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                memory: tuple[jax.Array, jax.Array, jax.Array] | None = None, cache: LayerCache | None = None
                ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Attention over x [B, T, D] with positions, segment_ids int [B, T].
+    """Attention over x [B, T, D] with positions, segment_ids int [B, T] (None: one document per row).
 
     memory: optional (hidden [B, M, D], positions [B, M], segment ids [B, M]) prepended to the keys/values.
     cache: optional KV cache (decoding): the new tokens attend to the cached keys and to each other, and their
@@ -157,6 +174,9 @@ class Attention(nn.Module):
     d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, config_lib.head_dim(cfg)
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype)
+    packed = segment_ids is not None  # None: each row is one document, no padding (what cuDNN can express)
+    if not packed:
+      segment_ids = jnp.ones_like(positions)
 
     kv_in, k_pos, k_seg = x, positions, segment_ids
     if memory is not None:
@@ -177,41 +197,53 @@ class Attention(nn.Module):
     if cfg.positions.kind == 'rope':
       rope = dict(theta=cfg.positions.rope_theta, scaling_factor=cfg.positions.rope_scaling_factor)
       q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
-    new_kv = None
-    if cache is not None:
-      new_kv = tuple(write_to_slots(c, t, cache.write_slot, cache.layer) for c, t in ((cache.k, k), (cache.v, v)))
-      if attends_in_place(cfg, cache.k.shape[2], x.shape[1]):
-        # Decoding one token, or a short chunk (speculative verification): its tokens are in the updated cache and
-        # the keys they displaced from a ring are out of their windows, so attend to the updated cache itself; no
-        # copy of the cache per step.
-        k, v = (t[cache.layer].astype(k.dtype) for t in new_kv)
-        k_pos, k_seg = cache.written_positions, cache.written_segment_ids
-      else:  # the cache as it was (this layer's slice before the write), then this call's tokens: exact even
-        # when they wrap a ring
-        k = jnp.concatenate([cache.k[cache.layer].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([cache.v[cache.layer].astype(v.dtype), v], axis=1)
-        k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
-        k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
-    rel = None
-    if cfg.positions.kind == 'xl':
-      zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))
-      u = self.param('u_bias', zeros, (n, h), param_dtype)
-      vb = self.param('v_bias', zeros, (n, h), param_dtype)
-      # 0..S-1 covers every visible distance when positions step by 1 within a document.
-      distances = jnp.arange(k.shape[1])
-      r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
-                 **kw, **lo('r_proj'))(sinusoid_embedding(distances, d))
-      rel = RelativeBias(r, u, vb)
-
     window, num_global = mask_args(a)
     gates, router_loss = None, jnp.zeros((), jnp.float32)
     if a.kind == 'routed':
       gates, router_loss = HeadRouter(n, a.num_shared_heads, a.top_k, cfg.init_std, param_dtype,
                                       name='router')(x, segment_ids > 0)
-    # The Pallas prefill kernel is self-attention over packed rows; a cached call attends to more keys than queries.
-    impl = 'reference' if cache is not None else a.impl
-    out = attend(q, k, v, positions, k_pos, segment_ids, k_seg, impl=impl, window=window,
-                 num_global=num_global, gates=gates, rel=rel)
+    call = dispatch.AttentionCall(platform=resolve_platform(a.platform), dtype=dtype.name,
+                                  mask=mask_kind(window, num_global), routed=gates is not None, packed=packed,
+                                  cached=cache is not None, relative=cfg.positions.kind == 'xl', head_dim=h)
+    path = dispatch.choose(a.impl, call)
+
+    new_kv = out = None
+    if cache is not None:
+      new_kv = tuple(write_to_slots(c, t, cache.write_slot, cache.layer) for c, t in ((cache.k, k), (cache.v, v)))
+      # Decoding one token, or a short chunk (speculative verification): its tokens are in the updated cache and
+      # the keys they displaced from a ring are out of their windows, so it attends to the updated cache itself (no
+      # copy of the cache per step). Otherwise to the cache as it was (before this call's write), then this call's
+      # tokens: exact even when they wrap a ring.
+      in_place = attends_in_place(cfg, cache.k.shape[2], x.shape[1])
+      if path != 'reference':  # the kernels read every layer's cache at this layer, in place
+        out = attention_kernels.cached_attention(
+            q, k, v, positions, segment_ids, (cache.k, cache.v, cache.positions, cache.segment_ids),
+            (*new_kv, cache.written_positions, cache.written_segment_ids) if in_place else None, cache.layer,
+            window=window, num_global=num_global, gates=gates, platform=call.platform)
+      elif in_place:
+        k, v = (t[cache.layer].astype(k.dtype) for t in new_kv)
+        k_pos, k_seg = cache.written_positions, cache.written_segment_ids
+      else:
+        k = jnp.concatenate([cache.k[cache.layer].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([cache.v[cache.layer].astype(v.dtype), v], axis=1)
+        k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
+        k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
+    if path == 'reference':
+      rel = None
+      if cfg.positions.kind == 'xl':
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))
+        u = self.param('u_bias', zeros, (n, h), param_dtype)
+        vb = self.param('v_bias', zeros, (n, h), param_dtype)
+        # 0..S-1 covers every visible distance when positions step by 1 within a document.
+        distances = jnp.arange(k.shape[1])
+        r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
+                   **kw, **lo('r_proj'))(sinusoid_embedding(distances, d))
+        rel = RelativeBias(r, u, vb)
+      out = reference_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
+                                num_global=num_global, gates=gates, rel=rel)
+    elif cache is None:
+      out = attention_kernels.self_attention(path, q, k, v, positions, segment_ids, window=window,
+                                             num_global=num_global, gates=gates, platform=call.platform)
     out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw,
                  **lo('o_proj'))(out)
     return out, router_loss, new_kv

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsjax.model import partitioning
 from dsjax.model.layers import normal_init
 
 
@@ -18,8 +19,13 @@ def route(probs: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
       sum to top_k, so the average active weight is 1 as in plain multi-head attention).
     active: bool [B, T, R].
   """
-  _, idx = jax.lax.top_k(probs, top_k)
-  active = jnp.any(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.bool_), axis=-2)
+  # Head i is active when fewer than top_k heads beat it (a larger probability, or an equal one at a lower index:
+  # lax.top_k's choice). Elementwise over [B, T, R, R], so it stays split over a sharded batch, where XLA's TopK
+  # custom call gathers its whole operand.
+  head = jnp.arange(probs.shape[-1])
+  other, this = probs[..., None, :], probs[..., :, None]
+  beats = (other > this) | ((other == this) & (head[None, :] < head[:, None]))
+  active = jnp.sum(beats, axis=-1) < top_k
   selected = jnp.where(active, probs, 0.0)
   gates = top_k * selected / jnp.sum(selected, axis=-1, keepdims=True)
   return gates, active
@@ -54,10 +60,11 @@ class HeadRouter(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     num_routed = self.num_heads - self.num_shared_heads
-    kernel = self.param('kernel', normal_init(self.init_std, ('embed', 'heads')),
+    kernel = self.param('kernel', normal_init(self.init_std, ('embed', None)),
                         (x.shape[-1], num_routed), self.param_dtype)
     logits = jnp.einsum('BTD,DR->BTR', x.astype(jnp.float32), kernel.astype(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1)
+    # Whole rows of heads per batch shard: top-k needs every head's score (XLA would otherwise gather the batch too).
+    probs = partitioning.constrain(jax.nn.softmax(logits, axis=-1), ('batch', None, None))
     gates, active = route(probs, self.top_k)
     shared = jnp.ones(gates.shape[:-1] + (self.num_shared_heads,), gates.dtype)
     return jnp.concatenate([shared, gates], axis=-1), load_balance_loss(probs, active, valid, self.top_k)

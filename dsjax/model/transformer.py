@@ -8,6 +8,7 @@ import ml_collections
 
 from dsjax import config as config_lib
 from dsjax.model import cache as cache_lib
+from dsjax.model import partitioning
 from dsjax.model.attention import Attention, LayerCache, write_to_slots
 from dsjax.model.layers import MLP, Embedder, Linear, LoraSpec, RMSNorm, to_dtype
 
@@ -45,6 +46,9 @@ class Block(nn.Module):
                layer: jax.Array, positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None,
                mem_seg: jax.Array | None, cache_meta: tuple[jax.Array, ...] | None):
     x, cache_kv = carry
+    # The hidden states stay split over the batch axes (FSDP gathers weights, not activations; the attention
+    # kernels' shard_map finds its inputs where it needs them).
+    x = partitioning.constrain(x, ('batch', None, None))
     cfg = self.cfg
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -91,7 +95,9 @@ class Transformer(nn.Module):
     config_lib.validate_model(cfg)
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     positions = positions.astype(jnp.int32)
-    segment_ids = jnp.ones_like(positions) if segment_ids is None else segment_ids.astype(jnp.int32)
+    # Attention sees None when rows are single documents without padding (cuDNN can take those); the cache does not.
+    row_segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    segment_ids = jnp.ones_like(positions) if segment_ids is None else row_segments
 
     cache_kv = cache_meta = None
     if cache is not None:
@@ -120,7 +126,7 @@ class Transformer(nn.Module):
                     in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
     (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, self.lora, name='layers')(
-        (x, cache_kv), mem_hidden, jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, segment_ids, mem_pos,
+        (x, cache_kv), mem_hidden, jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, row_segments, mem_pos,
         mem_seg, cache_meta)
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax import sharding as sharding_lib
 from dsjax.model import cache as cache_lib
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample import speculative
@@ -150,7 +151,7 @@ class Engine:
 
   def __init__(self, model: nn.Module, params: Any, *, num_slots: int, max_len: int, max_queue: int = 64,
                vocab_limit: int | None = None, extra_slots: int = 0, drafter: speculative.Drafter | None = None,
-               gamma: int = 4):
+               gamma: int = 4, placement: sharding_lib.Placement | None = None):
     if num_slots < 1 or max_len < 2 or max_queue < 0:
       raise ValueError(f'need num_slots >= 1, max_len >= 2, max_queue >= 0; got {num_slots}, {max_len}, {max_queue}')
     if drafter is not None and gamma < 1:
@@ -162,7 +163,7 @@ class Engine:
     if drafter is not None:
       extra_slots = max(extra_slots, self.gamma + 1)
       drafter.check(self.gamma)
-    self.sampler = sampler_lib.Sampler(model, max_len=max_len, extra_slots=extra_slots)
+    self.sampler = sampler_lib.Sampler(model, max_len=max_len, extra_slots=extra_slots, placement=placement)
 
     n = self.num_slots
     self._cache = self.sampler.init_cache(n)
@@ -174,7 +175,8 @@ class Engine:
       self._prefill = jax.jit(self._prefill_speculative, donate_argnums=(2, 3, 4))
       self._round = jax.jit(self._speculative_round, donate_argnums=(2, 3, 4), static_argnames=('all_greedy',))
       empty = jnp.zeros((n, 1), jnp.int32)
-      self._draft_state = jax.jit(drafter.init)(drafter.params, empty, jnp.ones((n,), jnp.int32))
+      with sharding_lib.activate(placement):
+        self._draft_state = jax.jit(drafter.init)(drafter.params, empty, jnp.ones((n,), jnp.int32))
       self._tokens = jnp.zeros((n, self.max_len), jnp.int32)  # each slot's committed tokens, for the drafter
     # Per-slot host state, sent with every decode step (a few bytes per slot). _pos: the position the slot feeds
     # next (plain decoding) or its committed token count (speculative rounds).
@@ -296,24 +298,8 @@ class Engine:
 
   def _run(self) -> None:
     try:
-      while True:
-        with self._lock:
-          while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
-            self._lock.wait()
-          if self._cancel_all:
-            break
-          if self._closing and not self._pending and not self._has_active():
-            break
-          admitted = []
-          for slot in range(self.num_slots):
-            if self._slots[slot] is None and self._pending:
-              request = self._pending.popleft()
-              self._slots[slot] = request
-              admitted.append((slot, request))
-        for slot, request in admitted:
-          self._admit(slot, request)
-        if self._has_active():
-          self._step()
+      with sharding_lib.activate(self.sampler.placement):  # the device functions trace in this thread
+        self._serve()
     except BaseException as e:  # pylint: disable=broad-except
       logging.exception('engine thread failed')
       with self._lock:
@@ -325,6 +311,27 @@ class Engine:
       self._slots = [None] * self.num_slots
     for request in leftovers:
       request._finish('error' if self._error is not None else 'cancelled', self._error)
+
+  def _serve(self) -> None:
+    """Admits queued requests and steps the active slots until shutdown."""
+    while True:
+      with self._lock:
+        while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
+          self._lock.wait()
+        if self._cancel_all:
+          break
+        if self._closing and not self._pending and not self._has_active():
+          break
+        admitted = []
+        for slot in range(self.num_slots):
+          if self._slots[slot] is None and self._pending:
+            request = self._pending.popleft()
+            self._slots[slot] = request
+            admitted.append((slot, request))
+      for slot, request in admitted:
+        self._admit(slot, request)
+      if self._has_active():
+        self._step()
 
   def _has_active(self) -> bool:
     return any(slot is not None for slot in self._slots)

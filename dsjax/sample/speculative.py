@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax import sharding as sharding_lib
 from dsjax.model import cache as cache_lib
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample.sampler import Sampler, draw, pad_prompts, probs_for, row_keys
@@ -336,12 +337,12 @@ def speculative_generate(target_sampler: Sampler, target_params: Any, drafter: D
   tokens, lengths, max_new = pad_prompts(prompts, max_new_tokens, target_sampler.max_len, pad_id, width=width)
   temperatures = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
   stops = sorted(set(int(s) for s in stop_ids))
-  out, n, stats = _generate_loop(
-      target_sampler, drafter, target_params, drafter.params, jnp.asarray(tokens), jnp.asarray(lengths),
-      jnp.asarray(max_new), row_keys(rng, batch), jnp.asarray(temperatures), per_row(top_k, np.int32),
-      per_row(top_p, np.float32), jnp.asarray(stops or [-1], jnp.int32), prompt_width=int(lengths.max()),
-      gamma=gamma, vocab_limit=vocab_limit,
-      all_greedy=bool(np.all(temperatures <= 0)))
+  with sharding_lib.activate(target_sampler.placement):  # the kernels run per shard on the target's mesh
+    out, n, stats = _generate_loop(
+        target_sampler, drafter, target_params, drafter.params, jnp.asarray(tokens), jnp.asarray(lengths),
+        jnp.asarray(max_new), row_keys(rng, batch), jnp.asarray(temperatures), per_row(top_k, np.int32),
+        per_row(top_p, np.float32), jnp.asarray(stops or [-1], jnp.int32), prompt_width=int(lengths.max()),
+        gamma=gamma, vocab_limit=vocab_limit, all_greedy=bool(np.all(temperatures <= 0)))
   out, n = np.asarray(out), np.asarray(n)
   target_steps, row_steps, accepted = (int(x) for x in np.asarray(stats))
   results = []

@@ -69,6 +69,7 @@ def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _check_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_shards: int) -> None:
+  sharding_lib.check_heads_divide(cfg.model, mesh, cfg.mesh)
   batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
   micro = cfg.train.batch_size // cfg.train.grad_accum_steps
   if micro % batch_devices:
@@ -92,7 +93,17 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   With `lora.enabled` only low-rank adapters train: the base comes from `train.init_from` (or a random init), the
   adapters from `lora.adapter` (or fresh), and the run ends with the adapter in PEFT format in <workdir>/adapter and
   the merged model in <workdir>/checkpoint.
+
+  Everything runs under the run's mesh and logical-axis rules (`sharding.Placement`), so the attention kernels run
+  per shard.
   """
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  with sharding_lib.Placement.of(mesh, cfg.mesh).activate():
+    return _train(cfg, mesh)
+
+
+def _train(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """`train` on `mesh`, traced under its placement."""
   start_time = time.time()
   main_process = jax.process_index() == 0
   if 'eval' in cfg and cfg.eval.tasks:  # end-of-run eval tasks: a bad task name fails now, not after training
@@ -105,7 +116,6 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   token_bytes = np.zeros((cfg.model.vocab_size,), np.int32)
   token_bytes[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
 
-  mesh = sharding_lib.make_mesh(cfg.mesh)
   num_shards = int(cfg.data.num_shards) or jax.process_count()
   _check_divisibility(cfg, mesh, num_shards)
   try:

@@ -23,6 +23,8 @@ class FlashConfig(NamedTuple):
   block_k: int
   backend: str  # 'gpu' (Triton) or 'tpu' (Mosaic TPU)
   interpret: bool
+  num_warps: int | None = None  # Triton launch settings (None: Pallas' defaults); ignored by Mosaic TPU
+  num_stages: int | None = None
 
 
 DEFAULT_BLOCKS = {'gpu': 64, 'tpu': 128}  # Mosaic TPU tiles want lane dimensions in multiples of 128
@@ -72,8 +74,11 @@ def _transposed(sched, num_k_blocks):
 
 
 def _kernel_kw(cfg):
-  return dict(scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k, window=cfg.window,
-              num_global=cfg.num_global, softcap=cfg.softcap, interpret=cfg.interpret)
+  kw = dict(scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k, window=cfg.window,
+            num_global=cfg.num_global, softcap=cfg.softcap, interpret=cfg.interpret)
+  if cfg.backend == 'gpu':
+    kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  return kw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -101,7 +106,8 @@ def _flash_bwd(cfg, res, do):
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
 
 
-def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, backend, interpret) -> FlashConfig:
+def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, backend, interpret, num_warps=None,
+                  num_stages=None) -> FlashConfig:
   """Validates the kernel settings shared by sparse and routed attention and fills the defaults."""
   if backend is None:
     backend = default_backend()
@@ -113,10 +119,14 @@ def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, ba
     raise ValueError(f'block sizes must be positive ints; got block_q={block_q}, block_k={block_k}')
   if interpret is None:
     interpret = jax.default_backend() != backend
+  for name, value in (('num_warps', num_warps), ('num_stages', num_stages)):
+    if value is not None and (int(value) != value or value < 1):
+      raise ValueError(f'{name} must be None or a positive int; got {value!r}')
   return FlashConfig(None if window is None else int(window), int(num_global),
                      float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale),
                      None if softcap is None else float(softcap), int(block_q), int(block_k), backend,
-                     bool(interpret))
+                     bool(interpret), None if num_warps is None else int(num_warps),
+                     None if num_stages is None else int(num_stages))
 
 
 def _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap=None):
@@ -146,7 +156,8 @@ def _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap=N
 
 
 def sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, scale=None,
-                     softcap=None, block_q=None, block_k=None, backend=None, interpret=None):
+                     softcap=None, block_q=None, block_k=None, backend=None, interpret=None, num_warps=None,
+                     num_stages=None):
   """Block-sparse attention. q [B,T,N,H], k/v [B,S,K,H] (K | N), positions/segments int32 [B,T]/[B,S].
 
   Key j is visible to query i iff q_seg == k_seg (segment -1 never matches), k_pos <= q_pos and
@@ -160,13 +171,46 @@ def sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_gl
   (see schedule.py); the element mask itself is exact.
   block_q, block_k: kernel tiles (None: 64 on GPU, 128 on TPU). interpret: None -> True unless the
   default device is the kernel's backend (so CPU runs the kernels in Pallas interpret mode).
+  num_warps, num_stages: Triton launch settings of the GPU kernels (None: Pallas' defaults).
   """
   _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap)
   if backend == 'reference':
     return sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window,
                                       num_global=int(num_global), scale=scale, softcap=softcap)
   cfg = kernel_config(q, window=window, num_global=num_global, scale=scale, softcap=softcap, block_q=block_q,
-                      block_k=block_k, backend=backend, interpret=interpret)
+                      block_k=block_k, backend=backend, interpret=interpret, num_warps=num_warps,
+                      num_stages=num_stages)
+  padded = _padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg)
+  return flash_attention(*padded, cfg)[:, :q.shape[1]]
+
+
+def sparse_attention_with_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0, scale=None,
+                              softcap=None, block_q=None, block_k=None, backend=None, interpret=None, num_warps=None,
+                              num_stages=None):
+  """Forward only (no VJP; for inference): `sparse_attention`'s output and each query row's log-sum-exp of its
+  visible scores, lse float32 [B, N, T] (-inf where the row sees no key: in self-attention, segment -1 rows).
+
+  With the lse, attention over a key set split in parts (a prompt chunk and the KV cache it continues) is
+  the `merge_attention` of the parts, exactly. Same arguments as `sparse_attention`; backend 'reference' is the
+  dense jnp computation.
+  """
+  _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap)
+  if backend == 'reference':
+    return sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window,
+                                      num_global=int(num_global), scale=scale, softcap=softcap, return_lse=True)
+  cfg = kernel_config(q, window=window, num_global=num_global, scale=scale, softcap=softcap, block_q=block_q,
+                      block_k=block_k, backend=backend, interpret=interpret, num_warps=num_warps,
+                      num_stages=num_stages)
+  T = q.shape[1]
+  out, lse = _kernels(cfg.backend).flash_forward(*_padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg),
+                                                 **_kernel_kw(cfg))
+  # In self-attention a row with segment != -1 sees at least itself; the kernels write lse 0 for empty rows.
+  lse = jnp.where(q_seg[:, None, :] == -1, -jnp.inf, lse[:, :, :T])
+  return out[:, :T], lse
+
+
+def _padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg):
+  """(q, k, v, q_pos, k_pos, q_seg, k_seg, sched) padded to a multiple of the blocks (padding: segment -1)."""
   T = q.shape[1]
   if k.shape[1] != T:
     raise ValueError(f'the kernel path is self-attention and needs S == T; got S={k.shape[1]}, T={T}')
@@ -174,6 +218,4 @@ def sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_gl
   pad = functools.partial(pad_tokens, length=Tp)
   q_pos, k_pos = pad(q_pos.astype(jnp.int32)), pad(k_pos.astype(jnp.int32))
   q_seg, k_seg = pad(q_seg.astype(jnp.int32), value=-1), pad(k_seg.astype(jnp.int32), value=-1)
-  sched = block_schedule(q_pos, q_seg, cfg)
-  out = flash_attention(pad(q), pad(k), pad(v), q_pos, k_pos, q_seg, k_seg, sched, cfg)
-  return out[:, :T]
+  return pad(q), pad(k), pad(v), q_pos, k_pos, q_seg, k_seg, block_schedule(q_pos, q_seg, cfg)

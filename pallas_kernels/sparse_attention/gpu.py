@@ -20,11 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Lower through Triton explicitly: some jax versions otherwise pick Mosaic GPU for CUDA, which rejects these block
-# shapes.
-_TRITON = pltriton.CompilerParams()  # Pallas' Triton defaults
-
 _F32 = jnp.float32
+
+
+def triton_params(num_warps: int | None = None, num_stages: int | None = None) -> pltriton.CompilerParams:
+  """Triton compiler parameters (None: Pallas' defaults). Lowering through Triton explicitly: some jax versions
+  otherwise pick Mosaic GPU for CUDA, which rejects these block shapes."""
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _mask(qp, qs, kp, ks, window, num_global):
@@ -58,17 +60,11 @@ def _dot_t(a, b):
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
 
 
-def online_softmax_block(q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, j, carry, *, scale, block_k, window,
-                         num_global, softcap=None):
-  """One flash-attention step over key block `j`: carry (acc [rows, H], max [rows], sum [rows]) in float32.
-
-  Shared by the prefill forward kernel and the decode kernel (as a `fori_loop` body).
-  """
+def online_softmax_step(q, qp, qs, k, v, kp, ks, carry, *, scale, window, num_global, softcap=None):
+  """One flash-attention step over a loaded key block (k, v [bk, H], positions/segments kp, ks [bk]): carry
+  (acc [rows, H], max [rows], sum [rows]) in float32. Shared by the prefill forward kernel and the decode kernel."""
   acc, m, l = carry
-  sl = pl.ds(j * block_k, block_k)
-  k = k_ref[sl, :]
-  v = v_ref[sl, :]
-  mask = _mask(qp, qs, kpos_ref[sl], kseg_ref[sl], window, num_global)
+  mask = _mask(qp, qs, kp, ks, window, num_global)
   s = jnp.where(mask, _logits(q, k, scale, softcap), -jnp.inf)
   m_new = jnp.maximum(m, jnp.max(s, axis=-1))
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -77,6 +73,14 @@ def online_softmax_block(q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, j, carry, 
   l = corr * l + jnp.sum(p, axis=-1)
   acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v)
   return acc, m_new, l
+
+
+def online_softmax_block(q, qp, qs, k_ref, v_ref, kpos_ref, kseg_ref, j, carry, *, scale, block_k, window,
+                         num_global, softcap=None):
+  """`online_softmax_step` over key block `j` of whole-row refs (a `fori_loop` body)."""
+  sl = pl.ds(j * block_k, block_k)
+  return online_softmax_step(q, qp, qs, k_ref[sl, :], v_ref[sl, :], kpos_ref[sl], kseg_ref[sl], carry, scale=scale,
+                             window=window, num_global=num_global, softcap=softcap)
 
 
 def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
@@ -184,8 +188,8 @@ def _specs(per_head, block_q, block_k, T, H, group):
 
 
 def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q, block_k, window,
-                  num_global, softcap, interpret):
-  """Returns (out [B,T,N,H] q.dtype, lse [B,N,T] float32)."""
+                  num_global, softcap, interpret, num_warps=None, num_stages=None):
+  """Returns (out [B,T,N,H] q.dtype, lse [B,N,T] float32; lse is 0 on rows with no visible key)."""
   B, T, N, H = q.shape
   group = N // k.shape[2]
   kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, window=window,
@@ -193,7 +197,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q,
   spec, _ = _specs(q_pos.ndim == 3, block_q, block_k, T, H, group)
   return pl.pallas_call(
       kernel,
-      compiler_params=_TRITON,
+      compiler_params=triton_params(num_warps, num_stages),
       grid=(B, T // block_q, N),
       in_specs=[spec.sched, spec.heads, spec.kv, spec.kv, spec.q_rows, spec.q_rows, spec.k_rows, spec.k_rows],
       out_specs=[spec.heads, spec.stats],
@@ -207,7 +211,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q,
 
 
 def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, do, *, scale,
-                   block_q, block_k, window, num_global, softcap, interpret):
+                   block_q, block_k, window, num_global, softcap, interpret, num_warps=None, num_stages=None):
   """Returns (dq [B,T,N,H], dk [B,T,K,H], dv [B,T,K,H]) in the input dtypes."""
   B, T, N, H = q.shape
   K = k.shape[2]
@@ -219,7 +223,7 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_k=block_k, **mask_kw),
-      compiler_params=_TRITON,
+      compiler_params=triton_params(num_warps, num_stages),
       grid=(B, T // block_q, N),
       in_specs=[qs.sched, qs.heads, qs.kv, qs.kv, qs.heads, qs.stats, qs.stats, qs.q_rows, qs.q_rows, qs.k_rows,
                 qs.k_rows],
@@ -232,7 +236,7 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
   # dk/dv per query head (grid over query heads), summed over each GQA group below.
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=block_q, **mask_kw),
-      compiler_params=_TRITON,
+      compiler_params=triton_params(num_warps, num_stages),
       grid=(B, T // block_k, N),
       in_specs=[ks.sched, ks.heads, ks.kv, ks.kv, ks.heads, ks.stats, ks.stats, ks.q_rows, ks.q_rows, ks.k_rows,
                 ks.k_rows],

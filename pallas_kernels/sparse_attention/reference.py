@@ -27,10 +27,11 @@ def sparse_attention_mask(q_pos, k_pos, q_seg, k_seg, *, window=None, num_global
 
 
 def sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_global=0,
-                               scale=None, softcap=None):
+                               scale=None, softcap=None, return_lse=False):
   """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; softmax in float32; fully masked rows give 0.
 
   softcap: if set, scores s = scale * q.k become softcap * tanh(s / softcap) before the softmax.
+  return_lse: also return each row's log-sum-exp of its visible scores, float32 [B,N,T] (-inf: nothing visible).
   """
   B, T, N, H = q.shape
   K = k.shape[2]
@@ -53,5 +54,8 @@ def sparse_attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=No
   p = jnp.where(mask, jnp.exp(logits - m), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum('bnts,bsnh->btnh', p, vf, precision=jax.lax.Precision.HIGHEST)
-  return out.astype(q.dtype)
+  out = jnp.einsum('bnts,bsnh->btnh', p, vf, precision=jax.lax.Precision.HIGHEST).astype(q.dtype)
+  if return_lse:
+    return out, jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)),
+                          -jnp.inf)
+  return out

@@ -1,10 +1,12 @@
 """KV-cached decoding equals recomputing the full forward pass, for every attention kind and position encoding,
-with chunks shorter and longer than the ring cache of sparse attention."""
+with chunks shorter and longer than the ring cache of sparse attention, on the reference path and the kernels."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dsjax.model import Transformer
+from dsjax.model import attention
+from dsjax.model import attention_kernels
 from dsjax.model import cache as cache_lib
 from tests.model.helpers import init_shapes, jit, random_like, tiny_config
 
@@ -46,3 +48,40 @@ def test_padding_is_not_cached_and_truncate_forgets():
            'segment_ids': jnp.ones((2, 7), jnp.int32)}
   cut = cache_lib.truncate(cache, jnp.asarray([3, 5]))
   assert np.asarray(cut['segment_ids']).tolist() == [[1, 1, 1, -1, -1, -1, -1], [1, 1, 1, 1, 1, -1, -1]]
+
+
+def kernels_in(jitted, *args) -> set[str]:
+  """The Pallas kernels (by name) a jitted call runs."""
+  text = str(jitted.trace(*args).jaxpr)
+  return {name for name in ('sparse_decode_attention', 'sparse_attention_fwd') if name in text}
+
+
+@pytest.mark.parametrize('max_rows', [64, 2], ids=['decode_kernel', 'flash_merged'])
+@pytest.mark.parametrize('kind', ['full', 'routed_sparse'])
+def test_kernels_in_cached_chunks_equal_the_full_forward(kind, max_rows, monkeypatch):
+  """impl='pallas' on the cache: one-token steps and short chunks that attend in place run the decode kernel over
+  the cache; other chunks (wrapping the ring, or longer than `DECODE_MAX_ROWS` query rows) run the flash kernel
+  over the chunk merged with the decode kernel over the cache. max_rows=2 sends every chunk down the second path."""
+  monkeypatch.setattr(attention_kernels, 'DECODE_MAX_ROWS', max_rows)
+  cfg = tiny_config(kind, attention=dict(impl='pallas'))
+  model = Transformer(cfg)
+  rng = np.random.default_rng(0)
+  chunks = (2, 7, 1, 4)
+  B, T = 2, sum(chunks)
+  tokens = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  params = random_like(init_shapes(model, tokens, pos, jnp.ones_like(pos)), seed=1)
+  reference = tiny_config(kind, attention=dict(impl='reference'))
+  want, _ = Transformer(reference).apply({'params': params}, tokens, pos)
+  forward = jit(lambda p, t, q, c: model.apply({'params': p}, t, q, cache=c))
+  cache = cache_lib.init_cache(cfg, B, 32)
+  got, start = [], 0
+  for n in chunks:
+    args = (params, tokens[:, start:start + n], pos[:, start:start + n], cache)
+    in_place = attention.attends_in_place(cfg, cache['k'].shape[2], n) and 2 * n <= max_rows  # 2 = heads per kv
+    assert kernels_in(forward, *args) == ({'sparse_decode_attention'} if in_place else
+                                          {'sparse_decode_attention', 'sparse_attention_fwd'}), n
+    logits, aux = forward(*args)
+    cache, start = aux['cache'], start + n
+    got.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(got, axis=1)), np.asarray(want), atol=2e-5, rtol=2e-5)

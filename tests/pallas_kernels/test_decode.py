@@ -1,5 +1,8 @@
-"""Tests for the split-K decode attention kernel (Pallas, interpret mode on CPU)."""
+"""Tests for the decode attention kernels (Triton split-K and Mosaic TPU, interpret mode on CPU): against the
+reference on random, ring-buffer and multi-document caches, a stacked [L, B, S, K, H] cache read at a traced layer,
+the log-sum-exp output and merging a chunk's attention to itself with its attention to the cache."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,9 @@ import pytest
 
 from pallas_kernels.sparse_attention import (
     default_num_splits,
+    merge_attention,
     sparse_attention_reference,
+    sparse_attention_with_lse,
     sparse_decode_attention,
 )
 
@@ -185,3 +190,120 @@ def test_validation_errors():
     call(q, kv, kv, qp, kp, num_splits=0)
   with pytest.raises(ValueError, match='block_k'):
     call(q, kv, kv, qp, kp, block_k=0)
+
+
+def stacked_case(rng, dtype, *, L=3, B=2, Tq=3, N=4, K=2, S=70, H=16, window=None, num_global=0):
+  """Every layer's cache [L, B, S, K, H] (S not a multiple of the blocks), shuffled positions with empty slots."""
+  q = jnp.asarray(rng.standard_normal((B, Tq, N, H)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((L, B, S, K, H)), dtype) for _ in range(2))
+  caches = [random_cache(rng, S, S + 10, fill=0.8) for _ in range(B)]
+  k_pos, k_seg = (jnp.asarray(np.stack(x)) for x in zip(*caches))
+  q_pos = jnp.asarray(np.tile(np.arange(S + 10, S + 10 + Tq), (B, 1)), jnp.int32)
+  return q, k, v, q_pos, k_pos, jnp.ones_like(q_pos), k_seg, dict(window=window, num_global=num_global)
+
+
+@pytest.mark.parametrize('backend', ['gpu', 'tpu'])
+@pytest.mark.parametrize('dtype,window,num_global', [(jnp.float32, None, 0), (jnp.float32, 9, 2),
+                                                     (jnp.bfloat16, 20, 0)])
+def test_stacked_cache_is_read_at_the_traced_layer(backend, dtype, window, num_global):
+  """The kernel reads layer `layer` of every layer's cache (no slice copied out), and with return_lse gives the
+  log-sum-exp of each row's visible scores (-inf where a row sees nothing)."""
+  rng = np.random.default_rng(11)
+  q, k, v, q_pos, k_pos, q_seg, k_seg, mask = stacked_case(rng, dtype, window=window, num_global=num_global)
+  q_seg = q_seg.at[1, 2].set(5)  # a query of a document with nothing cached
+  fn = jax.jit(lambda layer: sparse_decode_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, layer=layer,
+                                                     backend=backend, interpret=True, block_k=16, return_lse=True,
+                                                     **mask))
+  got, lse = fn(jnp.int32(1))
+  want, want_lse = sparse_attention_reference(q, k[1], v[1], q_pos, k_pos, q_seg, k_seg, return_lse=True, **mask)
+  tol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=tol)
+  assert got.dtype == dtype and lse.shape == want_lse.shape == (2, 4, 3)
+  np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(want_lse)))
+  assert np.isinf(np.asarray(lse)[1, :, 2]).all()
+  finite = np.isfinite(np.asarray(want_lse))
+  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize('Tq,N,K,S,window,num_global,dtype', [
+    (1, 4, 4, 100, None, 0, jnp.float32),  # S % block_k != 0: a masked partial last block
+    (4, 8, 2, 77, 7, 2, jnp.float32),  # GQA 4, window + global tokens
+    (2, 4, 1, 40, 6, 2, jnp.bfloat16),  # multi-query
+])
+def test_tpu_backend_matches_reference(Tq, N, K, S, window, num_global, dtype):
+  rng = np.random.default_rng(S)
+  B, H = 2, 16
+  q, k, v = make_inputs(rng, B, Tq, N, K, S, H, dtype)
+  k_pos, k_seg = zip(*[random_cache(rng, S, S + 20 * b, fill=0.9 - 0.2 * b) for b in range(B)])
+  q_pos = np.array([np.arange(S + 20 * b - Tq, S + 20 * b) for b in range(B)], np.int32)
+  check(q, k, v, q_pos, np.stack(k_pos), np.ones_like(q_pos), np.stack(k_seg), window=window,
+        num_global=num_global, block_k=32, backend='tpu')
+
+
+@pytest.mark.parametrize('window,num_global', [(None, 0), (5, 2)])
+def test_chunk_and_cache_merge_exactly(window, num_global):
+  """A prompt chunk continuing a cached document: flash attention of the chunk to itself merged with decode
+  attention to the cache equals attention to both key sets at once."""
+  rng = np.random.default_rng(4)
+  B, T, N, K, H, S = 2, 20, 4, 2, 16, 30
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k_new, v_new = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  k_old, v_old = (jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32) for _ in range(2))
+  pos = jnp.asarray(np.tile(np.arange(S, S + T), (B, 1)), jnp.int32)  # the chunk continues positions 0..S-1
+  seg = jnp.ones((B, T), jnp.int32).at[1, 15:].set(0)  # padding at the end of row 1
+  old_pos = jnp.asarray(np.tile(rng.permutation(S), (B, 1)), jnp.int32)  # the cache in any slot order
+  old_seg = jnp.ones((B, S), jnp.int32).at[0, :3].set(-1)  # a few empty slots
+  kw = dict(window=window, num_global=num_global)
+
+  @jax.jit
+  def merged(q, k_new, v_new, k_old, v_old):
+    chunk = sparse_attention_with_lse(q, k_new, v_new, pos, pos, seg, seg, interpret=True, block_q=8, block_k=8,
+                                      **kw)
+    past = sparse_decode_attention(q, k_old, v_old, pos, old_pos, seg, old_seg, return_lse=True, interpret=True,
+                                   block_k=8, **kw)
+    return merge_attention([chunk, past])
+
+  got = merged(q, k_new, v_new, k_old, v_old)
+  both = lambda x, y: jnp.concatenate([x, y], axis=1)
+  want = sparse_attention_reference(q, both(k_old, k_new), both(v_old, v_new), pos, both(old_pos, pos), seg,
+                                    both(old_seg, seg), **kw)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
+
+
+def test_flash_lse_matches_reference():
+  rng = np.random.default_rng(5)
+  B, T, N, K, H = 1, 40, 4, 2, 16
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  pos = jnp.asarray(np.concatenate([np.arange(25), np.arange(15)])[None], jnp.int32)
+  seg = jnp.asarray(np.repeat([1, 2], [25, 15])[None], jnp.int32)
+  out, lse = jax.jit(lambda q, k, v: sparse_attention_with_lse(q, k, v, pos, pos, seg, seg, window=6, num_global=1,
+                                                               interpret=True))(q, k, v)
+  want, want_lse = sparse_attention_reference(q, k, v, pos, pos, seg, seg, window=6, num_global=1, return_lse=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=0, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize('backend,platform,call', [('tpu', 'tpu', 'tpu_custom_call'), ('gpu', 'cuda', 'triton')])
+def test_decode_lowers_reading_the_stacked_cache_in_place(backend, platform, call):
+  """Lowered for the real device (on CPU): one kernel call whose operand is every layer's cache as it is: no
+  per-layer slice and no padding of a cache that is not a multiple of the block (300 slots here)."""
+  L, B, S, K, N, H = 4, 2, 300, 4, 16, 128
+  cache = jax.ShapeDtypeStruct((L, B, S, K, H), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((B, 1, N, H), jnp.bfloat16)
+  rows = jnp.zeros((B, S), jnp.int32)
+  query_rows = jnp.zeros((B, 1), jnp.int32)
+
+  def step(q, k, v, layer):
+    return sparse_decode_attention(q, k, v, query_rows, rows, query_rows, rows, layer=layer, window=256,
+                                   num_global=4, backend=backend, interpret=False)
+
+  text = jax.jit(step).trace(q, cache, cache, jnp.int32(2)).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(call) == 1
+  cache_shape = (L, B, S, K * H) if backend == 'tpu' else (L, B, S, K, H)  # [L, B, S, K*H]: a free reshape
+  shapes = {tuple(int(d) for d in dims.split('x')[:-1]) for dims in re.findall(r'tensor<((?:\d+x)+)[a-z]', text)}
+  with_slots = {shape for shape in shapes if S in shape}
+  # The cache is only ever the whole stacked array (and its [B, S] / [B, 2, S] slot metadata): never one layer's
+  # [B, S, K, H] slice, never padded past S slots.
+  assert with_slots <= {(L, B, S, K, H), cache_shape, (B, S), (B, 1, S), (B, 2, S)}, with_slots
+  assert not any(S < d <= 2 * S and d != K * H for shape in shapes for d in shape), shapes

@@ -48,8 +48,9 @@ def random_batch(seed=0, batch=8):
           'segment_ids': seg, 'positions': pos.astype(np.int32)}
 
 
-def run_step(cfg, batch, devices=None):
-  """One jitted train step on cfg.mesh (over `devices`, default all) -> (state, metrics, shardings)."""
+def compile_step(cfg, batch, devices=None):
+  """The train step on cfg.mesh (over `devices`, default all), compiled under the mesh's placement as the training
+  loop runs it -> (compiled step, initial state, global batch, shardings)."""
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   model = Transformer(cfg.model)
   optimizer = optimizer_lib.make_optimizer(cfg.optim, 10)
@@ -58,7 +59,16 @@ def run_step(cfg, batch, devices=None):
   batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
   step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), in_shardings=(shardings, batch_sharding, None),
                  out_shardings=(shardings, None))
-  state, metrics = step(state, sharding_lib.global_batch(batch, batch_sharding), jax.random.key(1))
+  batch = sharding_lib.global_batch(batch, batch_sharding)
+  with sharding_lib.Placement.of(mesh, cfg.mesh).activate():
+    compiled = step.lower(state, batch, jax.random.key(1)).compile()
+  return compiled, state, batch, shardings
+
+
+def run_step(cfg, batch, devices=None):
+  """One jitted train step on cfg.mesh (over `devices`, default all) -> (state, metrics, shardings)."""
+  compiled, state, batch, shardings = compile_step(cfg, batch, devices)
+  state, metrics = compiled(state, batch, jax.random.key(1))
   return state, metrics, shardings
 
 
