@@ -13,11 +13,14 @@ bf16, head_dim 128, MHA, one document per row. For each batch x heads x seq and 
   jax_pallas      jax.experimental.pallas.ops.gpu.attention.mha, causal only (GPU)
   xla             jax.nn.dot_product_attention(implementation='xla') (T x T memory; up to --max_dense_seq)
   reference       the dense jnp reference (up to --max_dense_seq)
-Times are medians over repeats after warm-up, forward and forward+backward (gradients of q, k, v). TFLOP/s
-count only unmasked work: 4 * B * N * H * (visible query-key pairs) for the forward (times k/N for routed),
-and 3.5x that for forward+backward (the backward's five matmuls against the forward's two, FlashAttention's
-convention). The summary lists each implementation's time as a ratio to cuDNN's, and routed k=N/2 to k=N.
-Prints a table and writes JSON (device name and date included).
+Timing (`time_calls`): after a warm-up call, `--calls` calls are dispatched back to back and the device is waited
+on once, so the fixed per-call cost of the host (dispatch, a block per call) overlaps the kernels instead of adding
+to each; the per-call time is the median over `--repeats` such bursts. Each row also prints the floor: the same
+measurement of an empty jitted call on the same arguments, the least any row could read. Forward and
+forward+backward (gradients of q, k, v). TFLOP/s count only unmasked work: 4 * B * N * H * (visible query-key
+pairs) for the forward (times k/N for routed), and 3.5x that for forward+backward (the backward's five matmuls
+against the forward's two, FlashAttention's convention). The summary lists each implementation's time as a ratio to
+cuDNN's, and routed k=N/2 to k=N. Prints a table and writes JSON (device name and date included).
 """
 from __future__ import annotations
 
@@ -39,14 +42,24 @@ from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_r
 BWD_FLOP_FACTOR = 3.5  # forward+backward FLOPs / forward FLOPs
 
 
-def time_fn(fn, *args, repeats: int = 10) -> float:
+def time_calls(fn, *args, calls: int = 20, repeats: int = 5) -> float:
+  """Seconds per call of `fn(*args)`: the median over `repeats` bursts of `calls` calls dispatched back to back and
+  waited on once (after a warm-up call that compiles)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    out = None
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls)
   return statistics.median(times)
+
+
+def empty_call_floor(*args, calls: int = 20, repeats: int = 5) -> float:
+  """`time_calls` of a jitted call that reads one element of its first argument: the per-call floor."""
+  return time_calls(jax.jit(lambda x, *rest: x.reshape(-1)[:1] + 1), *args, calls=calls, repeats=repeats)
 
 
 def write_results(path: str, rows: list[dict], **meta) -> None:
@@ -109,11 +122,26 @@ def implementations(window, num_global, head_dim, on_gpu, routed):
   return impls
 
 
-def measure(fn, x, repeats):
+def measure(fn, x, calls, repeats):
+  """(forward ms, forward+backward ms) per call."""
   fwd = jax.jit(fn)
   loss = lambda q, k, v, *rest: fn(q, k, v, *rest).astype(jnp.float32).sum()
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return 1e3 * time_fn(fwd, *x, repeats=repeats), 1e3 * time_fn(fwd_bwd, *x, repeats=repeats)
+  kw = dict(calls=calls, repeats=repeats)
+  return 1e3 * time_calls(fwd, *x, **kw), 1e3 * time_calls(fwd_bwd, *x, **kw)
+
+
+def timed_row(fn, x, flops: float, calls: int, repeats: int, **row) -> dict:
+  """`row` with fn's forward and forward+backward ms and TFLOP/s on `flops` of forward work, or the error that
+  stopped it (out of memory, a configuration the backend rejects), so a sweep reports it and goes on."""
+  try:
+    fwd_ms, fwd_bwd_ms = measure(fn, x, calls, repeats)
+    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
+               fwd_bwd_tflops=BWD_FLOP_FACTOR * flops / fwd_bwd_ms / 1e9)
+  except Exception as e:  # pylint: disable=broad-except
+    row['error'] = f'{type(e).__name__}: {str(e)[:160]}'
+  print(json.dumps(row), flush=True)
+  return row
 
 
 def summary(rows):
@@ -139,7 +167,8 @@ def main() -> None:
   parser.add_argument('--num_global', type=int, default=4)
   parser.add_argument('--head_dim', type=int, default=128)
   parser.add_argument('--routed', default='true', choices=('true', 'false'), help='time routed attention too')
-  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--calls', type=int, default=20, help='calls per timed burst (one wait per burst)')
+  parser.add_argument('--repeats', type=int, default=5, help='bursts; the median is reported')
   parser.add_argument('--max_dense_seq', type=int, default=8192, help='skip the T x T-memory xla/reference above')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'attention.json'))
   args = parser.parse_args()
@@ -148,6 +177,7 @@ def main() -> None:
   for shape in args.shapes.split(','):
     b, n, t = (int(x) for x in shape.split('x'))
     x = inputs(b, n, t, args.head_dim)
+    floor_ms = 1e3 * empty_call_floor(*x, calls=args.calls, repeats=args.repeats)
     for window_text in args.windows.split(','):
       window = None if window_text == 'none' else int(window_text)
       impls = implementations(window, args.num_global, args.head_dim, on_gpu, args.routed == 'true')
@@ -156,31 +186,26 @@ def main() -> None:
           continue
         globals_ = args.num_global if name == 'pallas+globals' else 0
         flops = 4 * b * n * args.head_dim * visible_pairs(t, window, globals_) * head_fraction
-        row = dict(shape=shape, window=window_text, impl=name)
-        try:
-          fwd_ms, fwd_bwd_ms = measure(fn, x, args.repeats)
-          row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
-                     fwd_bwd_tflops=BWD_FLOP_FACTOR * flops / fwd_bwd_ms / 1e9)
-        except Exception as e:  # pylint: disable=broad-except
-          # e.g. out of memory or an unsupported configuration: report it instead of stopping the sweep
-          row['error'] = f'{type(e).__name__}: {str(e)[:160]}'
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(timed_row(fn, x, flops, args.calls, args.repeats, shape=shape, window=window_text, impl=name,
+                              floor_ms=floor_ms))
   print(f'\ndevice: {jax.devices()[0].device_kind}')
-  print(f'{"shape":>12} {"window":>6} {"impl":>15} {"fwd ms":>9} {"TFLOP/s":>8} {"fwd+bwd ms":>11} {"TFLOP/s":>8}')
+  print(f'{"shape":>12} {"window":>6} {"impl":>15} {"fwd ms":>9} {"TFLOP/s":>8} {"fwd+bwd ms":>11} {"TFLOP/s":>8} '
+        f'{"floor ms":>9}')
   for r in rows:
     head = f'{r["shape"]:>12} {r["window"]:>6} {r["impl"]:>15}'
     if 'error' in r:
       print(f'{head} {r["error"]}')
     else:
-      print(f'{head} {r["fwd_ms"]:9.3f} {r["fwd_tflops"]:8.1f} {r["fwd_bwd_ms"]:11.3f} {r["fwd_bwd_tflops"]:8.1f}')
+      print(f'{head} {r["fwd_ms"]:9.3f} {r["fwd_tflops"]:8.1f} {r["fwd_bwd_ms"]:11.3f} {r["fwd_bwd_tflops"]:8.1f} '
+            f'{r["floor_ms"]:9.3f}')
   ratios = summary(rows)
   if ratios:
     print(f'\n{"shape":>12} {"window":>6} {"impl":>15} {"vs":>11} {"fwd":>6} {"fwd+bwd":>8}  (time ratio)')
     for r in ratios:
       print(f'{r["shape"]:>12} {r["window"]:>6} {r["impl"]:>15} {r["vs"]:>11} {r["fwd_ratio"]:6.2f} '
             f'{r["fwd_bwd_ratio"]:8.2f}')
-  write_results(args.out, rows, ratios=ratios, head_dim=args.head_dim, num_global=args.num_global)
+  write_results(args.out, rows, ratios=ratios, head_dim=args.head_dim, num_global=args.num_global, calls=args.calls,
+                repeats=args.repeats)
 
 
 if __name__ == '__main__':

@@ -34,12 +34,17 @@ import jax
 import numpy as np
 import optax
 
+from dsjax.model import partitioning
+
 
 def per_example_grads(loss_fn: Callable[..., tuple[jax.Array, Any]], params: Any, examples: Any,
                       *args: Any) -> tuple[Any, Any]:
   """(grads, aux) of `loss_fn(params, example, *args) -> (loss, aux)` for every example: jax.vmap of jax.grad over
-  the leading axis of `examples` and of each of `args` (None args allowed); params shared. Leaves [N, ...]."""
-  return jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0) + (0,) * len(args))(params, examples, *args)
+  the leading axis of `examples` and of each of `args` (None args allowed); params shared. Leaves [N, ...]. On a
+  mesh the example axis stays on the batch's mesh axes (`spmd_axis_name`), also through the attention kernels'
+  shard_map."""
+  return jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0) + (0,) * len(args),
+                  spmd_axis_name=partitioning.batch_axes())(params, examples, *args)
 
 
 def clip_and_sum(per_example_grads: Any, l2_clip: float) -> tuple[Any, jax.Array]:

@@ -6,8 +6,9 @@ Model code names logical axes (`embed`, `heads`, `mlp`, ...); the config's `mesh
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from flax import linen as nn
 import jax
@@ -61,9 +62,11 @@ def rules(mesh_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
 class Placement(NamedTuple):
   """A device mesh and the logical-axis rules that place a model on it.
 
-  Functions that run the model on a mesh are traced inside `placement.activate()`: `jax.set_mesh(mesh)` plus flax's
-  `logical_axis_rules(rules)`. That is what the attention kernels read to run per shard in `shard_map`
-  (dsjax/model/attention_kernels.py); XLA cannot partition a kernel call itself.
+  Jitted functions that run the model on a mesh are called (and so traced) inside `placement.activate()`:
+  `jax.set_mesh(mesh)` plus flax's `logical_axis_rules(rules)`. That is what the attention kernels read to run per
+  shard in `shard_map` (dsjax/model/attention_kernels.py); XLA cannot partition a kernel call itself. Activate it
+  around the top-level jitted calls only (`placed`): `jax.set_mesh` is refused inside a trace, and under it flax
+  applies sharding constraints whenever boxed params are unboxed, which eager code outside jit does not expect.
   """
   mesh: jax.sharding.Mesh
   rules: tuple[tuple[str, Any], ...]
@@ -83,6 +86,18 @@ class Placement(NamedTuple):
 def activate(placement: Placement | None) -> contextlib.AbstractContextManager:
   """`placement.activate()`, or nothing for None (one device / no mesh)."""
   return contextlib.nullcontext() if placement is None else placement.activate()
+
+
+def placed(fn: Callable[..., Any], placement: Placement | None) -> Callable[..., Any]:
+  """`fn` (a jitted function) called under `placement`, in whatever thread calls it; `fn` itself for None."""
+  if placement is None:
+    return fn
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with placement.activate():
+      return fn(*args, **kwargs)
+  return call
 
 
 def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:

@@ -4,6 +4,8 @@
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before anything touches jax devices.
 """
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -20,6 +22,27 @@ for _flag in ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensiv
   if _flag.split('=')[0] not in _flags:
     _flags += ' ' + _flag
 os.environ['XLA_FLAGS'] = _flags.strip()
+_OWN_CACHE = []  # the compilation cache directory this process created, removed at the end
+
+
+def pytest_configure(config):
+  """One JAX compilation cache for the whole run, shared by the xdist workers (they inherit this environment), so
+  a computation two workers both compile (a shared reference model, the same train step) compiles once."""
+  del config
+  if 'PYTEST_XDIST_WORKER' not in os.environ and 'DSJAX_TEST_COMPILATION_CACHE' not in os.environ:
+    path = tempfile.mkdtemp(prefix='dsjax-test-jax-')
+    _OWN_CACHE.append(path)
+    os.environ['DSJAX_TEST_COMPILATION_CACHE'] = path
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', os.environ['DSJAX_TEST_COMPILATION_CACHE'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_unconfigure(config):
+  del config
+  for path in _OWN_CACHE:  # the controller made it; the workers are gone by now
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _has_gpu() -> bool:

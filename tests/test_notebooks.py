@@ -81,6 +81,7 @@ def test_quickstart():
   assert any('image/png' in o.get('data', {}) for o in outputs)  # the loss curve
 
 
+@pytest.mark.slow  # 17 s on 2 cores (2026-12-02): tests/pallas_kernels covers the same comparisons
 def test_kernels():
   text, _ = run_notebook('kernels')
   check_install_cell(text)

@@ -83,13 +83,23 @@ def per_shard(fn: Callable[..., jax.Array], plan: ShardPlan | None, in_dims: Seq
 
 
 def constrain(x: jax.Array, dims: Dims) -> jax.Array:
-  """x with its sharding pinned: dimension i split over the mesh axes of logical axis dims[i] ('batch' or None) in
-  context; the batch is left replicated where the batch axes do not divide it (decoding a single row)."""
+  """x with its sharding pinned: dimension i split over the mesh axes of logical axis dims[i] in context, None
+  dimensions replicated. x is left to XLA where those axes do not divide a dimension (a single decoded row; one
+  example inside DP-SGD's per-example vmap, whose example axis the vmap places itself)."""
   mesh = _context_mesh()
   if mesh is None:
     return x
   spec = []
   for size, dim in zip(x.shape, dims):
     axes = _mesh_axes(dim, mesh) if dim else ()
-    spec.append(axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+    if size % math.prod(mesh.shape[a] for a in axes):
+      return x
+    spec.append(axes or None)
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def batch_axes() -> tuple[str, ...] | None:
+  """The mesh axes the context's rules split the batch over (None without a mesh): `jax.vmap(spmd_axis_name=...)`
+  of a per-example map keeps its example axis there."""
+  mesh = _context_mesh()
+  return (_mesh_axes('batch', mesh) or None) if mesh is not None else None

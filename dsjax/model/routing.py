@@ -60,10 +60,11 @@ class HeadRouter(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     num_routed = self.num_heads - self.num_shared_heads
+    # The routed-head axis is not split over devices: top-k needs every head's score of a token, so each shard
+    # computes whole rows of scores for its batch rows (D x R weights: a few thousand numbers per layer).
     kernel = self.param('kernel', normal_init(self.init_std, ('embed', None)),
                         (x.shape[-1], num_routed), self.param_dtype)
     logits = jnp.einsum('BTD,DR->BTR', x.astype(jnp.float32), kernel.astype(jnp.float32))
-    # Whole rows of heads per batch shard: top-k needs every head's score (XLA would otherwise gather the batch too).
     probs = partitioning.constrain(jax.nn.softmax(logits, axis=-1), ('batch', None, None))
     gates, active = route(probs, self.top_k)
     shared = jnp.ones(gates.shape[:-1] + (self.num_shared_heads,), gates.dtype)

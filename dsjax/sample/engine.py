@@ -146,7 +146,9 @@ class Engine:
 
   `vocab_limit`: ids >= it are never drawn (padded vocabularies). `max_queue`: pending requests beyond the slots
   before `submit` raises QueueFull. `drafter` / `gamma`: speculative rounds instead of one-token steps (a ring
-  cache gets the gamma + 1 extra slots it needs). The thread starts at construction; `shutdown` ends it.
+  cache gets the gamma + 1 extra slots it needs). `placement` (dsjax.sharding.Placement): the mesh the params live on;
+  the device functions trace under it, so the attention kernels run per shard. The thread starts at construction;
+  `shutdown` ends it.
   """
 
   def __init__(self, model: nn.Module, params: Any, *, num_slots: int, max_len: int, max_queue: int = 64,
@@ -167,16 +169,17 @@ class Engine:
 
     n = self.num_slots
     self._cache = self.sampler.init_cache(n)
+    # The device functions run in the engine thread, under the placement (the attention kernels run per shard).
+    jit = lambda fn, **kw: sharding_lib.placed(jax.jit(fn, **kw), placement)
     if drafter is None:
-      self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1, 2))
-      self._decode = jax.jit(self._decode_step, donate_argnums=(1, 2), static_argnames=('all_greedy',))
+      self._prefill = jit(self._prefill_into_slot, donate_argnums=(1, 2))
+      self._decode = jit(self._decode_step, donate_argnums=(1, 2), static_argnames=('all_greedy',))
       self._last = jnp.zeros((n, model.cfg.vocab_size), jnp.float32)  # logits each slot draws its next token from
     else:
-      self._prefill = jax.jit(self._prefill_speculative, donate_argnums=(2, 3, 4))
-      self._round = jax.jit(self._speculative_round, donate_argnums=(2, 3, 4), static_argnames=('all_greedy',))
+      self._prefill = jit(self._prefill_speculative, donate_argnums=(2, 3, 4))
+      self._round = jit(self._speculative_round, donate_argnums=(2, 3, 4), static_argnames=('all_greedy',))
       empty = jnp.zeros((n, 1), jnp.int32)
-      with sharding_lib.activate(placement):
-        self._draft_state = jax.jit(drafter.init)(drafter.params, empty, jnp.ones((n,), jnp.int32))
+      self._draft_state = jit(drafter.init)(drafter.params, empty, jnp.ones((n,), jnp.int32))
       self._tokens = jnp.zeros((n, self.max_len), jnp.int32)  # each slot's committed tokens, for the drafter
     # Per-slot host state, sent with every decode step (a few bytes per slot). _pos: the position the slot feeds
     # next (plain decoding) or its committed token count (speculative rounds).
@@ -298,8 +301,24 @@ class Engine:
 
   def _run(self) -> None:
     try:
-      with sharding_lib.activate(self.sampler.placement):  # the device functions trace in this thread
-        self._serve()
+      while True:
+        with self._lock:
+          while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
+            self._lock.wait()
+          if self._cancel_all:
+            break
+          if self._closing and not self._pending and not self._has_active():
+            break
+          admitted = []
+          for slot in range(self.num_slots):
+            if self._slots[slot] is None and self._pending:
+              request = self._pending.popleft()
+              self._slots[slot] = request
+              admitted.append((slot, request))
+        for slot, request in admitted:
+          self._admit(slot, request)
+        if self._has_active():
+          self._step()
     except BaseException as e:  # pylint: disable=broad-except
       logging.exception('engine thread failed')
       with self._lock:
@@ -311,27 +330,6 @@ class Engine:
       self._slots = [None] * self.num_slots
     for request in leftovers:
       request._finish('error' if self._error is not None else 'cancelled', self._error)
-
-  def _serve(self) -> None:
-    """Admits queued requests and steps the active slots until shutdown."""
-    while True:
-      with self._lock:
-        while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
-          self._lock.wait()
-        if self._cancel_all:
-          break
-        if self._closing and not self._pending and not self._has_active():
-          break
-        admitted = []
-        for slot in range(self.num_slots):
-          if self._slots[slot] is None and self._pending:
-            request = self._pending.popleft()
-            self._slots[slot] = request
-            admitted.append((slot, request))
-      for slot, request in admitted:
-        self._admit(slot, request)
-      if self._has_active():
-        self._step()
 
   def _has_active(self) -> bool:
     return any(slot is not None for slot in self._slots)

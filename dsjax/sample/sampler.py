@@ -112,8 +112,9 @@ class Sampler:
 
   Compiled once per (batch, prompt length, max_new_tokens) shape. Params may be sharded (e.g. tensor-parallel on a
   mesh): the jitted functions follow their shardings. With a `placement` (dsjax.sharding.Placement), `generate`
-  traces under its mesh and rules, so the attention kernels run per shard; callers of `forward` on a mesh enter
-  `sharding.activate(sampler.placement)` themselves (the engine's thread and `speculative_generate` do).
+  traces under its mesh and rules, so the attention kernels run per shard; `forward` is also traced inside other
+  jitted functions, so callers on a mesh call those under the placement (the engine and `speculative_generate`
+  do).
   """
 
   def __init__(self, model: nn.Module, *, max_len: int, extra_slots: int = 0,
@@ -123,7 +124,8 @@ class Sampler:
     self.extra_slots = int(extra_slots)
     self.placement = placement
     self.forward = jax.jit(self._forward)
-    self._generate = jax.jit(self._generate_loop, static_argnames=('max_new_tokens', 'vocab_limit', 'all_greedy'))
+    self._generate = sharding_lib.placed(
+        jax.jit(self._generate_loop, static_argnames=('max_new_tokens', 'vocab_limit', 'all_greedy')), placement)
 
   def init_cache(self, batch: int) -> cache_lib.Cache:
     return cache_lib.init_cache(self.model.cfg, batch, self.max_len, extra_slots=self.extra_slots)
@@ -178,13 +180,12 @@ class Sampler:
     per_row = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (batch,))
     stops = set(stop_ids)
     temperatures = per_row(temperature, np.float32)
-    with sharding_lib.activate(self.placement):
-      out = self._generate(params, jnp.asarray(tokens), jnp.asarray(lengths), row_keys(rng, batch),
-                           jnp.asarray(max_new), jnp.asarray(temperatures),
-                           jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
-                           jnp.asarray(sorted(stops) or [-1], jnp.int32), jnp.int32(pad_id),
-                           max_new_tokens=int(max_new.max()), vocab_limit=vocab_limit,
-                           all_greedy=bool(np.all(temperatures <= 0)))
+    out = self._generate(params, jnp.asarray(tokens), jnp.asarray(lengths), row_keys(rng, batch),
+                         jnp.asarray(max_new), jnp.asarray(temperatures),
+                         jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
+                         jnp.asarray(sorted(stops) or [-1], jnp.int32), jnp.int32(pad_id),
+                         max_new_tokens=int(max_new.max()), vocab_limit=vocab_limit,
+                         all_greedy=bool(np.all(temperatures <= 0)))
     results = []
     for row, new in enumerate(np.asarray(out).tolist()):
       new = new[:int(max_new[row])]

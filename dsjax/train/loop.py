@@ -94,16 +94,9 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   adapters from `lora.adapter` (or fresh), and the run ends with the adapter in PEFT format in <workdir>/adapter and
   the merged model in <workdir>/checkpoint.
 
-  Everything runs under the run's mesh and logical-axis rules (`sharding.Placement`), so the attention kernels run
-  per shard.
+  The train and eval steps trace under the run's mesh and logical-axis rules (`sharding.Placement`), so the attention
+  kernels run per shard.
   """
-  mesh = sharding_lib.make_mesh(cfg.mesh)
-  with sharding_lib.Placement.of(mesh, cfg.mesh).activate():
-    return _train(cfg, mesh)
-
-
-def _train(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """`train` on `mesh`, traced under its placement."""
   start_time = time.time()
   main_process = jax.process_index() == 0
   if 'eval' in cfg and cfg.eval.tasks:  # end-of-run eval tasks: a bad task name fails now, not after training
@@ -116,6 +109,8 @@ def _train(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str,
   token_bytes = np.zeros((cfg.model.vocab_size,), np.int32)
   token_bytes[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
 
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  placement = sharding_lib.Placement.of(mesh, cfg.mesh)
   num_shards = int(cfg.data.num_shards) or jax.process_count()
   _check_divisibility(cfg, mesh, num_shards)
   try:
@@ -163,12 +158,13 @@ def _train(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str,
   # Distillation: the frozen teacher's params enter the step as an argument, with their own shardings.
   teacher = distill.load_teacher(cfg, mesh) if cfg.distill.teacher else None
   teacher_args = (teacher[1],) if teacher else ()
-  train_step = jax.jit(step_lib.make_train_step(model, optimizer, cfg, teacher=teacher), donate_argnums=0,
-                       in_shardings=(shardings, batch_sharding, replicated) + tuple(
-                           distill.param_shardings(p) for p in teacher_args),
-                       out_shardings=(shardings, replicated))
-  eval_step = jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes)),
-                      in_shardings=(shardings.params, batch_sharding), out_shardings=replicated)
+  train_step = sharding_lib.placed(jax.jit(
+      step_lib.make_train_step(model, optimizer, cfg, teacher=teacher), donate_argnums=0,
+      in_shardings=(shardings, batch_sharding, replicated) + tuple(distill.param_shardings(p) for p in teacher_args),
+      out_shardings=(shardings, replicated)), placement)
+  eval_step = sharding_lib.placed(jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes)),
+                                          in_shardings=(shardings.params, batch_sharding), out_shardings=replicated),
+                                  placement)
   eval_arrays = [sharding_lib.global_batch(local_rows(b), batch_sharding) for b in eval_batches]
   logger = metrics_lib.MetricsLogger(cfg.train.workdir, tensorboard=cfg.train.tensorboard, enabled=main_process)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len

@@ -187,7 +187,7 @@ EXPECTED_NAMES = {
     'layers/attention/k_proj/kernel': ('layers', 'embed', 'kv_heads', 'head_dim'),
     'layers/attention/v_proj/kernel': ('layers', 'embed', 'kv_heads', 'head_dim'),
     'layers/attention/o_proj/kernel': ('layers', 'heads', 'head_dim', 'embed'),
-    'layers/attention/router/kernel': ('layers', 'embed', 'heads'),
+    'layers/attention/router/kernel': ('layers', 'embed', None),  # whole rows of head scores on every shard
     'layers/attention/r_proj/kernel': ('layers', 'embed', 'heads', 'head_dim'),
     'layers/attention/u_bias': ('layers', 'heads', 'head_dim'),
     'layers/attention/v_bias': ('layers', 'heads', 'head_dim'),

@@ -20,7 +20,8 @@ from tests.model import helpers
 MAX_LEN = 32
 GAMMA = 3
 NEW = 6
-PROMPTS = [[5, 9, 14, 3, 9, 14, 3, 9], [7, 2], [11, 4, 11, 4, 11, 4, 11, 4, 11, 4, 11, 4, 20]]
+# Ragged, repetitive (prompt lookup finds drafts), longer than the 5-slot ring, and all in the engine's 8-token bucket.
+PROMPTS = [[5, 9, 14, 3, 9, 14, 3, 9], [7, 2], [11, 4, 11, 4, 11, 20]]
 CACHES = {'full': 'full', 'ring': 'sparse'}  # a sparse model keeps a num_global + window ring
 
 
@@ -112,3 +113,24 @@ def test_engine_with_kernels_matches_reference(cache, on_mesh):
     assert [r.result(timeout=300) for r in requests] == reference_tokens(cache)
   finally:
     engine.shutdown(cancel=True)
+
+
+@pytest.mark.parametrize('cache', list(CACHES))
+def test_generation_lowers_for_tpu_on_the_mesh(cache):
+  """The whole generation loop built for TPU (impl='auto', platform='tpu') on the 8-device mesh: Mosaic kernels per
+  shard, the decode kernel for the prompt (with the flash kernel where the prompt wraps the ring) and in the decode
+  loop."""
+  cfg = helpers.tiny_config(CACHES[cache], hidden_size=32, num_heads=8, num_kv_heads=4,
+                            attention=dict(impl='auto', platform='tpu'))
+  params, place = placed(cache, 1, on_mesh=True)
+  sampler = sampler_lib.Sampler(Transformer(cfg), max_len=MAX_LEN, placement=place)
+  tokens, lengths, max_new = sampler_lib.pad_prompts(PROMPTS, NEW, MAX_LEN, 0)
+  batch = len(PROMPTS)
+  args = (params, tokens, lengths, jax.random.split(jax.random.key(0), batch), max_new, jnp.zeros(batch),
+          jnp.zeros(batch, jnp.int32), jnp.ones(batch), jnp.asarray([-1], jnp.int32), jnp.int32(0))
+  generate = jax.jit(sampler._generate_loop, static_argnames=('max_new_tokens', 'vocab_limit', 'all_greedy'))
+  with sharding_lib.activate(place):
+    traced = generate.trace(*args, max_new_tokens=NEW, vocab_limit=None, all_greedy=True)
+    text = traced.lower(lowering_platforms=('tpu',)).as_text()
+  assert text.count('sparse_decode_attention_tpu') == 2
+  assert text.count('sparse_attention_fwd') == (1 if cache == 'ring' else 0)

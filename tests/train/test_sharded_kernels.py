@@ -17,7 +17,7 @@ from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib
 from tests.model import helpers
-from tests.train.test_sharded_step import SEQ, compile_step, random_batch, run_step, tiny_cfg
+from tests.train.test_sharded_step import SEQ, assert_params_close, compile_step, random_batch, tiny_cfg
 
 KINDS = {  # model.attention overrides: every kernel (flash, routed) and mask (causal, window + global tokens)
     'full': {},
@@ -36,8 +36,12 @@ def kernel_cfg(kind, mesh=(1, 1, 1), impl='pallas', platform=''):
 
 @functools.cache
 def one_device_reference(kind):
-  state, metrics, _ = run_step(kernel_cfg(kind, impl='reference'), random_batch(), jax.devices()[:1])
-  return state, metrics
+  """(initial state, state after the reference step, its metrics) on one device."""
+  cfg = kernel_cfg(kind, impl='reference')
+  compiled, state, batch, _ = compile_step(cfg, random_batch(), jax.devices()[:1])
+  initial = jax.tree_util.tree_map(np.asarray, state)  # host copies: the step donates nothing, but keep them apart
+  state, metrics = compiled(state, batch, jax.random.key(1))
+  return initial, state, metrics
 
 
 def all_gathers(hlo: str) -> list[tuple[tuple[int, ...], str]]:
@@ -77,24 +81,39 @@ def gathered_attention_operands(hlo: str, cfg) -> list[tuple[tuple[int, ...], st
   return bad
 
 
+def lowered_step(cfg, placed=True, platform=None):
+  """The train step on cfg.mesh, traced from abstract state and batch (nothing allocated or run) and lowered, under
+  the mesh's placement unless `placed` is False; for `platform` (e.g. 'tpu') instead of this machine's."""
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  model = Transformer(cfg.model)
+  optimizer = optimizer_lib.make_optimizer(cfg.optim, 10)
+  shardings = state_lib.state_shardings(model, optimizer, SEQ, mesh, cfg.mesh)
+  state = jax.eval_shape(lambda: state_lib.init_train_state(model, optimizer, jax.random.key(0), SEQ))
+  batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch().items()}
+  step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), in_shardings=(shardings, batch_sharding, None),
+                 out_shardings=(shardings, None))
+  with sharding_lib.activate(sharding_lib.Placement.of(mesh, cfg.mesh) if placed else None):
+    traced = step.trace(state, batch, jax.random.key(1))
+    return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+
+
 @pytest.mark.parametrize('kind', list(KINDS))
 @pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
 def test_pallas_step_on_mesh_matches_one_device_reference(mesh, kind):
   cfg = kernel_cfg(kind, mesh)
-  compiled, state, batch, shardings = compile_step(cfg, random_batch())
+  initial, want_state, want_metrics = one_device_reference(kind)
+  compiled, state, batch, shardings = compile_step(cfg, random_batch(), state=initial)
   state, metrics = compiled(state, batch, jax.random.key(1))
-  want_state, want_metrics = one_device_reference(kind)
   np.testing.assert_allclose(float(metrics['loss']), float(want_metrics['loss']), rtol=1e-6)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
-                               jax.tree_util.tree_leaves(want_state.params)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  assert_params_close(state.params, want_state.params)
   for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
     assert got.sharding.is_equivalent_to(want, got.ndim)
 
   hlo = compiled.as_text()
+  assert 'sparse_attention_fwd' in hlo and 'sparse_attention_dkv' in hlo  # the kernels ran (interpreted)
   assert gathered_attention_operands(hlo, cfg) == []
-  reference_hlo = compile_step(kernel_cfg(kind, mesh, impl='reference'), random_batch())[0].as_text()
+  reference_hlo = lowered_step(kernel_cfg(kind, mesh, impl='reference')).compile().as_text()
   assert len(all_gathers(hlo)) <= len(all_gathers(reference_hlo))
 
 
@@ -102,46 +121,20 @@ def test_the_gather_check_catches_kernels_outside_shard_map():
   """Control: traced without the mesh in context, the kernel calls are not wrapped, and XLA all-gathers their
   operands to every head and row; the check above must see that."""
   cfg = kernel_cfg('full', (2, 2, 2))
-  mesh = sharding_lib.make_mesh(cfg.mesh)
-  model = Transformer(cfg.model)
-  optimizer = optimizer_lib.make_optimizer(cfg.optim, 10)
-  shardings = state_lib.state_shardings(model, optimizer, SEQ, mesh, cfg.mesh)
-  state = jax.eval_shape(lambda: state_lib.init_train_state(model, optimizer, jax.random.key(0), SEQ))
-  batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch().items()}
-  step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), in_shardings=(shardings, batch_sharding, None),
-                 out_shardings=(shardings, None))
-  hlo = step.lower(state, batch, jax.random.key(1)).compile().as_text()
-  assert gathered_attention_operands(hlo, cfg)
-
-
-def lower_step_for_tpu(cfg, placed=True):
-  """The train step traced on the CPU mesh and lowered for TPU (nothing is compiled or allocated)."""
-  mesh = sharding_lib.make_mesh(cfg.mesh)
-  model = Transformer(cfg.model)
-  optimizer = optimizer_lib.make_optimizer(cfg.optim, 10)
-  shardings = state_lib.state_shardings(model, optimizer, SEQ, mesh, cfg.mesh)
-  state = jax.eval_shape(lambda: state_lib.init_train_state(model, optimizer, jax.random.key(0), SEQ))
-  batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch().items()}
-  step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), in_shardings=(shardings, batch_sharding, None),
-                 out_shardings=(shardings, None))
-  placement = sharding_lib.Placement.of(mesh, cfg.mesh) if placed else None
-  with sharding_lib.activate(placement):
-    return step.trace(state, batch, jax.random.key(1)).lower(lowering_platforms=('tpu',)).as_text()
+  assert gathered_attention_operands(lowered_step(cfg, placed=False).compile().as_text(), cfg)
 
 
 @pytest.mark.parametrize('kind', ['full', 'routed_sparse'])
 def test_train_step_lowers_for_tpu_on_eight_devices(kind):
   """impl='auto' built for TPU is the Mosaic kernels (128-blocks): forward, dq and dk/dv in the layer scan."""
-  text = lower_step_for_tpu(kernel_cfg(kind, (2, 2, 2), impl='auto', platform='tpu'))
+  text = lowered_step(kernel_cfg(kind, (2, 2, 2), impl='auto', platform='tpu'), platform='tpu').as_text()
   assert text.count('tpu_custom_call') == 3
 
 
 def test_mosaic_kernels_outside_shard_map_do_not_lower():
   """Control: without the placement, the kernels meet sharded operands and Mosaic refuses to be partitioned."""
   with pytest.raises(NotImplementedError, match='shard_map'):
-    lower_step_for_tpu(kernel_cfg('full', (2, 2, 2), impl='pallas', platform='tpu'), placed=False)
+    lowered_step(kernel_cfg('full', (2, 2, 2), impl='pallas', platform='tpu'), placed=False, platform='tpu')
 
 
 def test_heads_that_do_not_divide_the_tensor_axis_name_the_field():

@@ -48,14 +48,18 @@ def random_batch(seed=0, batch=8):
           'segment_ids': seg, 'positions': pos.astype(np.int32)}
 
 
-def compile_step(cfg, batch, devices=None):
+def compile_step(cfg, batch, devices=None, state=None):
   """The train step on cfg.mesh (over `devices`, default all), compiled under the mesh's placement as the training
-  loop runs it -> (compiled step, initial state, global batch, shardings)."""
+  loop runs it -> (compiled step, initial state, global batch, shardings). `state`: an initial state (e.g. one
+  device's) placed on the mesh instead of a fresh init (the same values: init is seeded)."""
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   model = Transformer(cfg.model)
   optimizer = optimizer_lib.make_optimizer(cfg.optim, 10)
   shardings = state_lib.state_shardings(model, optimizer, SEQ, mesh, cfg.mesh)
-  state = state_lib.init_train_state(model, optimizer, jax.random.key(0), SEQ, shardings)
+  if state is None:
+    state = state_lib.init_train_state(model, optimizer, jax.random.key(0), SEQ, shardings)
+  else:
+    state = jax.device_put(state, shardings)
   batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
   step = jax.jit(step_lib.make_train_step(model, optimizer, cfg), in_shardings=(shardings, batch_sharding, None),
                  out_shardings=(shardings, None))
@@ -65,11 +69,20 @@ def compile_step(cfg, batch, devices=None):
   return compiled, state, batch, shardings
 
 
-def run_step(cfg, batch, devices=None):
+def run_step(cfg, batch, devices=None, state=None):
   """One jitted train step on cfg.mesh (over `devices`, default all) -> (state, metrics, shardings)."""
-  compiled, state, batch, shardings = compile_step(cfg, batch, devices)
+  compiled, state, batch, shardings = compile_step(cfg, batch, devices, state)
   state, metrics = compiled(state, batch, jax.random.key(1))
   return state, metrics, shardings
+
+
+def assert_params_close(got_params, want_params):
+  """float32 throughout; sharded matmuls and all-reduced gradients sum in another order than one device does, so
+  values agree to a few float32 ulps of accumulated error, not bitwise."""
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_params),
+                               jax.tree_util.tree_leaves(want_params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope='module')
@@ -81,14 +94,9 @@ def single_device():
 def test_step_on_mesh_matches_one_device(mesh, single_device):
   want_state, want_metrics, _ = single_device
   state, metrics, shardings = run_step(tiny_cfg(*mesh), random_batch())
-  # float32 throughout; sharded matmuls and the all-reduced gradients sum in a different order than one device,
-  # so values agree to a few float32 ulps of accumulated error, not bitwise.
   np.testing.assert_allclose(float(metrics['loss']), float(want_metrics['loss']), rtol=1e-6)
   np.testing.assert_allclose(float(metrics['grad_norm']), float(want_metrics['grad_norm']), rtol=1e-5)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
-                               jax.tree_util.tree_leaves(want_state.params)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  assert_params_close(state.params, want_state.params)
   # The updated state comes back with the shardings the rules ask for.
   for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
     assert got.sharding.is_equivalent_to(want, got.ndim)
