@@ -14,7 +14,7 @@ exact path the platform has:
 
 'reference' and 'pallas' force one path (pallas raises for Transformer-XL, which only the reference implements);
 'cudnn' forces cuDNN and raises, naming what cuDNN cannot express, for any other call. docs/kernels.md gives the
-numbers behind the GPU rule.
+numbers behind the GPU rule. 'gpu' means an NVIDIA GPU (cuDNN); on ROCm set impl='pallas'.
 """
 from __future__ import annotations
 

@@ -197,12 +197,12 @@ class Sampler:
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, pad_id: int = 0, vocab_limit: int | None = None,
-             stop_ids: Sequence[int] = ()) -> list[list[int]]:
+             stop_ids: Sequence[int] = (), placement: sharding_lib.Placement | None = None) -> list[list[int]]:
   """One-off convenience over `Sampler` (compiles for this call's shapes): new tokens of each prompt, stopping
-  at `eos_id` or any of `stop_ids` (dropped from the result)."""
+  at `eos_id` or any of `stop_ids` (dropped from the result). `placement`: the mesh the params live on."""
   stops = list(stop_ids) + ([] if eos_id is None else [int(eos_id)])
   max_len = max(len(p) for p in prompts) + max_new_tokens
-  return Sampler(model, max_len=max_len).generate(
+  return Sampler(model, max_len=max_len, placement=placement).generate(
       params, prompts, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       stop_ids=stops, pad_id=pad_id, vocab_limit=vocab_limit)
 

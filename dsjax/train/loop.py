@@ -261,15 +261,16 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
   if final is not None and cfg.train.num_samples and jax.process_count() == 1:
     prompts = [cfg.train.sample_prompts[i % len(cfg.train.sample_prompts)] for i in range(cfg.train.num_samples)]
-    samples = complete(model, state.params, tokenizer, prompts, sample_rng, cfg.sample)
+    samples = complete(model, state.params, tokenizer, prompts, sample_rng, cfg.sample, placement)
     for prompt, text in zip(prompts, samples):
       print(f'--- sample ---\n{prompt}{text}')
   eval_tasks = None  # dsjax.eval tasks of `eval.tasks` (held-out perplexity, completion, multiple choice)
   if final is not None and 'eval' in cfg and cfg.eval.tasks and jax.process_count() == 1:
     from dsjax import eval as eval_lib  # pylint: disable=g-import-not-at-top  (dsjax.eval imports this module)
-    eval_tasks = eval_lib.run_tasks(cfg, state.params, cfg.eval.tasks, model=model, tokenizer=tokenizer,
-                                    mc_file=cfg.eval.mc_file, completion_examples=cfg.eval.completion_examples,
-                                    completion_lines=cfg.eval.completion_lines)
+    with placement.activate():  # the tasks' jitted calls trace on the run's mesh (the kernels run per shard)
+      eval_tasks = eval_lib.run_tasks(cfg, state.params, cfg.eval.tasks, model=model, tokenizer=tokenizer,
+                                      mc_file=cfg.eval.mc_file, completion_examples=cfg.eval.completion_examples,
+                                      completion_lines=cfg.eval.completion_lines)
     metrics_lib.JsonlWriter(cfg.train.workdir if main_process else '').write({'split': 'eval_tasks', 'step': int(
         state.step), **{task: {k: v for k, v in r.items() if k != 'predictions'} for task, r in eval_tasks.items()}})
     _say(None, main_process, eval_lib.format_table(eval_tasks))
@@ -324,13 +325,14 @@ def _lora_state(cfg: ml_collections.ConfigDict, lora: lora_lib.LoraSpec, model: 
 
 
 def complete(model, params: Any, tokenizer, prompts: list[str], rng: jax.Array,
-             sample_cfg: ml_collections.ConfigDict) -> list[str]:
-  """Text completions of `prompts` (each starts a new document, so it is prefixed with BOS)."""
+             sample_cfg: ml_collections.ConfigDict, placement: sharding_lib.Placement | None = None) -> list[str]:
+  """Text completions of `prompts` (each starts a new document, so it is prefixed with BOS); `placement`: the mesh
+  the params live on."""
   encoded = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
   new_tokens = sampler.generate(
       model, params, encoded, rng, max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
       top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-      vocab_limit=tokenizer.vocab_size)
+      vocab_limit=tokenizer.vocab_size, placement=placement)
   return [tokenizer.decode(t) for t in new_tokens]
 
 
