@@ -170,8 +170,9 @@ class Sampler:
     return jax.lax.while_loop(cond, body, state)[-1]
 
   def generate(self, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
-               max_new_tokens: int | Sequence[int], temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
-               top_p: float | Sequence[float] = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
+               max_new_tokens: int | Sequence[int], temperature: float | Sequence[float] = 0.0,
+               top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0, stop_ids: Sequence[int] = (),
+               pad_id: int = 0,
                vocab_limit: int | None = None) -> list[list[int]]:
     """Continues each prompt (token ids) by up to its max_new_tokens; returns the new tokens of each row, without
     the stop token that ended it. Settings are one value or one per row; `rng` is one key or one per row."""
