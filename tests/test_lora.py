@@ -8,9 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import peft
-import torch
-import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -24,6 +21,7 @@ from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib
 from tests.model import helpers
+from tests.lazy import peft, torch, transformers  # imported on first use (the `hf` extra)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4  # float32 on both sides

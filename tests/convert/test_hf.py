@@ -11,14 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import torch  # the `hf` extra, which the `test` extra includes
-import transformers
-
 from dsjax.convert import hf
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.train import checkpoint
 from dsjax.train import loop
+from tests.lazy import torch, transformers  # imported on first use (the `hf` extra)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ATOL = 1e-4  # float32 on both sides; differences are summation order only

@@ -8,14 +8,12 @@ import random
 import numpy as np
 import pytest
 
-import torch  # the `hf` extra, which the `test` extra includes
-import transformers
-
 from dsjax import config as config_lib
 from dsjax.convert import hf
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.train import loop
+from tests.lazy import torch, transformers  # imported on first use (the `hf` extra)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, WARMUP, PEAK, BATCH, SEQ = 24, 8, 3e-3, 8, 64
