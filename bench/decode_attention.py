@@ -8,7 +8,8 @@ kernel reads the layer in place), a long full cache and the bounded num_global +
 Timing: `--steps` calls inside one jitted `lax.fori_loop` (each step's query depends on the previous step's output,
 so nothing is hoisted), waited on once, median of `--repeats`; per-call host costs do not enter. A decode step must
 read K and V of its layer once, so GB/s = 2 * B * S * K * H * 2 bytes / time, printed next to the device's copy
-rate (a jitted x + 1 over 1 GiB, counting the bytes read and written) and as a fraction of it.
+rate (a jitted x + 1 over 1 GiB, counting the bytes read and written) and as a fraction of it. Each row also prints
+the floor: the same loop with a step that does nothing.
 Prints a table and writes JSON with the device name and date.
 """
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
         'reference': lambda q, k, v, layer: sparse_attention_reference(q, k[layer], v[layer], q_pos, k_pos, seg_q,
                                                                        seg_k, **kw),
     }
+    steps['floor'] = lambda q, k, v, layer: q  # the loop alone: the least any step can read
     row = {'case': name, 'cache_len': s, 'batch': b, 'heads': n, 'kv_heads': kv}
     for impl, step in steps.items():
       row[f'{impl}_us'] = 1e6 * seconds_per_step(step, q, k, v, layer, steps=args.steps, repeats=args.repeats)
@@ -106,10 +108,10 @@ def main() -> None:
     rows.append(row)
     print(json.dumps(row), flush=True)
   print(f'\ndevice: {jax.devices()[0].device_kind}; copy rate {peak / 1e9:.0f} GB/s (read + write)')
-  print(f'{"case":>16} {"pallas us":>10} {"reference us":>13} {"K+V GB/s":>9} {"of copy":>8}')
+  print(f'{"case":>16} {"pallas us":>10} {"reference us":>13} {"K+V GB/s":>9} {"of copy":>8} {"floor us":>9}')
   for r in rows:
     print(f'{r["case"]:>16} {r["pallas_us"]:10.1f} {r["reference_us"]:13.1f} {r["pallas_GBps"]:9.0f} '
-          f'{r["fraction_of_copy"]:8.1%}')
+          f'{r["fraction_of_copy"]:8.1%} {r["floor_us"]:9.1f}')
   write_results(args.out, rows, head_dim=args.head_dim, steps=args.steps, copy_GBps=peak / 1e9, layers=LAYERS)
 
 
