@@ -38,8 +38,11 @@ def main(argv):
     tokenizer = tokenizer_lib.from_config(cfg.data)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
-  completions = loop.complete(model, params, tokenizer, list(_PROMPT.value),
-                              jax.random.key(_SEED.value), cfg.sample)
+  try:
+    completions = loop.complete(model, params, tokenizer, list(_PROMPT.value), jax.random.key(_SEED.value),
+                                cfg.sample)
+  except ValueError as e:  # e.g. prompt + --max_new_tokens past the model's context
+    cli.fail(str(e))
   for prompt, text in zip(_PROMPT.value, completions):
     sys.stdout.write(f'{prompt}{text}\n')
 

@@ -52,6 +52,13 @@ class EngineClosed(RuntimeError):
   """The engine is shutting down (or its thread died) and takes no new requests."""
 
 
+class EngineRestarted(RuntimeError):
+  """A request's generation was cut short because the engine reset its device state after a failure."""
+
+
+MAX_CONSECUTIVE_FAILURES = 3  # device-state resets in a row without a good step before the engine gives up
+
+
 def bucket(length: int, max_len: int) -> int:
   """The padded prompt length a prompt of `length` tokens is prefilled at: the next power of two >= MIN_BUCKET,
   at most max_len (one compile per bucket)."""
@@ -66,7 +73,7 @@ class Request:
   """A submitted request: iterate it for its new tokens as they come, or wait with `result()`.
 
   `finish_reason` once done: 'stop' (a stop id, not included in `tokens`), 'length' (max_new_tokens or the
-  engine's max_len), 'cancelled' or 'error' (then `error` holds the exception).
+  engine's max_len), 'cancelled', 'timeout' (its deadline passed) or 'error' (then `error` holds the exception).
   """
   id: int
   prompt_ids: list[int]
@@ -77,6 +84,7 @@ class Request:
   stop_ids: frozenset[int]
   seed: int
   on_token: Callable[[Request, int | None], None] | None = None
+  deadline: float | None = None  # time.monotonic() after which the engine drops it ('timeout')
   tokens: list[int] = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   error: BaseException | None = None
@@ -149,11 +157,19 @@ class Engine:
   cache gets the gamma + 1 extra slots it needs). `placement` (dsjax.sharding.Placement): the mesh the params live on;
   the device functions trace under it, so the attention kernels run per shard. The thread starts at construction;
   `shutdown` ends it.
+
+  Failures stay with their request where they can: settings are checked and brought into the device dtypes at
+  `submit`; an error while prefilling one request fails that request alone. An error in a batch step fails the
+  requests then in their slots. Whenever a failure leaves the device state unusable (a donated buffer consumed), the
+  engine rebuilds it (fresh cache; in-flight requests fail with EngineRestarted, queued ones are served). After
+  MAX_CONSECUTIVE_FAILURES failures in a row, or if rebuilding fails, the engine stops: `health()` says so, queued
+  and new requests get EngineClosed, and `on_fatal(error)` (e.g. serve.py exiting non-zero) is called.
   """
 
   def __init__(self, model: nn.Module, params: Any, *, num_slots: int, max_len: int, max_queue: int = 64,
                vocab_limit: int | None = None, extra_slots: int = 0, drafter: speculative.Drafter | None = None,
-               gamma: int = 4, placement: sharding_lib.Placement | None = None):
+               gamma: int = 4, placement: sharding_lib.Placement | None = None,
+               on_fatal: Callable[[BaseException], None] | None = None):
     if num_slots < 1 or max_len < 2 or max_queue < 0:
       raise ValueError(f'need num_slots >= 1, max_len >= 2, max_queue >= 0; got {num_slots}, {max_len}, {max_queue}')
     if drafter is not None and gamma < 1:
@@ -161,6 +177,8 @@ class Engine:
     self.params = params
     self.num_slots, self.max_len, self.max_queue = int(num_slots), int(max_len), int(max_queue)
     self.vocab_limit = vocab_limit
+    self.vocab_size = int(model.cfg.vocab_size)
+    self.on_fatal = on_fatal
     self.drafter, self.gamma = drafter, int(gamma)
     if drafter is not None:
       extra_slots = max(extra_slots, self.gamma + 1)
@@ -168,27 +186,17 @@ class Engine:
     self.sampler = sampler_lib.Sampler(model, max_len=max_len, extra_slots=extra_slots, placement=placement)
 
     n = self.num_slots
-    self._cache = self.sampler.init_cache(n)
     # The device functions run in the engine thread, under the placement (the attention kernels run per shard).
     jit = lambda fn, **kw: sharding_lib.placed(jax.jit(fn, **kw), placement)
     if drafter is None:
       self._prefill = jit(self._prefill_into_slot, donate_argnums=(1, 2))
       self._decode = jit(self._decode_step, donate_argnums=(1, 2), static_argnames=('all_greedy',))
-      self._last = jnp.zeros((n, model.cfg.vocab_size), jnp.float32)  # logits each slot draws its next token from
     else:
       self._prefill = jit(self._prefill_speculative, donate_argnums=(2, 3, 4))
       self._round = jit(self._speculative_round, donate_argnums=(2, 3, 4), static_argnames=('all_greedy',))
-      empty = jnp.zeros((n, 1), jnp.int32)
-      self._draft_state = jit(drafter.init)(drafter.params, empty, jnp.ones((n,), jnp.int32))
-      self._tokens = jnp.zeros((n, self.max_len), jnp.int32)  # each slot's committed tokens, for the drafter
-    # Per-slot host state, sent with every decode step (a few bytes per slot). _pos: the position the slot feeds
-    # next (plain decoding) or its committed token count (speculative rounds).
+      self._init_draft_state = jit(drafter.init)
     self._slots: list[Request | None] = [None] * n
-    self._pos = np.zeros(n, np.int32)
-    self._keys = np.zeros((n,) + jax.random.key_data(jax.random.key(0)).shape, np.uint32)
-    self._temperature = np.zeros(n, np.float32)
-    self._top_k = np.zeros(n, np.int32)
-    self._top_p = np.ones(n, np.float32)
+    self._init_device_state()
 
     self._pending: collections.deque[Request] = collections.deque()
     self._lock = threading.Condition()
@@ -198,29 +206,69 @@ class Engine:
     self._error: BaseException | None = None
     self.steps = 0
     self.proposed = self.accepted = 0  # speculative drafts proposed / accepted (row rounds * gamma / accepted)
+    self.restarts = 0  # device-state rebuilds after failures
+    self.failed_requests = 0  # requests finished with 'error'
+    self._failures = 0  # failures since the last good step
+    self._last_step_at: float | None = None  # time.monotonic() of the last completed step
+    self._busy_since: float | None = None  # time.monotonic() when the device call in flight started
     self._thread = threading.Thread(target=self._run, name='dsjax-engine', daemon=True)
     self._thread.start()
+
+  def _init_device_state(self) -> None:
+    """A fresh batch cache (and drafter state), and idle per-slot host state."""
+    n = self.num_slots
+    self._cache = self.sampler.init_cache(n)
+    if self.drafter is None:
+      self._last = jnp.zeros((n, self.vocab_size), jnp.float32)  # logits each slot draws its next token from
+    else:
+      empty = jnp.zeros((n, 1), jnp.int32)
+      self._draft_state = self._init_draft_state(self.drafter.params, empty, jnp.ones((n,), jnp.int32))
+      self._tokens = jnp.zeros((n, self.max_len), jnp.int32)  # each slot's committed tokens, for the drafter
+    # Per-slot host state, sent with every decode step (a few bytes per slot). _pos: the position the slot feeds
+    # next (plain decoding) or its committed token count (speculative rounds).
+    self._pos = np.zeros(n, np.int32)
+    self._keys = np.zeros((n,) + jax.random.key_data(jax.random.key(0)).shape, np.uint32)
+    self._temperature = np.zeros(n, np.float32)
+    self._top_k = np.zeros(n, np.int32)
+    self._top_p = np.ones(n, np.float32)
+
+  def _device_state(self) -> list[Any]:
+    state = [self._cache] + ([self._last] if self.drafter is None else [self._draft_state, self._tokens])
+    return jax.tree.leaves(state)
 
   # ---- public API ----
 
   def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
-             on_token: Callable[[Request, int | None], None] | None = None) -> Request:
+             on_token: Callable[[Request, int | None], None] | None = None,
+             timeout: float | None = None) -> Request:
     """Queues a request (thread-safe). New tokens stop at max_new_tokens, a stop id, or when prompt + new tokens
     reach max_len. `on_token(request, token)` (optional) is called from the engine thread for each token and with
-    None when the request is done; keep it quick. Raises ValueError, QueueFull or EngineClosed."""
-    prompt = [int(t) for t in prompt_ids]
+    None when the request is done; keep it quick. `timeout`: seconds from now after which the request is dropped
+    ('timeout'), queued or running. Every setting is checked here and brought into the device dtypes (a seed is
+    taken modulo 2**32, as jax.random.key does; top_k >= the vocabulary means no top-k; temperature below
+    sampler.MIN_TEMPERATURE is greedy), so no request can fail the engine thread. Raises ValueError, QueueFull or
+    EngineClosed."""
+    prompt = _int_list(prompt_ids, 'prompt_ids')
     if not prompt:
       raise ValueError('the prompt needs at least one token')
+    bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+    if bad is not None:
+      raise ValueError(f'prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})')
     if len(prompt) >= self.max_len:
       raise ValueError(f'prompt of {len(prompt)} tokens leaves no room to generate (max_len={self.max_len})')
-    if max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-      raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}')
-    request = Request(id=next(self._ids), prompt_ids=prompt, max_new_tokens=int(max_new_tokens),
-                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                      stop_ids=frozenset(int(s) for s in stop_ids), seed=int(seed), on_token=on_token)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be an integer >= 1, got {max_new_tokens!r}')
+    temperature, top_k, top_p = sampler_lib.sampling_settings(temperature, top_k, top_p,
+                                                              self.vocab_limit or self.vocab_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+      raise ValueError(f'seed must be an integer, got {seed!r}')
+    if timeout is not None and not timeout > 0:
+      raise ValueError(f'timeout must be > 0 seconds, got {timeout!r}')
+    request = Request(id=next(self._ids), prompt_ids=prompt, max_new_tokens=min(int(max_new_tokens), self.max_len),
+                      temperature=temperature, top_k=top_k, top_p=top_p,
+                      stop_ids=frozenset(_int_list(stop_ids, 'stop_ids')), seed=int(seed) % 2**32,
+                      on_token=on_token, deadline=None if timeout is None else time.monotonic() + float(timeout))
     with self._lock:
       if self._closing or self._error is not None:
         raise EngineClosed('the engine is shut down' if self._error is None else f'the engine failed: {self._error}')
@@ -238,7 +286,29 @@ class Engine:
   def stats(self) -> dict[str, int]:
     with self._lock:
       return dict(active=sum(slot is not None for slot in self._slots), pending=len(self._pending), steps=self.steps,
-                  proposed=self.proposed, accepted=self.accepted)
+                  proposed=self.proposed, accepted=self.accepted, restarts=self.restarts,
+                  failed_requests=self.failed_requests)
+
+  def health(self, stall_timeout: float | None = None) -> dict[str, Any]:
+    """The engine's state for a health check: `ok` is False once the engine thread has ended (failed or shut down)
+    or when one device call has run longer than `stall_timeout` seconds (a hung device); `error` says why;
+    `last_step_s`: seconds since the last completed step (None before the first), `busy_s`: how long the device
+    call in flight has run (None when idle)."""
+    now = time.monotonic()
+    with self._lock:
+      busy = None if self._busy_since is None else now - self._busy_since
+      last = None if self._last_step_at is None else now - self._last_step_at
+      alive = self._thread.is_alive() and self._error is None
+      error = None
+      if self._error is not None:
+        error = f'the engine failed: {type(self._error).__name__}: {self._error}'
+      elif not self._thread.is_alive() or self._closing:
+        error = 'the engine is shut down'
+      elif stall_timeout is not None and busy is not None and busy > stall_timeout:
+        error = f'a device call has run for {busy:.0f} s (stall timeout {stall_timeout:g} s)'
+      return dict(ok=alive and error is None, error=error, thread_alive=self._thread.is_alive(),
+                  last_step_s=None if last is None else round(last, 3), busy_s=None if busy is None else round(busy, 3),
+                  restarts=self.restarts)
 
   def shutdown(self, cancel: bool = True, timeout: float | None = 30.0) -> None:
     """Stops taking requests; cancel=True drops pending and in-flight ones ('cancelled'), cancel=False finishes
@@ -309,16 +379,19 @@ class Engine:
             break
           if self._closing and not self._pending and not self._has_active():
             break
+          expired = self._pop_expired()
           admitted = []
           for slot in range(self.num_slots):
             if self._slots[slot] is None and self._pending:
               request = self._pending.popleft()
               self._slots[slot] = request
               admitted.append((slot, request))
+        for request in expired:
+          request._finish('timeout')
         for slot, request in admitted:
-          self._admit(slot, request)
+          self._guarded(self._admit, slot, request)
         if self._has_active():
-          self._step()
+          self._guarded(self._step)
     except BaseException as e:  # pylint: disable=broad-except
       logging.exception('engine thread failed')
       with self._lock:
@@ -330,6 +403,62 @@ class Engine:
       self._slots = [None] * self.num_slots
     for request in leftovers:
       request._finish('error' if self._error is not None else 'cancelled', self._error)
+    if self._error is not None and self.on_fatal is not None:
+      self.on_fatal(self._error)
+
+  def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+    """Runs one admission or step. On an exception: an admission fails its own request; a step fails the requests
+    in the slots. If the exception consumed device state (donated buffers), the state is rebuilt and every slot's
+    request fails (EngineRestarted); queued requests stay. Re-raises (ending the engine) after
+    MAX_CONSECUTIVE_FAILURES failures in a row, or if the rebuild fails."""
+    with self._lock:
+      self._busy_since = time.monotonic()
+    try:
+      fn(*args)
+      failure = None
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+    finally:
+      with self._lock:
+        self._busy_since = None
+    if failure is None:
+      if not args:  # a good step
+        self._failures = 0
+      return
+    logging.exception('engine %s failed', 'admission' if args else 'step', exc_info=failure)
+    if args:  # an admission: its own request
+      self._fail(args[0], failure)
+    else:
+      for slot, request in enumerate(self._slots):
+        if request is not None:
+          self._fail(slot, failure)
+    damaged = any(leaf.is_deleted() for leaf in self._device_state())
+    if damaged or not args:  # an admission that left the state usable is that request's problem alone
+      self._failures += 1
+    if damaged:
+      restart = EngineRestarted(f'the engine reset its device state after an error: {type(failure).__name__}: '
+                                f'{failure}')
+      for slot, request in enumerate(self._slots):
+        if request is not None:
+          self._fail(slot, restart)
+      self._init_device_state()  # raises (ends the engine) if the device cannot even hold a fresh cache
+      self.restarts += 1
+      logging.warning('engine device state rebuilt (%d restarts)', self.restarts)
+    if self._failures >= MAX_CONSECUTIVE_FAILURES:
+      raise RuntimeError(f'{self._failures} engine failures in a row; the last: {type(failure).__name__}: '
+                         f'{failure}') from failure
+
+  def _pop_expired(self) -> list[Request]:
+    """(Under the lock.) Queued requests past their deadline, removed from the queue; running ones are freed."""
+    now = time.monotonic()
+    expired = [r for r in self._pending if r.deadline is not None and now > r.deadline]
+    for request in expired:
+      self._pending.remove(request)
+    for slot, request in enumerate(self._slots):
+      if request is not None and request.deadline is not None and now > request.deadline:
+        self._slots[slot] = None
+        expired.append(request)
+    return expired
 
   def _has_active(self) -> bool:
     return any(slot is not None for slot in self._slots)
@@ -372,6 +501,7 @@ class Engine:
       self.proposed += self.gamma * int(active.sum())
       self.accepted += int(accepted[active].sum())
     self.steps += 1
+    self._last_step_at = time.monotonic()
     for slot, request in enumerate(self._slots):
       if request is not None:
         for token in tokens[slot, :counts[slot]].tolist():
@@ -391,8 +521,25 @@ class Engine:
         self._free(slot, 'length')
     return self._slots[slot] is request
 
-  def _free(self, slot: int, reason: str) -> None:
+  def _free(self, slot: int, reason: str, error: BaseException | None = None) -> None:
     request = self._slots[slot]
     with self._lock:
       self._slots[slot] = None
-    request._finish(reason)
+    request._finish(reason, error)
+
+  def _fail(self, slot: int, error: BaseException) -> None:
+    if self._slots[slot] is not None:
+      self.failed_requests += 1
+      self._free(slot, 'error', error)
+
+
+def _int_list(values: Any, name: str) -> list[int]:
+  """`values` as a list of Python ints; ValueError naming `name` for anything else (bools, floats, strings)."""
+  try:
+    items = list(values)
+  except TypeError:
+    raise ValueError(f'{name} must be a sequence of integers, got {type(values).__name__}') from None
+  bad = next((v for v in items if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+  if bad is not None:
+    raise ValueError(f'{name} must hold integers only, got {bad!r}')
+  return [int(v) for v in items]

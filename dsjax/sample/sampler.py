@@ -19,6 +19,29 @@ from dsjax import sharding as sharding_lib
 from dsjax.model import cache as cache_lib
 
 
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (as in vLLM): logits / T would overflow float32
+
+
+def sampling_settings(temperature: Any, top_k: Any, top_p: Any, vocab_size: int) -> tuple[float, int, float]:
+  """One row's settings checked and brought into the sampler's dtypes (float32, int32, float32), so no value a
+  caller sends can fail on the way to a device array: ValueError naming a bad one; temperature below
+  MIN_TEMPERATURE becomes 0 (greedy), top_k >= vocab_size becomes 0 (no top-k filtering)."""
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
+    raise ValueError(f'temperature must be a number, got {temperature!r}')
+  if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)):
+    raise ValueError(f'top_p must be a number, got {top_p!r}')
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+    raise ValueError(f'top_k must be an integer, got {top_k!r}')
+  temperature, top_p, top_k = float(temperature), float(top_p), int(top_k)
+  if not 0 <= temperature <= float(np.finfo(np.float32).max):  # NaN fails too
+    raise ValueError(f'temperature must be >= 0 and finite in float32, got {temperature}')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}')
+  if top_k < 0:
+    raise ValueError(f'top_k must be >= 0, got {top_k}')
+  return (0.0 if temperature < MIN_TEMPERATURE else temperature), (0 if top_k >= vocab_size else top_k), top_p
+
+
 def token_probs(logits_BV: jax.Array, *, temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0,
                 vocab_limit: int | None = None) -> jax.Array:
   """The distribution a row samples from, float32 [B, V]: softmax(logits / temperature) restricted to the top_k
@@ -107,6 +130,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence
   return tokens, lengths, max_new
 
 
+def check_context(cfg: Any, length: int, what: str) -> None:
+  """ValueError when `length` positions (prompt + new tokens) exceed a RoPE model's context, model.max_positions:
+  positions past it were never trained and decode garbage silently. Transformer-XL encodes distances, not
+  positions, and has no such limit."""
+  if cfg.positions.kind == 'rope' and length > int(cfg.max_positions):
+    raise ValueError(f'{what} = {length} tokens exceeds the model\'s context (model.max_positions='
+                     f'{int(cfg.max_positions)}); use fewer new tokens or a shorter prompt')
+
+
 class Sampler:
   """KV-cached decoding for one model: jitted prefill, cached forward and the whole generation loop.
 
@@ -119,6 +151,7 @@ class Sampler:
 
   def __init__(self, model: nn.Module, *, max_len: int, extra_slots: int = 0,
                placement: sharding_lib.Placement | None = None):
+    check_context(model.cfg, int(max_len), 'max_len')
     self.model = model
     self.max_len = int(max_len)
     self.extra_slots = int(extra_slots)
@@ -178,12 +211,15 @@ class Sampler:
     the stop token that ended it. Settings are one value or one per row; `rng` is one key or one per row."""
     tokens, lengths, max_new = pad_prompts(prompts, max_new_tokens, self.max_len, pad_id)
     batch = len(prompts)
-    per_row = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (batch,))
+    per_row = lambda value: list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * batch
+    rows = [sampling_settings(t, k, p, self.model.cfg.vocab_size)
+            for t, k, p in zip(per_row(temperature), per_row(top_k), per_row(top_p), strict=True)]
+    temperatures, top_ks, top_ps = (np.asarray(column, dtype) for column, dtype
+                                    in zip(zip(*rows), (np.float32, np.int32, np.float32)))
     stops = set(stop_ids)
-    temperatures = per_row(temperature, np.float32)
     out = self._generate(params, jnp.asarray(tokens), jnp.asarray(lengths), row_keys(rng, batch),
                          jnp.asarray(max_new), jnp.asarray(temperatures),
-                         jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
+                         jnp.asarray(top_ks), jnp.asarray(top_ps),
                          jnp.asarray(sorted(stops) or [-1], jnp.int32), jnp.int32(pad_id),
                          max_new_tokens=int(max_new.max()), vocab_limit=vocab_limit,
                          all_greedy=bool(np.all(temperatures <= 0)))
@@ -203,6 +239,8 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], rn
   at `eos_id` or any of `stop_ids` (dropped from the result). `placement`: the mesh the params live on."""
   stops = list(stop_ids) + ([] if eos_id is None else [int(eos_id)])
   max_len = max(len(p) for p in prompts) + max_new_tokens
+  check_context(model.cfg, max_len, f'the longest prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens '
+                f'({max_new_tokens})')
   return Sampler(model, max_len=max_len, placement=placement).generate(
       params, prompts, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       stop_ids=stops, pad_id=pad_id, vocab_limit=vocab_limit)
