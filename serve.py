@@ -15,11 +15,21 @@ Retrieval-augmented completion (off by default): --retrieval_index=NAME=DIR (rep
 the prompt's last lines are prepended to the prompt as `# Retrieved from FILE:QUALNAME:` blocks, as many as leave
 room for max_tokens, and usage.prompt_tokens counts the augmented prompt. Dense and hybrid indexes embed queries
 with the served model, which must be the one that built them (checked at start-up).
+Limits (docs/serving.md): --max_body_bytes, --max_json_depth, --max_prompt_chars, --max_prompt_tokens,
+--max_messages, --max_stop, --max_stop_chars, --request_timeout; a request past one gets a 4xx JSON error naming it.
+--port=0 picks a free port; the "serving ... http://HOST:PORT/v1" line is printed once the socket listens, with the
+port actually bound. /health answers 503 once the engine cannot serve (its thread ended, or a device call has run
+past --stall_timeout); if the engine gives up after repeated failures the process exits with status 1, for a
+supervisor to restart it.
 The app itself is dsjax/serve/api.py (`create_app`); this file is the command line.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import socket
+import sys
 import threading
 from typing import Any
 
@@ -29,12 +39,13 @@ from absl import flags
 from dsjax import cli
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.api import create_app
+from dsjax.serve import limits as limits_lib
 from dsjax.serve.chat import read_chat_template
 from dsjax.serve.safety import load_safety_config
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'dsjax checkpoint directory.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on.')
-_PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+_PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on (1-65535; 0: a free one, printed at start-up).')
 _API_KEY = flags.DEFINE_string('api_key', '', 'Bearer token clients must send; empty: no authentication.')
 _NUM_SLOTS = flags.DEFINE_integer('num_slots', 8, 'Concurrent decode slots (rows of the batch KV cache).')
 _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Context length, prompt + completion (0: model.max_positions).')
@@ -49,6 +60,22 @@ _RETRIEVAL_INDEX = flags.DEFINE_multi_string('retrieval_index', [], 'NAME=DIR: a
                                              'dsjax.retrieval build) requests may name; repeatable.')
 _SAFETY_CONFIG = flags.DEFINE_string('safety_config', '', 'A JSON file configuring the output safety filter (see '
                                      'docs/safety.md); empty: off.')
+_LIMIT_HELP = {
+    'max_body_bytes': 'Largest request body in bytes (413 beyond).',
+    'max_json_depth': 'Deepest JSON nesting a request body may have.',
+    'max_prompt_chars': 'Most characters in a prompt, or in all chat messages together.',
+    'max_prompt_tokens': 'Most prompt tokens (0: the context, max_len - 1).',
+    'max_messages': 'Most messages in a chat request.',
+    'max_stop': 'Most stop strings in a request.',
+    'max_stop_chars': 'Most characters in one stop string.',
+    'request_timeout': 'Seconds a request may take, queued and generating (504 beyond; 0: no limit).',
+}
+_LIMITS = {field.name: (flags.DEFINE_float if field.type == 'float' else flags.DEFINE_integer)(
+    field.name, field.default, _LIMIT_HELP[field.name]) for field in dataclasses.fields(limits_lib.Limits)}
+_STALL_TIMEOUT = flags.DEFINE_float('stall_timeout', 300.0, '/health answers 503 once one device call (a prefill or '
+                                    'a decode step, first compiles included) has run this many seconds; 0: never.')
+_LOG_REQUESTS = flags.DEFINE_bool('log_requests', True, 'Log a line per request (id, tokens, finish reason, time) '
+                                  'to stderr.')
 
 
 def _retrieval_index_paths(specs: list[str]) -> dict[str, str]:
@@ -78,11 +105,50 @@ def _load_retrieval_indexes(paths: dict[str, str], model: Any, params: Any, toke
   return indexes
 
 
+def _bind(host: str, port: int) -> socket.socket:
+  """A socket bound to host:port (not listening yet, so nothing connects while the model loads); a one-line error
+  for a port out of range or already in use."""
+  if not 0 <= port <= 65535:
+    cli.fail(f'--port={port}: must be in 1-65535 (or 0 for a free port)')
+  family = socket.AF_INET6 if ':' in host else socket.AF_INET
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+  try:
+    sock.bind((host, port))
+  except OSError as e:
+    sock.close()
+    cli.fail(f'cannot listen on {host}:{port}: {e.strerror or e}')
+  return sock
+
+
+def _log_requests_to_stderr() -> None:
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  logger = logging.getLogger('dsjax.serve')
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _CHECKPOINT.value:
     cli.fail('--checkpoint is required')
+  try:
+    limits = limits_lib.Limits(**{name: holder.value for name, holder in _LIMITS.items()})
+  except ValueError as e:
+    cli.fail(f'--{e}')
+  if _STALL_TIMEOUT.value < 0:
+    cli.fail(f'--stall_timeout={_STALL_TIMEOUT.value}: must be >= 0')
+  sock = _bind(_HOST.value, _PORT.value)  # before loading: a port in use fails in a second, not after the load
+  fatal: list[BaseException] = []
+  servers: list[Any] = []
+
+  def on_fatal(error: BaseException) -> None:  # the engine gave up (engine thread): stop serving, then exit 1
+    fatal.append(error)
+    for server in servers:
+      server.should_exit = True
   safety = None
   if _SAFETY_CONFIG.value:
     try:
@@ -105,15 +171,20 @@ def main(argv):
     drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value)
     engine = engine_lib.Engine(model, params, num_slots=_NUM_SLOTS.value, max_len=max_len,
                                max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size, drafter=drafter,
-                               gamma=_GAMMA.value)
+                               gamma=_GAMMA.value, on_fatal=on_fatal)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(os.path.abspath(_CHECKPOINT.value)))
+  if _LOG_REQUESTS.value:
+    _log_requests_to_stderr()
   api = create_app(engine, tokenizer, model_name, _API_KEY.value, max_len,
                    chat_template=read_chat_template(_CHECKPOINT.value), shutdown_engine=True,
-                   safety=safety, retrieval_indexes=retrieval_indexes)
-  server = uvicorn.Server(uvicorn.Config(api, host=_HOST.value, port=_PORT.value, log_level='warning',
+                   safety=safety, retrieval_indexes=retrieval_indexes, limits=limits,
+                   stall_timeout=_STALL_TIMEOUT.value or None)
+  server = uvicorn.Server(uvicorn.Config(api, log_level='warning',
                                          timeout_graceful_shutdown=max(1, int(_DRAIN_TIMEOUT.value))))
+  servers.append(server)
+  server.should_exit = bool(fatal)
   handle_exit = server.handle_exit
 
   def on_signal(sig: int, frame: Any) -> None:
@@ -124,11 +195,17 @@ def main(argv):
                      daemon=True).start()
 
   server.handle_exit = on_signal
-  print(f'serving {model_name} on http://{_HOST.value}:{_PORT.value}/v1 ({_NUM_SLOTS.value} slots, '
+  sock.listen(2048)  # connections queue from here; uvicorn accepts them once its loop runs
+  host, port = sock.getsockname()[:2]
+  shown = f'[{host}]' if ':' in host else host
+  print(f'serving {model_name} on http://{shown}:{port}/v1 ({_NUM_SLOTS.value} slots, '
         f'max_len {max_len}' + (f', speculative: {_DRAFT.value}, gamma {_GAMMA.value}' if drafter else '') + ')',
         flush=True)
-  server.run()  # returns after SIGTERM/SIGINT once connections are closed (then re-raises the signal)
+  server.run(sockets=[sock])  # returns after SIGTERM/SIGINT once connections are closed (then re-raises the signal)
   engine.shutdown(cancel=True, timeout=5.0)
+  if fatal:
+    print(f'error: the engine stopped after repeated failures: {fatal[0]}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -237,31 +237,41 @@ def test_concurrent_clients_match_unbatched_greedy(server):
   assert got == [expected_text(ids_of(t), 10) for t in texts]
 
 
-def test_serve_py_answers_and_exits_on_sigterm(tmp_path):
-  # With speculative decoding (prompt lookup) in the engine: greedy answers still equal plain greedy decoding.
+@pytest.fixture(scope='module')
+def checkpoint_dir(tmp_path_factory):
+  """The tiny model saved as a dsjax checkpoint named tiny-ckpt (byte tokenizer, max_positions 128)."""
   from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   model, params, _ = test_engine.shared_model()
   cfg = helpers.base_config()
   cfg.model = model.cfg
   cfg.data.tokenizer = 'byte'
   cfg.data.seq_len = 64
-  checkpoint.save_model(str(tmp_path / 'tiny-ckpt'), cfg, params)
-  port = free_port()
+  path = tmp_path_factory.mktemp('serve') / 'tiny-ckpt'
+  checkpoint.save_model(str(path), cfg, params)
+  return path
+
+
+def run_cli(*args):
+  """(exit status, stdout, stderr) of `python ARGS` in the repo root on CPU."""
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                        capture_output=True, text=True, timeout=120)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_serve_py_answers_and_exits_on_sigterm(checkpoint_dir):
+  # With speculative decoding (prompt lookup) in the engine: greedy answers still equal plain greedy decoding.
+  # --port=0: the server picks a free port and its "serving" line names it, printed once the socket listens.
   proc = subprocess.Popen(
-      [sys.executable, 'serve.py', f'--checkpoint={tmp_path / "tiny-ckpt"}', f'--port={port}', '--num_slots=2',
+      [sys.executable, 'serve.py', f'--checkpoint={checkpoint_dir}', '--port=0', '--num_slots=2',
        f'--max_len={MAX_LEN}', '--draft=lookup', '--gamma=3'], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
+    line = proc.stdout.readline()
+    assert line.startswith('serving tiny-ckpt on http://127.0.0.1:'), (line, proc.stderr.read() if not line else '')
+    port = int(line.split('http://127.0.0.1:')[1].split('/')[0])
+    assert port != 0
     base = (f'http://127.0.0.1:{port}',)
-    deadline = time.time() + 90
-    while True:
-      try:
-        if raw(base, '/health', key=None)[0] == 200:
-          break
-      except OSError:
-        pass
-      assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ''
-      time.sleep(0.2)
+    assert raw(base, '/health', key=None)[0] == 200  # no retry: the socket listens before the line is printed
     c = openai.OpenAI(base_url=f'{base[0]}/v1', api_key='unused', max_retries=0, timeout=60)
     assert [m.id for m in c.models.list().data] == ['tiny-ckpt']
     result = c.completions.create(model='tiny-ckpt', prompt=PROMPT, max_tokens=10, temperature=0)
@@ -276,3 +286,24 @@ def test_serve_py_answers_and_exits_on_sigterm(tmp_path):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def test_serve_py_refuses_a_bad_or_busy_port_before_loading(checkpoint_dir):
+  status, out, err = run_cli('serve.py', f'--checkpoint={checkpoint_dir}', '--port=99999')
+  assert status == 2 and 'serving' not in out and '--port=99999: must be in 1-65535' in err
+  with socket.socket() as busy:
+    busy.bind(('127.0.0.1', 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    status, out, err = run_cli('serve.py', f'--checkpoint={checkpoint_dir}', f'--port={port}')
+  assert status == 2 and 'serving' not in out and f'cannot listen on 127.0.0.1:{port}' in err
+  assert 'Traceback' not in err
+
+
+def test_sample_py_refuses_to_generate_past_the_context(checkpoint_dir):
+  # max_positions is 128 (tests/model/helpers.tiny_config); the prompt 'def ' is 5 tokens with BOS.
+  status, out, err = run_cli('sample.py', f'--checkpoint={checkpoint_dir}', '--prompt=def ', '--max_new_tokens=124')
+  assert status == 2 and out == '' and 'exceeds the model\'s context (model.max_positions=128)' in err, err
+  assert 'Traceback' not in err
+  status, out, _ = run_cli('sample.py', f'--checkpoint={checkpoint_dir}', '--prompt=def ', '--max_new_tokens=123')
+  assert status == 0 and out.startswith('def ')

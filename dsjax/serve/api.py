@@ -6,6 +6,11 @@ Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_to
 Retrieval (an extension of /v1/completions): `"retrieval": {"index": NAME, "k": INT}` prepends the index's top k
 snippets for the prompt's last lines (dsjax/retrieval); usage.prompt_tokens counts the augmented prompt.
 `create_app` builds the app around an existing engine (serve.py, tests, bench/serve.py).
+
+Robustness: request sizes and shapes are bounded by `limits.Limits` (4xx naming the field); a request's id (the
+client's X-Request-Id, or a new one) is in the response id, the X-Request-Id header and the `dsjax.serve` log line
+of each request; a request past limits.request_timeout ends with 504; a client that disconnects cancels its request
+(its slot is freed at the engine's next step); GET /health answers 503 once the engine cannot serve.
 """
 from __future__ import annotations
 
@@ -14,16 +19,21 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
+import math
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
 
 import fastapi
 from fastapi import responses
+from starlette import datastructures as starlette_datastructures
 from starlette import exceptions as starlette_exceptions
 
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.chat import ChatFormatter
+from dsjax.serve import limits as limits_lib
 from dsjax.serve.errors import APIError, error_response
 from dsjax.serve.safety import OutputFilter, SafetyConfig
 
@@ -33,6 +43,9 @@ if TYPE_CHECKING:
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_RETRIEVAL_K, MAX_RETRIEVAL_K = 2, 20  # the `retrieval` extension of /v1/completions
 MAX_RETRIEVED_CHARS = 8000  # retrieved text per prompt, at most (less when the context is short)
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks whether its client went away
+_REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}')  # a client's X-Request-Id we echo (anything else: a new id)
+log = logging.getLogger('dsjax.serve')
 
 @dataclasses.dataclass
 class Params:
@@ -48,18 +61,29 @@ class Params:
 
 
 def _number(body: dict, name: str, default: Any, kind: type, ok, rule: str) -> Any:
+  """body[name] as an int or float (default when absent or null); APIError(400) naming it for a wrong type, a value
+  outside float range (JSON allows 1e999 and 10**400), or one that `ok` rejects."""
   value = body.get(name)
   if value is None:
     return default
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-    raise APIError(400, f'{name} must be {"an integer" if kind is int else "a number"}, got {value!r}', param=name)
-  value = kind(value)
+  wanted = 'an integer' if kind is int else 'a finite number'
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise APIError(400, f'{name} must be {wanted}, got {value!r}', param=name)
+  if isinstance(value, float) and not math.isfinite(value):
+    raise APIError(400, f'{name} must be {wanted}, got {value!r}', param=name)
+  if kind is int and isinstance(value, float) and not value.is_integer():
+    raise APIError(400, f'{name} must be {wanted}, got {value!r}', param=name)
+  try:
+    value = kind(value)
+  except OverflowError:  # an int past float range, for a float field
+    raise APIError(400, f'{name} must be {wanted} in float range', param=name) from None
   if not ok(value):
     raise APIError(400, f'{name} must be {rule}, got {value!r}', param=name)
   return value
 
 
-def parse_params(body: dict, default_max_tokens: int | None) -> Params:
+def parse_params(body: dict, default_max_tokens: int | None,
+                 limits: limits_lib.Limits = limits_lib.Limits()) -> Params:
   """Common fields of both endpoints; APIError(400) for a bad or unsupported value."""
   _number(body, 'n', 1, int, lambda v: v == 1, '1 (one choice per request is supported)')
   _number(body, 'best_of', 1, int, lambda v: v == 1, '1 (one choice per request is supported)')
@@ -68,8 +92,12 @@ def parse_params(body: dict, default_max_tokens: int | None) -> Params:
       raise APIError(400, f'{name} is not supported by this server', param=name)
   stop = body.get('stop')
   stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-  if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-    raise APIError(400, 'stop must be a non-empty string or a list of up to 4 of them', param='stop')
+  if not isinstance(stop, list) or len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
+    raise APIError(400, f'stop must be a non-empty string or a list of up to {limits.max_stop} of them (max_stop)',
+                   param='stop')
+  if any(len(s) > limits.max_stop_chars for s in stop):
+    raise APIError(400, f'each stop string may have up to {limits.max_stop_chars} characters (max_stop_chars)',
+                   param='stop')
   stream = body.get('stream', False)
   if not isinstance(stream, bool) and stream is not None:
     raise APIError(400, 'stream must be a boolean', param='stream')
@@ -124,15 +152,51 @@ class TextStream:
 
 # ---- the app ----
 
+class _Gate:
+  """Pure ASGI middleware (starlette's BaseHTTPMiddleware hides client disconnects from the endpoint): gives each
+  request its id (the client's X-Request-Id when it is a plain token, else a new one) in scope['state'] and on the
+  response, and answers 401 for /v1 paths without the API key."""
+
+  def __init__(self, app: Any, api_key: str):
+    self.app, self.api_key = app, api_key
+
+  async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    headers = starlette_datastructures.Headers(scope=scope)
+    given = headers.get('x-request-id', '')
+    rid = given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(12)
+    scope.setdefault('state', {})['request_id'] = rid
+
+    async def send_with_id(message: dict) -> None:
+      if message['type'] == 'http.response.start':
+        starlette_datastructures.MutableHeaders(scope=message).append('X-Request-Id', rid)
+      await send(message)
+
+    if self.api_key and scope['path'].startswith('/v1'):
+      header = headers.get('authorization', '')
+      token = header[len('bearer '):].strip() if header.lower().startswith('bearer ') else ''
+      if not token:
+        response = error_response(401, 'missing API key: send "Authorization: Bearer <key>"', code='invalid_api_key')
+        return await response(scope, receive, send_with_id)
+      if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        return await error_response(401, 'invalid API key', code='invalid_api_key')(scope, receive, send_with_id)
+    await self.app(scope, receive, send_with_id)
+
+
 def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_key: str = '',
                max_len: int | None = None, chat_template: str | None = None,
                shutdown_engine: bool = False, safety: SafetyConfig | None = None,
-               retrieval_indexes: Mapping[str, RetrievalIndex] | None = None) -> fastapi.FastAPI:
+               retrieval_indexes: Mapping[str, RetrievalIndex] | None = None,
+               limits: limits_lib.Limits | None = None, stall_timeout: float | None = None) -> fastapi.FastAPI:
   """The FastAPI app serving `engine` (prompt + completion <= max_len, default the engine's). With
   shutdown_engine, the app's shutdown (e.g. SIGTERM under uvicorn) shuts the engine down too. `safety`: an output
   filter for the request kinds it applies to (dsjax/serve/safety.py; None: off). `retrieval_indexes`: name ->
-  index that /v1/completions requests may name in their `retrieval` field (dsjax/retrieval)."""
+  index that /v1/completions requests may name in their `retrieval` field (dsjax/retrieval). `limits`: what a
+  request may hold (default limits.Limits()). `stall_timeout`: /health answers 503 once one device call has run
+  longer than this many seconds (None: never)."""
   indexes = dict(retrieval_indexes or {})
+  limits = limits or limits_lib.Limits()
   max_len = int(max_len or engine.max_len)
   chat = ChatFormatter(tokenizer, chat_template)
   created = int(time.time())
@@ -146,7 +210,8 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
   api = fastapi.FastAPI(title='dsjax', lifespan=lifespan)
 
   @api.exception_handler(APIError)
-  async def _api_error(_, e: APIError):
+  async def _api_error(request: fastapi.Request, e: APIError):
+    log.info('request %s %s: %d %s', request_id(request), request.url.path, e.status, e.message)
     return error_response(e.status, e.message, e.type, e.param, e.code)
 
   @api.exception_handler(starlette_exceptions.HTTPException)
@@ -154,26 +219,17 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     return error_response(e.status_code, str(e.detail), 'invalid_request_error')
 
   @api.exception_handler(Exception)
-  async def _internal_error(_, e: Exception):
+  async def _internal_error(request: fastapi.Request, e: Exception):
+    log.error('request %s %s failed', request_id(request), request.url.path, exc_info=e)
     return error_response(500, f'internal error: {type(e).__name__}: {e}', 'server_error')
 
-  @api.middleware('http')
-  async def _auth(request: fastapi.Request, call_next):
-    if api_key and request.url.path.startswith('/v1'):
-      header = request.headers.get('authorization', '')
-      token = header[len('bearer '):].strip() if header.lower().startswith('bearer ') else ''
-      if not token:
-        return error_response(401, 'missing API key: send "Authorization: Bearer <key>"', code='invalid_api_key')
-      if not hmac.compare_digest(token.encode(), api_key.encode()):
-        return error_response(401, 'invalid API key', code='invalid_api_key')
-    return await call_next(request)
+  def request_id(request: fastapi.Request) -> str:
+    return getattr(request.state, 'request_id', '-')
+
+  api.add_middleware(_Gate, api_key=api_key)
 
   async def read_body(request: fastapi.Request) -> dict:
-    raw = await request.body()
-    try:
-      body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise APIError(400, f'the request body is not valid JSON: {e}') from None
+    body = limits_lib.parse_json(await limits_lib.read_body(request, limits), limits)
     if not isinstance(body, dict):
       raise APIError(400, 'the request body must be a JSON object')
     model = body.get('model')
@@ -185,6 +241,10 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     return body
 
   def check_length(prompt_len: int, params: Params) -> None:
+    if limits.max_prompt_tokens and prompt_len > limits.prompt_tokens(max_len):
+      raise APIError(400, f'the prompt is {prompt_len} tokens; this server takes up to {limits.prompt_tokens(max_len)} '
+                     '(max_prompt_tokens)', param='messages' if params.max_tokens is None else 'prompt',
+                     code='context_length_exceeded')
     if prompt_len >= max_len:
       raise APIError(400, f'the prompt is {prompt_len} tokens; this model\'s maximum context length is {max_len}',
                      param='messages' if params.max_tokens is None else 'prompt', code='context_length_exceeded')
@@ -197,7 +257,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     try:
       return engine.submit(prompt, params.max_tokens or max_len - len(prompt), temperature=params.temperature,
                            top_k=params.top_k, top_p=params.top_p, stop_ids=[tokenizer.eos_id], seed=params.seed,
-                           on_token=on_token)
+                           on_token=on_token, timeout=limits.request_timeout or None)
     except engine_lib.QueueFull as e:
       raise APIError(429, f'server busy: {e}', type='rate_limit_error', code='queue_full') from None
     except engine_lib.EngineClosed as e:
@@ -205,12 +265,13 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     except ValueError as e:
       raise APIError(400, str(e)) from None
 
-  async def run(prompt: list[int], params: Params, kind: str) -> Any:
+  async def run(http_request: fastapi.Request, prompt: list[int], params: Params, kind: str) -> Any:
     """Submits and answers: a JSON response, or an SSE stream of chunks in `kind`'s shape."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[int | None] = asyncio.Queue()
     request = submit(prompt, params, lambda _, token: loop.call_soon_threadsafe(events.put_nowait, token))
-    rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{secrets.token_hex(12)}'
+    started = time.perf_counter()
+    rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{request_id(http_request)}'
     text = TextStream(tokenizer, params.stop)
     guard = OutputFilter(safety, name=rid) if safety is not None and safety.applies_to(kind) else None
     base = dict(id=rid, object='chat.completion' if kind == 'chat' else 'text_completion', created=int(time.time()),
@@ -245,20 +306,45 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
       return dict(prompt_tokens=len(prompt), completion_tokens=len(request.tokens),
                   total_tokens=len(prompt) + len(request.tokens))
 
-    def check_error() -> None:
+    def failure() -> APIError | None:
+      """What ended the request, if it did not finish normally."""
       if request.finish_reason == 'error':
-        raise APIError(500, f'generation failed: {request.error}', type='server_error')
+        return APIError(500, f'generation failed: {type(request.error).__name__}: {request.error}',
+                        type='server_error', code='generation_failed')
+      if request.finish_reason == 'timeout':
+        return APIError(504, f'the request took longer than {limits.request_timeout:g} s (request_timeout)',
+                        type='server_error', code='request_timeout')
       if request.finish_reason == 'cancelled' and not ended_early():
-        raise APIError(503, 'the request was cancelled (server shutting down)', type='server_error',
-                       code='cancelled')
+        return APIError(503, 'the request was cancelled (client disconnected or server shutting down)',
+                        type='server_error', code='cancelled')
+      return None
+
+    def log_done(disconnected: bool = False) -> None:
+      log.info('request %s %s: prompt %d tokens, completion %d tokens, %s%s in %.3f s', request_id(http_request),
+               kind, len(prompt), len(request.tokens), request.finish_reason,
+               ' (client disconnected)' if disconnected else '', time.perf_counter() - started)
+
+    async def watch_disconnect() -> None:
+      """Cancels the request when its (non-streaming) client goes away: starlette only notices for streams."""
+      while not request.done:
+        if await http_request.is_disconnected():
+          request.cancel()
+          log_done(disconnected=True)
+          return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
     if not params.stream:
+      watcher = asyncio.create_task(watch_disconnect())
       try:
         async for _ in tokens():
           pass
       finally:
         request.cancel()  # a no-op when done; frees the slot if the client went away
-      check_error()
+        watcher.cancel()
+      log_done()
+      error = failure()
+      if error is not None:
+        raise error
       content = guard.text if guard is not None else text.text
       if kind == 'chat':
         choice = dict(index=0, message=dict(role='assistant', content=content), logprobs=None,
@@ -281,14 +367,18 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
       return f'data: {json.dumps(data)}\n\n'
 
     async def sse() -> AsyncIterator[str]:
+      finished = False
       try:
         if kind == 'chat':
           yield chunk(None, None, first=True)
         async for piece in tokens():
           yield chunk(piece, None)
-        if request.finish_reason == 'error' or (request.finish_reason == 'cancelled' and not ended_early()):
-          message = f'generation failed: {request.error}' if request.error else 'the request was cancelled'
-          yield f'data: {json.dumps({"error": dict(message=message, type="server_error", param=None, code=None)})}\n\n'
+        finished = True
+        log_done()
+        error = failure()
+        if error is not None:
+          data = dict(message=error.message, type=error.type, param=None, code=error.code)
+          yield f'data: {json.dumps({"error": data})}\n\n'
         else:
           yield chunk(None, finish_reason())
           if params.include_usage:
@@ -296,6 +386,8 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
         yield 'data: [DONE]\n\n'
       finally:
         request.cancel()  # the client went away: free the slot
+        if not finished:
+          log_done(disconnected=True)
 
     return responses.StreamingResponse(sse(), media_type='text/event-stream',
                                        headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
@@ -325,10 +417,13 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
   @api.post('/v1/completions')
   async def completions(request: fastapi.Request):
     body = await read_body(request)
-    params = parse_params(body, DEFAULT_COMPLETION_TOKENS)
+    params = parse_params(body, DEFAULT_COMPLETION_TOKENS, limits)
     prompt = body.get('prompt')
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
       prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
+      raise APIError(400, f'the prompt has {len(prompt)} characters; this server takes up to '
+                     f'{limits.max_prompt_chars} (max_prompt_chars)', param='prompt', code='prompt_too_long')
     if body.get('retrieval') is not None and isinstance(prompt, str):
       prompt = await retrieve(prompt, body['retrieval'], params)
     elif body.get('retrieval') is not None and isinstance(prompt, list):
@@ -341,15 +436,18 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     else:
       raise APIError(400, 'prompt must be a string, or a list of token ids (one prompt per request)', param='prompt')
     check_length(len(ids), params)
-    return await run(ids, params, 'completion')
+    return await run(request, ids, params, 'completion')
 
   @api.post('/v1/chat/completions')
   async def chat_completions(request: fastapi.Request):
     body = await read_body(request)
-    params = parse_params(body, None)
+    params = parse_params(body, None, limits)
     messages = body.get('messages')
     if not isinstance(messages, list) or not messages:
       raise APIError(400, 'messages must be a non-empty list', param='messages')
+    if len(messages) > limits.max_messages:
+      raise APIError(400, f'{len(messages)} messages; this server takes up to {limits.max_messages} (max_messages)',
+                     param='messages', code='too_many_messages')
     for m in messages:
       if not isinstance(m, dict) or m.get('role') not in ('system', 'developer', 'user', 'assistant'):
         raise APIError(400, 'each message needs a role of system, developer, user or assistant', param='messages')
@@ -362,8 +460,12 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
         raise APIError(400, 'each message needs a string content', param='messages')
     messages = [dict(role='system' if m['role'] == 'developer' else m['role'], content=m['content'])
                 for m in messages]
+    chars = sum(len(m['content']) for m in messages)
+    if chars > limits.max_prompt_chars:
+      raise APIError(400, f'the messages have {chars} characters; this server takes up to {limits.max_prompt_chars} '
+                     '(max_prompt_chars)', param='messages', code='prompt_too_long')
     # Drop the oldest turns (never the system prompt or the last message) until the prompt fits.
-    budget = max_len - (params.max_tokens or 1)
+    budget = min(max_len - (params.max_tokens or 1), limits.prompt_tokens(max_len))
     system = [m for m in messages if m['role'] == 'system']
     turns = [m for m in messages if m['role'] != 'system']
     ids = chat(system + turns)
@@ -371,7 +473,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
       turns = turns[1:]
       ids = chat(system + turns)
     check_length(len(ids), params)
-    return await run(ids, params, 'chat')
+    return await run(request, ids, params, 'chat')
 
   @api.get('/v1/models')
   async def models():
@@ -380,6 +482,9 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
 
   @api.get('/health')
   async def health():
-    return {'status': 'ok', **engine.stats()}
+    """200 while the engine serves; 503 once its thread has ended or a device call hangs past stall_timeout."""
+    state = engine.health(stall_timeout)
+    body = {'status': 'ok' if state['ok'] else 'error', **engine.stats(), **state}
+    return responses.JSONResponse(body, 200 if state['ok'] else 503)
 
   return api

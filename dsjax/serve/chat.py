@@ -35,8 +35,12 @@ class ChatFormatter:
   def __call__(self, messages: Sequence[dict[str, str]]) -> list[int]:
     if self.template is None:
       return [self.tokenizer.bos_id] + self._encode(builtin_chat_text(messages))
-    text = self.template.render(messages=list(messages), add_generation_prompt=True,
-                                bos_token=self._name('bos'), eos_token=self._name('eos'))
+    import jinja2  # pylint: disable=g-import-not-at-top  (imported when the template was compiled)
+    try:
+      text = self.template.render(messages=list(messages), add_generation_prompt=True,
+                                  bos_token=self._name('bos'), eos_token=self._name('eos'))
+    except jinja2.TemplateError as e:  # the template rejects these messages (sandbox limits included)
+      raise APIError(400, f'chat template: {e}', param='messages') from None
     ids = self._encode_with_specials(text)
     return ids if ids[:1] == [self.tokenizer.bos_id] else [self.tokenizer.bos_id] + ids
 

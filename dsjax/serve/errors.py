@@ -1,6 +1,9 @@
 """Errors answered in OpenAI's JSON shape."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import responses
 
 
@@ -13,6 +16,13 @@ class APIError(Exception):
     self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+class ASCIIJSONResponse(responses.JSONResponse):
+  """JSON escaped to ASCII: an error message quoting client text (even a lone surrogate) always encodes."""
+
+  def render(self, content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(',', ':')).encode('ascii')
+
+
 def error_response(status: int, message: str, type: str = 'invalid_request_error', param: str | None = None,
                    code: str | None = None) -> responses.JSONResponse:
-  return responses.JSONResponse({'error': dict(message=message, type=type, param=param, code=code)}, status)
+  return ASCIIJSONResponse({'error': dict(message=message, type=type, param=param, code=code)}, status)
