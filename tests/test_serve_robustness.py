@@ -20,6 +20,7 @@ from dsjax.serve import api as serve_api
 from dsjax.serve import limits as limits_lib
 from tests import test_serve
 from tests.sample import test_engine
+from tests.sample import test_engine_failures
 
 MAX_LEN = test_engine.MAX_LEN
 TOKENIZER = tokenizer_lib.load_tokenizer('byte')
@@ -191,13 +192,7 @@ def test_request_ids_are_echoed_and_name_the_completion(default_client, caplog):
 
 
 def test_a_request_past_request_timeout_gets_504(engine, monkeypatch):
-  decode = engine._decode
-
-  def slow_decode(*args, **kwargs):
-    time.sleep(0.03)
-    return decode(*args, **kwargs)
-
-  monkeypatch.setattr(engine, '_decode', slow_decode)
+  decode = test_engine_failures.slow_steps(engine, monkeypatch, 0.03)
   app = serve_api.create_app(engine, TOKENIZER, 'tiny', api_key=KEY, max_len=MAX_LEN,
                              limits=limits_lib.Limits(request_timeout=0.3))
   with TestClient(app) as client:
@@ -228,13 +223,7 @@ def test_health_is_503_once_the_engine_cannot_serve():
 @contextlib.contextmanager
 def slow_server(engine, monkeypatch):
   """The app on a real port over `engine` whose decode steps take 20 ms each; yields (host, port)."""
-  decode = engine._decode
-
-  def slow_decode(*args, **kwargs):
-    time.sleep(0.02)
-    return decode(*args, **kwargs)
-
-  monkeypatch.setattr(engine, '_decode', slow_decode)
+  decode = test_engine_failures.slow_steps(engine, monkeypatch, 0.02)
   with test_serve.serving(serve_api.create_app(engine, TOKENIZER, 'tiny', api_key=KEY, max_len=MAX_LEN)) as url:
     host, port = url.rsplit('/', 1)[1].split(':')
     yield host, int(port)
@@ -284,7 +273,10 @@ def test_a_client_that_disconnects_frees_its_slot(engine, monkeypatch, stream):
 
 # ---- fuzzing ----
 
-_TEXT = st.text(st.characters(exclude_categories=[]), max_size=12)  # lone surrogates included
+# Text from all of Unicode, lone surrogates included, with the characters that break things drawn often.
+_TRICKY = ['\ud800', '\udfff', '\x00', '\u2028', '\ufeff', '\U0001F600', '"', '\\', '<', '\n']
+# (A list joined, not st.text: hypothesis merges a one_of alphabet into one uniform range of code points.)
+_TEXT = st.lists(st.sampled_from(_TRICKY) | st.characters(exclude_categories=[]), max_size=12).map(''.join)
 _SCALARS = (st.none() | st.booleans() | st.integers() | st.sampled_from([2**31, 2**63, -2**63, 10**30, -1, 0])
             | st.floats(allow_nan=True, allow_infinity=True) | _TEXT)
 _JSON = st.recursive(_SCALARS, lambda children: st.lists(children, max_size=3)
@@ -354,8 +346,10 @@ def _bodies(path):
   soup = st.fixed_dictionaries({}, optional=fields).flatmap(
       lambda d: st.dictionaries(_TEXT, _JSON, max_size=2).map(lambda extra: {**extra, **d}))
   as_bytes = lambda value: json.dumps(value).encode()
+  nested = st.tuples(st.integers(min_value=1, max_value=5000), st.sampled_from([b'[]', b'{}', b'[]'])).map(
+      lambda t: b'{"model": "tiny", "prompt": ' + t[1][:1] * t[0] + t[1][1:] * t[0] + b'}')
   return st.one_of(mutated.map(as_bytes), mutated.map(as_bytes), soup.map(as_bytes), _JSON.map(as_bytes),
-                   st.binary(max_size=64))
+                   st.binary(max_size=64), nested)
 
 
 def _check(client, path, body, headers):

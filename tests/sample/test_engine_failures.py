@@ -20,6 +20,18 @@ def setup():
   engine.shutdown(cancel=True)
 
 
+def slow_steps(engine, monkeypatch, seconds):
+  """Makes each decode step of `engine` take `seconds` longer (undone by monkeypatch); returns the real step."""
+  decode = engine._decode
+
+  def slow_decode(*args, **kwargs):
+    time.sleep(seconds)
+    return decode(*args, **kwargs)
+
+  monkeypatch.setattr(engine, '_decode', slow_decode)
+  return decode
+
+
 def healthy(engine):
   health = engine.health()
   return health['ok'] and health['thread_alive'] and health['error'] is None
@@ -110,13 +122,7 @@ def test_a_failure_that_consumed_the_cache_rebuilds_it(setup, monkeypatch):
 
 def test_a_request_past_its_deadline_times_out(setup, monkeypatch):
   engine, reference = setup
-  decode = engine._decode
-
-  def slow_decode(*args, **kwargs):
-    time.sleep(0.02)
-    return decode(*args, **kwargs)
-
-  monkeypatch.setattr(engine, '_decode', slow_decode)
+  slow_steps(engine, monkeypatch, 0.02)
   request = engine.submit(prompt_of(4), MAX_LEN - 4, timeout=0.2)
   other = engine.submit(prompt_of(5), 6)
   assert request.wait(30) and request.finish_reason == 'timeout'
