@@ -18,6 +18,7 @@ import uvicorn
 
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.sample import engine as engine_lib
+from dsjax.sample import sampler as sampler_lib
 from dsjax.serve import api as serve_api
 from dsjax.serve import chat as chat_lib
 from tests.model import helpers
@@ -305,5 +306,7 @@ def test_sample_py_refuses_to_generate_past_the_context(checkpoint_dir):
   status, out, err = run_cli('sample.py', f'--checkpoint={checkpoint_dir}', '--prompt=def ', '--max_new_tokens=124')
   assert status == 2 and out == '' and 'exceeds the model\'s context (model.max_positions=128)' in err, err
   assert 'Traceback' not in err
-  status, out, _ = run_cli('sample.py', f'--checkpoint={checkpoint_dir}', '--prompt=def ', '--max_new_tokens=123')
-  assert status == 0 and out.startswith('def ')
+  cfg = test_engine.shared_model()[0].cfg  # the boundary itself: 128 positions fit, 129 do not
+  sampler_lib.check_context(cfg, 128, 'prompt + new tokens')
+  with pytest.raises(ValueError, match='129 tokens exceeds'):
+    sampler_lib.check_context(cfg, 129, 'prompt + new tokens')
