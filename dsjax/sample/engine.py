@@ -298,7 +298,6 @@ class Engine:
     with self._lock:
       busy = None if self._busy_since is None else now - self._busy_since
       last = None if self._last_step_at is None else now - self._last_step_at
-      alive = self._thread.is_alive() and self._error is None
       error = None
       if self._error is not None:
         error = f'the engine failed: {type(self._error).__name__}: {self._error}'
@@ -306,7 +305,7 @@ class Engine:
         error = 'the engine is shut down'
       elif stall_timeout is not None and busy is not None and busy > stall_timeout:
         error = f'a device call has run for {busy:.0f} s (stall timeout {stall_timeout:g} s)'
-      return dict(ok=alive and error is None, error=error, thread_alive=self._thread.is_alive(),
+      return dict(ok=error is None, error=error, thread_alive=self._thread.is_alive(),
                   last_step_s=None if last is None else round(last, 3), busy_s=None if busy is None else round(busy, 3),
                   restarts=self.restarts)
 
