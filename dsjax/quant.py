@@ -32,13 +32,18 @@ import ml_collections
 import numpy as np
 
 from dsjax import config as config_lib
+from dsjax.model import layout
 from dsjax.model.layers import Linear
 
 MODES = ('none', 'int8', 'int4')
 
-# Kernels that are quantized -> how many leading axes of the (per-layer) kernel are contracted with the input.
-INPUT_AXES = {'q_proj': 1, 'k_proj': 1, 'v_proj': 1, 'o_proj': 2, 'gate_proj': 1, 'up_proj': 1, 'down_proj': 1,
-              'lm_head': 1}
+# Kernels that are quantized -> how many leading axes of the (per-layer) kernel are contracted with the input: every
+# projection but Transformer-XL's r_proj (applied to a handful of distance embeddings, not worth it).
+INPUT_AXES = {name: axes for name, axes in layout.INPUT_AXES.items() if name != 'r_proj'}
+# A quantized matmul with at most this many rows of x (decode steps, verification chunks) runs chunk by chunk on
+# CPU (`chunked_matmul`); more rows (prefill) amortize one dequantized copy of the weight over the rows.
+CHUNKED_MAX_ROWS = 64
+CHUNK_ELEMENTS = 1 << 19  # weights dequantized per chunk (2 MiB of float32: a fraction of any real kernel)
 
 
 class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
@@ -52,6 +57,23 @@ class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
 
   def unbox(self) -> jax.Array:
     return dequantize(self)
+
+  def project(self, x: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+    """x [..., *in_axes] @ this kernel -> [..., *out_axes] in preferred_element_type (default: the compute dtype).
+
+    The dequantized weight is never written out whole for a few rows of x: XLA:GPU and XLA:TPU fuse the
+    dequantization into the matmul's operand; XLA:CPU does not (it writes int8 -> float into a buffer first, and
+    hoists that out of a decode loop: a float copy of every weight, read each token), so on CPU `chunked_matmul`
+    dequantizes a cache-sized chunk of rows at a time."""
+    n_in = self.num_input_axes
+    lead = x.shape[:x.ndim - n_in]
+    k, m = math.prod(self.shape[:n_in]), math.prod(self.shape[n_in:])
+    x_RK = x.reshape(-1, k)
+    if jax.default_backend() == 'cpu' and self.values.ndim == 2 and x_RK.shape[0] <= CHUNKED_MAX_ROWS:
+      y = chunked_matmul(x_RK, self)
+    else:
+      y = jnp.dot(x_RK.astype(self.dtype), dequantize(self).reshape(k, m), preferred_element_type=jnp.float32)
+    return y.astype(preferred_element_type or self.dtype).reshape(*lead, *self.shape[self.num_input_axes:])
 
   def replace_boxed(self, val: Any) -> Any:
     return val
@@ -122,6 +144,49 @@ def dequantize(t: QTensor, dtype: Any = None) -> jax.Array:
   return w.reshape(*lead, *t.shape)
 
 
+def _divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def chunked_matmul(x_RK: jax.Array, t: QTensor) -> jax.Array:
+  """float32 [R, M]: x [R, K] @ the dequantized kernel [K, M] of a per-layer QTensor, as a loop over chunks of
+  at most CHUNK_ELEMENTS weights (whole rows): each chunk is dequantized into a small buffer and multiplied, so memory traffic is
+  one read of the quantized weight. int8 applies its per-channel scales to the sum; int4 splits x into its even and
+  odd columns (the low and high nibbles of a packed row) and scales each chunk's groups before its matmul.
+  Written by hand: XLA:CPU has no mixed int8/float matmul and fuses no dequantization into its dots."""
+  k = x_RK.shape[-1]
+  m = t.values.shape[-1]
+  dtype = jnp.dtype(t.dtype)
+  x_RK = x_RK.astype(dtype)
+  zeros = jnp.zeros((x_RK.shape[0], m), jnp.float32)
+  dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  if t.bits == 8:
+    rows = _divisor_at_most(k, max(CHUNK_ELEMENTS // m, 1))
+
+    def int8_chunk(i, acc):
+      q = jax.lax.dynamic_slice_in_dim(t.values, i * rows, rows, 0).astype(dtype)
+      return acc + dot(jax.lax.dynamic_slice_in_dim(x_RK, i * rows, rows, 1), q)
+    return jax.lax.fori_loop(0, k // rows, int8_chunk, zeros) * t.scales[0].astype(jnp.float32)
+
+  groups = t.scales.shape[0]
+  group = k // groups
+  if group * m <= CHUNK_ELEMENTS:  # whole groups per chunk
+    rows = group * _divisor_at_most(groups, max(CHUNK_ELEMENTS // (group * m), 1))
+  else:  # part of one group per chunk (wide kernels: the LM head)
+    rows = 2 * _divisor_at_most(group // 2, max(CHUNK_ELEMENTS // (2 * m), 1))
+  packed_rows, chunk_groups = rows // 2, max(rows // group, 1)
+  x_even, x_odd = x_RK[:, 0::2], x_RK[:, 1::2]  # the columns the low / high nibbles multiply
+
+  def int4_chunk(i, acc):
+    packed = jax.lax.dynamic_slice_in_dim(t.values, i * packed_rows, packed_rows, 0)
+    scales = jax.lax.dynamic_slice_in_dim(t.scales, i * rows // group, chunk_groups, 0).astype(dtype)
+    weight = lambda q: (q.astype(dtype).reshape(chunk_groups, -1, m) * scales[:, None]).reshape(packed_rows, m)
+    lo, hi = weight((packed << 4) >> 4), weight(packed >> 4)
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * packed_rows, packed_rows, 1)
+    return acc + dot(take(x_even), lo) + dot(take(x_odd), hi)
+  return jax.lax.fori_loop(0, k // rows, int4_chunk, zeros)
+
+
 def _check(quant_cfg: ml_collections.ConfigDict) -> None:
   if quant_cfg.mode not in MODES:
     raise config_lib.ConfigError(f'config.quant.mode={quant_cfg.mode!r}: expected one of {", ".join(MODES)}')
@@ -143,6 +208,9 @@ def quantize_params(params: Any, model_cfg: ml_collections.ConfigDict, quant_cfg
     return params
   if any(is_qtensor(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_qtensor)):
     raise ValueError('params are quantized already')
+  if layout.is_decoding(params):
+    raise ValueError('quantize params in the training layout, then convert them with '
+                     'dsjax.model.layout.for_decoding (quantized kernels keep their layout)')
   bits = 8 if quant_cfg.mode == 'int8' else 4
   dtype = jnp.dtype(model_cfg.dtype)
   flat = flax.traverse_util.flatten_dict(meta.unbox(params))

@@ -25,12 +25,11 @@ from dsjax.model.routing import HeadRouter
 class LayerCache(NamedTuple):
   """The KV cache seen by one layer while decoding, plus where this call's tokens go (see dsjax/model/cache.py).
 
-  k/v are every layer's cache: a layer writes its new keys into its own slice, so a scan over layers updates the
-  cache in place instead of rebuilding the stacked [L, ...] arrays each step.
+  k/v are this layer's own arrays (the cache keeps one per layer), so the layer writes its new keys in place and
+  reads them where they lie.
   """
-  k: jax.Array            # [L, B, S, K, H] cached keys (RoPE already applied)
-  v: jax.Array            # [L, B, S, K, H]
-  layer: jax.Array        # int32 scalar: this layer's index into k and v
+  k: jax.Array            # [B, S, K, H] cached keys (RoPE already applied)
+  v: jax.Array            # [B, S, K, H]
   positions: jax.Array    # [B, S] int32 positions of the cached tokens
   segment_ids: jax.Array  # [B, S] int32, -1 for empty slots
   write_slot: jax.Array   # [B, T] int32 slot of each new token; S (out of range) for tokens not kept
@@ -79,6 +78,30 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
   scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
   probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v).reshape(b, t, n, h)
+  if gates is not None:
+    out = out * gates[..., None].astype(out.dtype)
+  return out
+
+
+def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                           q_seg: jax.Array, k_seg: jax.Array, *, window: int | None = None, num_global: int = 0,
+                           gates: jax.Array | None = None) -> jax.Array:
+  """`reference_attention` for one query per row (T = 1: a decode step; no relative term), written as
+  multiply-reduce over the cache in its [B, S, K, H] layout. As batched dots over (B, K), XLA would first copy each
+  layer's cache into a [B, K, S, H] order on every token (what its matmuls need); a reduction reads it in place,
+  and one query per row makes this memory-bound anyway. Same arguments and result as reference_attention."""
+  b, t, n, h = q.shape
+  if t != 1:
+    raise ValueError(f'single_query_attention takes one query per row, got T={t}')
+  kh = k.shape[2]
+  g = n // kh
+  qg = q.reshape(b, 1, kh, g, h).astype(jnp.float32) * h ** -0.5
+  scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
+  mask = make_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global)[:, 0, :, None, None]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jnp.where(mask, jax.nn.softmax(scores, axis=1), 0.0).astype(v.dtype)
+  out = jnp.sum(probs[..., None].astype(jnp.float32) * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+  out = out.astype(v.dtype).reshape(b, 1, n, h)
   if gates is not None:
     out = out * gates[..., None].astype(out.dtype)
   return out
@@ -167,8 +190,8 @@ class Attention(nn.Module):
     memory: optional (hidden [B, M, D], positions [B, M], segment ids [B, M]) prepended to the keys/values.
     cache: optional KV cache (decoding): the new tokens attend to the cached keys and to each other, and their
       keys/values are written to `cache.write_slot`.
-    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed, (k, v) every layer's cache
-    [L, B, S, K, H] with this layer's new tokens written, or None).
+    Returns (out [B, T, D], router load-balance loss: float32 scalar, 0 unless routed, (k, v) this layer's cache
+    [B, S, K, H] with the new tokens written, or None).
     """
     cfg, a = self.cfg, self.cfg.attention
     d, n, kh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, config_lib.head_dim(cfg)
@@ -209,23 +232,24 @@ class Attention(nn.Module):
 
     new_kv = out = None
     if cache is not None:
-      new_kv = tuple(write_to_slots(c, t, cache.write_slot, cache.layer) for c, t in ((cache.k, k), (cache.v, v)))
+      new_kv = tuple(write_to_slots(c, t, cache.write_slot) for c, t in ((cache.k, k), (cache.v, v)))
       # Decoding one token, or a short chunk (speculative verification): its tokens are in the updated cache and
       # the keys they displaced from a ring are out of their windows, so it attends to the updated cache itself (no
       # copy of the cache per step). Otherwise to the cache as it was (before this call's write), then this call's
       # tokens: exact even when they wrap a ring.
-      in_place = attends_in_place(cfg, cache.k.shape[2], x.shape[1])
-      if path != 'reference':  # the kernels read every layer's cache at this layer, in place
+      in_place = attends_in_place(cfg, cache.k.shape[1], x.shape[1])
+      if path != 'reference':  # the kernels take stacked [L, ...] caches and an index: this layer's as [1, ...]
+        stacked = lambda kv: tuple(t[None] for t in kv)
         out = attention_kernels.cached_attention(
-            q, k, v, positions, segment_ids, (cache.k, cache.v, cache.positions, cache.segment_ids),
-            (*new_kv, cache.written_positions, cache.written_segment_ids) if in_place else None, cache.layer,
-            window=window, num_global=num_global, gates=gates, platform=call.platform)
+            q, k, v, positions, segment_ids, (*stacked((cache.k, cache.v)), cache.positions, cache.segment_ids),
+            (*stacked(new_kv), cache.written_positions, cache.written_segment_ids) if in_place else None,
+            jnp.int32(0), window=window, num_global=num_global, gates=gates, platform=call.platform)
       elif in_place:
-        k, v = (t[cache.layer].astype(k.dtype) for t in new_kv)
+        k, v = (t.astype(k.dtype) for t in new_kv)
         k_pos, k_seg = cache.written_positions, cache.written_segment_ids
       else:
-        k = jnp.concatenate([cache.k[cache.layer].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([cache.v[cache.layer].astype(v.dtype), v], axis=1)
+        k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
         k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
         k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
     if path == 'reference':
@@ -239,8 +263,12 @@ class Attention(nn.Module):
         r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
                    **kw, **lo('r_proj'))(sinusoid_embedding(distances, d))
         rel = RelativeBias(r, u, vb)
-      out = reference_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
-                                num_global=num_global, gates=gates, rel=rel)
+      if cache is not None and rel is None and x.shape[1] == 1:  # a decode step
+        out = single_query_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
+                                     num_global=num_global, gates=gates)
+      else:
+        out = reference_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
+                                  num_global=num_global, gates=gates, rel=rel)
     elif cache is None:
       out = attention_kernels.self_attention(path, q, k, v, positions, segment_ids, window=window,
                                              num_global=num_global, gates=gates, platform=call.platform)
@@ -249,9 +277,7 @@ class Attention(nn.Module):
     return out, router_loss, new_kv
 
 
-def write_to_slots(cache: jax.Array, new: jax.Array, slot: jax.Array, layer: jax.Array | None = None) -> jax.Array:
-  """cache [B, S, ...] (or [L, B, S, ...] at `layer`) with new [B, T, ...] written at slot [B, T]; slots >= S are
-  dropped."""
+def write_to_slots(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+  """cache [B, S, ...] with new [B, T, ...] written at slot [B, T]; slots >= S are dropped."""
   rows = jnp.arange(new.shape[0])[:, None]
-  index = (rows, slot) if layer is None else (layer, rows, slot)
-  return cache.at[index].set(new.astype(cache.dtype), mode='drop')
+  return cache.at[rows, slot].set(new.astype(cache.dtype), mode='drop')

@@ -1,6 +1,11 @@
 """The KV cache for decoding: per layer keys/values of past tokens, with their positions and segment ids.
 
-  cache = {'k', 'v': [L, B, S, K, H], 'positions': [B, S] int32, 'segment_ids': [B, S] int32 (-1: empty slot)}
+  cache = {'k', 'v': L arrays [B, S, K, H] (a tuple, one per layer), 'positions': [B, S] int32,
+           'segment_ids': [B, S] int32 (-1: empty slot)}
+
+One array per layer, not a stacked [L, ...] one: the decoding model runs its layers unrolled (dsjax/model/layout.py)
+and each layer writes its new keys into its own array in place and reads it where it lies; a stacked array would be
+sliced into a copy per layer and token.
 
 Slots are addressed by position, so one jitted step serves rows at different positions. A full cache has a slot
 per position (S = max_len). Sparse attention with RoPE keeps a bounded ring cache of S = num_global + R slots,
@@ -39,11 +44,25 @@ def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_len: int, dt
                extra_slots: int = 0) -> Cache:
   """An empty cache (every slot segment -1) for `batch_size` rows of up to max_len tokens."""
   slots = cache_length(cfg, max_len, extra_slots)
-  shape = (cfg.num_layers, batch_size, slots, cfg.num_kv_heads, config_lib.head_dim(cfg))
+  shape = (batch_size, slots, cfg.num_kv_heads, config_lib.head_dim(cfg))
   dtype = to_dtype(dtype or cfg.dtype)
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return dict(k=per_layer(), v=per_layer(),
               positions=jnp.zeros((batch_size, slots), jnp.int32),
               segment_ids=jnp.full((batch_size, slots), -1, jnp.int32))
+
+
+def check_cache(cfg: ml_collections.ConfigDict, cache: Cache) -> None:
+  """ValueError unless `cache` has the structure `init_cache` gives for the model config `cfg` (shapes aside)."""
+  if not isinstance(cache, dict) or set(cache) != {'k', 'v', 'positions', 'segment_ids'}:
+    raise ValueError(f'a KV cache is a dict with k, v, positions and segment_ids (dsjax.model.cache.init_cache), '
+                     f'got {type(cache).__name__} {sorted(cache) if isinstance(cache, dict) else ""}')
+  for name in ('k', 'v'):
+    layers = cache[name]
+    if not isinstance(layers, (tuple, list)) or len(layers) != cfg.num_layers or any(
+        getattr(x, 'ndim', None) != 4 for x in layers):
+      raise ValueError(f"cache['{name}'] must hold one [B, S, K, H] array per layer (model.num_layers="
+                       f'{cfg.num_layers}), as dsjax.model.cache.init_cache makes it')
 
 
 def write_slots(cfg: ml_collections.ConfigDict, cache: Cache, positions: jax.Array,
@@ -73,6 +92,5 @@ def truncate(cache: Cache, lengths: jax.Array) -> Cache:
 
 def insert_row(cache: Cache, row: Cache, index: jax.Array) -> Cache:
   """`cache` with its row `index` replaced by the 1-row cache `row` (e.g. a request prefilled into an engine slot)."""
-  batch_axis = lambda name: 1 if name in ('k', 'v') else 0  # k/v [L, B, S, K, H]; positions/segment_ids [B, S]
-  return {name: jax.lax.dynamic_update_slice_in_dim(value, row[name].astype(value.dtype), index, batch_axis(name))
-          for name, value in cache.items()}
+  return jax.tree.map(lambda value, new: jax.lax.dynamic_update_slice_in_dim(value, new.astype(value.dtype), index, 0),
+                      cache, row)  # every leaf is [B, ...]

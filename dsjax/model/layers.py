@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsjax.model import layout
+
 Dtype = Any
 
 
@@ -92,6 +94,31 @@ def unpack_int8(packed: jax.Array) -> jax.Array:
   return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2).astype(jnp.int8)
 
 
+def project(equation: str, x: jax.Array, kernel: jax.Array, preferred_element_type: Dtype | None = None, *,
+            transposed: bool = False) -> jax.Array:
+  """`einsum(equation, x, kernel)` for a kernel laid out [in..., out...] (or [out..., in...] if `transposed`, the
+  decoding layout) whose input axes end x in the same order, as every projection here: computed as one matmul of
+  [..., K] by [K, M] (or [M, K]) over the flattened axes, so the kernel is read as it is stored. (As an einsum over
+  several axes, XLA may lay the activation out with the axes swapped, e.g. o_proj's heads and head_dim, and then
+  copy a transposed kernel to match it, on every call.)"""
+  x_sub, k_sub, out_sub, num_in = split_equation(equation)
+  in_letters, out_letters = k_sub[:num_in], k_sub[num_in:]
+  num_out = kernel.ndim - num_in
+  rest = x_sub[:len(x_sub) - num_in]
+  if x_sub[len(x_sub) - num_in:] != in_letters or out_sub != rest + out_letters or '.' in rest.replace('...', ''):
+    if transposed:  # not a projection this model has; the einsum over the stored layout
+      kernel = jnp.transpose(kernel, (*range(num_out, kernel.ndim), *range(num_out)))
+    return jnp.einsum(equation, x, kernel, preferred_element_type=preferred_element_type)
+  lead = x.shape[:x.ndim - num_in]
+  out_shape = kernel.shape[:num_out] if transposed else kernel.shape[num_in:]
+  k, m = math.prod(x.shape[x.ndim - num_in:]), math.prod(out_shape)
+  x = x.reshape(*lead, k)
+  contract = ((x.ndim - 1,), (1 if transposed else 0,))
+  y = jax.lax.dot_general(x, kernel.reshape((m, k) if transposed else (k, m)), (contract, ((), ())),
+                          preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out_shape)
+
+
 class Linear(nn.Module):
   """`einsum(equation, x, kernel)` with a bias-free kernel of `shape` named `axes` (e.g. q: [D,N,H]).
 
@@ -115,14 +142,25 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    num_in = split_equation(self.equation)[3]
     if self.int8:
       y = self._int8_matmul(x)
-    else:
-      kernel = self.param('kernel', normal_init(self.init_std, self.axes), self.shape, self.param_dtype)
+    elif self.has_variable('params', layout.TRANSPOSED):  # the decoding layout (dsjax/model/layout.py)
+      shape, axes = (*self.shape[num_in:], *self.shape[:num_in]), (*self.axes[num_in:], *self.axes[:num_in])
+      kernel_t = self.param(layout.TRANSPOSED, normal_init(self.init_std, axes), shape, self.param_dtype)
       if self.frozen:
-        kernel = jax.lax.stop_gradient(kernel)
-      y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
-                     preferred_element_type=self.preferred_element_type)
+        kernel_t = jax.lax.stop_gradient(kernel_t)
+      y = project(self.equation, x.astype(self.dtype), kernel_t.astype(self.dtype), self.preferred_element_type,
+                  transposed=True)
+    else:
+      stored = self.get_variable('params', 'kernel')
+      if hasattr(stored, 'project'):  # a quantized kernel (dsjax.quant.QTensor) multiplies by itself
+        y = stored.project(x.astype(self.dtype), self.preferred_element_type)
+      else:
+        kernel = self.param('kernel', normal_init(self.init_std, self.axes), self.shape, self.param_dtype)
+        if self.frozen:
+          kernel = jax.lax.stop_gradient(kernel)
+        y = project(self.equation, x.astype(self.dtype), kernel.astype(self.dtype), self.preferred_element_type)
     if self.lora_rank:
       y = y + self._adapter(x).astype(y.dtype)
     return y

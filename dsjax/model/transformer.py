@@ -8,6 +8,7 @@ import ml_collections
 
 from dsjax import config as config_lib
 from dsjax.model import cache as cache_lib
+from dsjax.model import layout
 from dsjax.model import partitioning
 from dsjax.model.attention import Attention, LayerCache, write_to_slots
 from dsjax.model.layers import MLP, Embedder, Linear, LoraSpec, RMSNorm, to_dtype
@@ -35,15 +36,16 @@ def init_memory(cfg: ml_collections.ConfigDict, batch_size: int, dtype: Any = No
 
 
 class Block(nn.Module):
-  """x + attention(rmsnorm(x)); x + mlp(rmsnorm(x)). Called by nn.scan: ((x, cache k/v), per-layer memory and
-  index) -> ((x, cache k/v), out); the KV cache rides in the carry so each layer updates its slice in place."""
+  """x + attention(rmsnorm(x)); x + mlp(rmsnorm(x)). Called by nn.scan (stacked params: training) or once per
+  layer (params in the decoding layout): ((x, this layer's cache k/v [B, S, K, H] or None), this layer's memory, ...)
+  -> ((x, cache k/v with the new tokens written in place), (router loss, new memory))."""
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
   lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, tuple[jax.Array, jax.Array] | None], mem_hidden: jax.Array | None,
-               layer: jax.Array, positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None,
+               positions: jax.Array, segment_ids: jax.Array, mem_pos: jax.Array | None,
                mem_seg: jax.Array | None, cache_meta: tuple[jax.Array, ...] | None):
     x, cache_kv = carry
     # The hidden states stay split over the batch axes (FSDP gathers weights, not activations; the attention
@@ -56,7 +58,7 @@ class Block(nn.Module):
     # Memory holds raw layer inputs; keys/values see them through the same norm as the current inputs.
     memory = None if mem_hidden is None else (attn_norm(mem_hidden), mem_pos, mem_seg)
 
-    cache = None if cache_kv is None else LayerCache(*cache_kv, layer, *cache_meta)
+    cache = None if cache_kv is None else LayerCache(*cache_kv, *cache_meta)
     h, router_loss, new_kv = Attention(cfg, self.lora, self.deterministic, name='attention')(
         attn_norm(x), positions, segment_ids, memory, cache)
     y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
@@ -82,6 +84,9 @@ class Transformer(nn.Module):
   Positions restart at 0 in each document; segment_ids None means one document per row; 0 marks padding.
   cache (decoding, dsjax/model/cache.py): the tokens attend to the cached ones and are added to the returned cache;
   with a cache, XL memory is not used (the cache holds every past token).
+  The layer loop follows the params' layout (dsjax/model/layout.py): the training layout (stacked layers: training,
+  checkpoints) runs an `nn.scan`; the decoding layout (`layout.for_decoding`) runs the blocks unrolled, so that every
+  weight is read where it lies. A cache needs the decoding layout.
   `lora` (dsjax/lora.py): low-rank adapters on the projections it targets; every projection kernel is then frozen.
   """
   cfg: ml_collections.ConfigDict
@@ -103,6 +108,7 @@ class Transformer(nn.Module):
     if cache is not None:
       if memory is not None:
         raise ValueError('pass either a KV cache or XL memory, not both')
+      cache_lib.check_cache(cfg, cache)
       slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
       written = (write_to_slots(cache['positions'], positions, slot),
                  write_to_slots(cache['segment_ids'], segment_ids, slot))
@@ -122,12 +128,28 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                    in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
-    (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, self.lora, name='layers')(
-        (x, cache_kv), mem_hidden, jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, row_segments, mem_pos,
-        mem_seg, cache_meta)
+    layer_args = (positions, row_segments, mem_pos, mem_seg, cache_meta)
+    if self.has_variable('params', layout.layer_name(0)):  # the decoding layout: an unrolled loop
+      kv, losses, hidden = [], [], []
+      for i in range(cfg.num_layers):
+        layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+        (x, new_layer_kv), (loss, layer_hidden) = block(cfg, deterministic, self.lora, name=layout.layer_name(i))(
+            (x, layer_kv), None if mem_hidden is None else mem_hidden[i], *layer_args)
+        kv.append(new_layer_kv)
+        losses.append(loss)
+        hidden.append(layer_hidden)
+      new_kv = None if cache_kv is None else tuple(tuple(layer[j] for layer in kv) for j in range(2))
+      router_losses = jnp.stack(losses)
+      new_hidden = None if mem_hidden is None else jnp.stack(hidden)
+    else:
+      if cache is not None:
+        raise ValueError('decoding with a KV cache needs params in the decoding layout: pass '
+                         'dsjax.model.layout.for_decoding(params) (Sampler and Engine convert the params they get)')
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: layout.STACKED})
+      (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, self.lora, name=layout.STACKED)(
+          (x, None), mem_hidden, *layer_args)
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:

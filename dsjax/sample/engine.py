@@ -38,6 +38,7 @@ import numpy as np
 
 from dsjax import sharding as sharding_lib
 from dsjax.model import cache as cache_lib
+from dsjax.model import layout
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample import speculative
 
@@ -174,7 +175,7 @@ class Engine:
       raise ValueError(f'need num_slots >= 1, max_len >= 2, max_queue >= 0; got {num_slots}, {max_len}, {max_queue}')
     if drafter is not None and gamma < 1:
       raise ValueError(f'gamma={gamma}: need at least 1')
-    self.params = params
+    self.params = layout.for_decoding(params)  # once (dsjax/model/layout.py)
     self.num_slots, self.max_len, self.max_queue = int(num_slots), int(max_len), int(max_queue)
     self.vocab_limit = vocab_limit
     self.vocab_size = int(model.cfg.vocab_size)

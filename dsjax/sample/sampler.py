@@ -17,6 +17,7 @@ import numpy as np
 
 from dsjax import sharding as sharding_lib
 from dsjax.model import cache as cache_lib
+from dsjax.model import layout
 
 
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (as in vLLM): logits / T would overflow float32
@@ -142,7 +143,10 @@ def check_context(cfg: Any, length: int, what: str) -> None:
 class Sampler:
   """KV-cached decoding for one model: jitted prefill, cached forward and the whole generation loop.
 
-  Compiled once per (batch, prompt length, max_new_tokens) shape. Params may be sharded (e.g. tensor-parallel on a
+  Compiled once per (batch, prompt length, max_new_tokens) shape. Params may be in the training layout (as trained
+  and saved) or the decoding layout (`dsjax.model.layout.for_decoding`, what the decode loop reads): training params
+  are converted inside each call, a copy of the weights per call, so convert them once when you load them for many
+  calls. Params may be sharded (e.g. tensor-parallel on a
   mesh): the jitted functions follow their shardings. With a `placement` (dsjax.sharding.Placement), `generate`
   traces under its mesh and rules, so the attention kernels run per shard; `forward` is also traced inside other
   jitted functions, so callers on a mesh call those under the placement (the engine and `speculative_generate`
@@ -165,7 +169,9 @@ class Sampler:
 
   def _forward(self, params: Any, cache: cache_lib.Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
                segment_ids_BT: jax.Array) -> tuple[jax.Array, cache_lib.Cache]:
-    """Logits [B, T, V] of new tokens given the cache, and the cache with them added (segment 0: not added)."""
+    """Logits [B, T, V] of new tokens given the cache, and the cache with them added (segment 0: not added).
+    Training-layout params are converted here (a copy of the weights): loops that call this convert once before."""
+    params = layout.for_decoding(params)
     logits, aux = self.model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT, cache=cache)
     return logits, aux['cache']
 
@@ -182,6 +188,7 @@ class Sampler:
   def _generate_loop(self, params, tokens_BP, lengths_B, keys_B, max_new_B, temperature_B, top_k_B, top_p_B,
                      stop_ids, pad_id, *, max_new_tokens, vocab_limit, all_greedy):
     batch = tokens_BP.shape[0]
+    params = layout.for_decoding(params)  # once per call, before the loop (a no-op when converted already)
     last_BV, cache = self.prefill(params, self.init_cache(batch), tokens_BP, lengths_B)
     settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)

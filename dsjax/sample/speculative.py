@@ -29,6 +29,7 @@ import numpy as np
 
 from dsjax import sharding as sharding_lib
 from dsjax.model import cache as cache_lib
+from dsjax.model import layout
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample.sampler import Sampler, draw, pad_prompts, probs_for, row_keys
 
@@ -93,7 +94,7 @@ class ModelDrafter:
 
   def __init__(self, sampler: Sampler, params: Any):
     self.sampler = sampler
-    self.params = params
+    self.params = layout.for_decoding(params)  # once (see dsjax/model/layout.py)
 
   def check(self, gamma: int) -> None:
     _check_ring(self.sampler, gamma, 'ModelDrafter')
@@ -289,6 +290,8 @@ def _generate_loop(sampler: Sampler, drafter: Drafter, params, draft_params, tok
   settings = dict(temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, vocab_limit=vocab_limit)
   keys = stream_keys(keys_B)
   prompts_BP = tokens_BL[:, :prompt_width]
+  # Once per call, before the loop (no-ops for params in the decoding layout).
+  params, draft_params = layout.for_decoding(params), layout.for_decoding(draft_params)
   cache = prefill_all_but_last(sampler, params, prompts_BP, lengths_B)
   draft_state = drafter.init(draft_params, prompts_BP, lengths_B)
   slots = jnp.arange(gamma + 1)[None]

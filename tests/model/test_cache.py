@@ -8,6 +8,7 @@ from dsjax.model import Transformer
 from dsjax.model import attention
 from dsjax.model import attention_kernels
 from dsjax.model import cache as cache_lib
+from dsjax.model import layout
 from tests.model.helpers import init_shapes, jit, random_like, tiny_config
 
 KINDS = ['full', 'sparse', 'routed', 'routed_sparse', 'xl', 'xl_mem_sparse']
@@ -23,11 +24,11 @@ def test_cached_chunks_equal_the_full_forward(kind, chunks):
   tokens = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   params = random_like(init_shapes(model, tokens, pos, jnp.ones_like(pos)), seed=1)
-  forward = jit(lambda p, t, q, c: model.apply({'params': p}, t, q, cache=c))
+  forward = jit(lambda p, t, q, c: model.apply({'params': layout.for_decoding(p)}, t, q, cache=c))
   want, _ = model.apply({'params': params}, tokens, pos)
   cache = cache_lib.init_cache(cfg, B, 32)
   ring = kind in ('sparse', 'routed_sparse')
-  assert cache['k'].shape[2] == (5 if ring else 32)
+  assert len(cache['k']) == cfg.num_layers and cache['k'][0].shape[1] == (5 if ring else 32)
   got, start = [], 0
   for n in chunks:  # a 7-token chunk wraps the 3-slot window part of the ring
     logits, aux = forward(params, tokens[:, start:start + n], pos[:, start:start + n], cache)
@@ -39,7 +40,7 @@ def test_cached_chunks_equal_the_full_forward(kind, chunks):
 def test_padding_is_not_cached_and_truncate_forgets():
   cfg = tiny_config('sparse')
   cache = cache_lib.init_cache(cfg, 2, 32, extra_slots=2)
-  assert cache['k'].shape[2] == 2 + 3 + 2
+  assert cache['k'][0].shape[1] == 2 + 3 + 2
   positions = jnp.asarray([[0, 1, 2, 3], [0, 1, 2, 3]], jnp.int32)
   segments = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.int32)
   slots = np.asarray(cache_lib.write_slots(cfg, cache, positions, segments))
@@ -75,10 +76,11 @@ def test_kernels_in_cached_chunks_equal_the_full_forward(kind, max_rows, monkeyp
   want, _ = Transformer(reference).apply({'params': params}, tokens, pos)
   forward = jit(lambda p, t, q, c: model.apply({'params': p}, t, q, cache=c))
   cache = cache_lib.init_cache(cfg, B, 32)
+  params = layout.for_decoding(params)
   got, start = [], 0
   for n in chunks:
     args = (params, tokens[:, start:start + n], pos[:, start:start + n], cache)
-    in_place = attention.attends_in_place(cfg, cache['k'].shape[2], n) and 2 * n <= max_rows  # 2 = heads per kv
+    in_place = attention.attends_in_place(cfg, cache['k'][0].shape[1], n) and 2 * n <= max_rows  # 2 = heads per kv
     assert kernels_in(forward, *args) == ({'sparse_decode_attention'} if in_place else
                                           {'sparse_decode_attention', 'sparse_attention_fwd'}), n
     logits, aux = forward(*args)
