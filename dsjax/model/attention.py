@@ -83,25 +83,28 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
   return out
 
 
-def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-                           q_seg: jax.Array, k_seg: jax.Array, *, window: int | None = None, num_global: int = 0,
-                           gates: jax.Array | None = None) -> jax.Array:
-  """`reference_attention` for one query per row (T = 1: a decode step; no relative term), written as
-  multiply-reduce over the cache in its [B, S, K, H] layout. As batched dots over (B, K), XLA would first copy each
-  layer's cache into a [B, K, S, H] order on every token (what its matmuls need); a reduction reads it in place,
-  and one query per row makes this memory-bound anyway. Same arguments and result as reference_attention."""
+FEW_QUERIES = 8  # cached calls with at most this many tokens per row (decode steps, verification chunks)
+
+
+def few_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                        q_seg: jax.Array, k_seg: jax.Array, *, window: int | None = None, num_global: int = 0,
+                        gates: jax.Array | None = None) -> jax.Array:
+  """`reference_attention` (no relative term) for a few queries per row against a KV cache (a decode step, a
+  speculative verification chunk), written as multiply-reduce over the cache in its [B, S, K, H] layout. As batched
+  dots over (B, K), XLA would first copy each layer's cache into the [B, K, S, H] order its matmuls need, on every
+  step; a reduction reads it in place, and a few queries make this memory-bound anyway. Same arguments and result
+  as reference_attention."""
   b, t, n, h = q.shape
-  if t != 1:
-    raise ValueError(f'single_query_attention takes one query per row, got T={t}')
   kh = k.shape[2]
   g = n // kh
-  qg = q.reshape(b, 1, kh, g, h).astype(jnp.float32) * h ** -0.5
-  scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
-  mask = make_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global)[:, 0, :, None, None]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jnp.where(mask, jax.nn.softmax(scores, axis=1), 0.0).astype(v.dtype)
-  out = jnp.sum(probs[..., None].astype(jnp.float32) * v[:, :, :, None, :].astype(jnp.float32), axis=1)
-  out = out.astype(v.dtype).reshape(b, 1, n, h)
+  f32 = jnp.float32
+  qg = q.reshape(b, t, 1, kh, g, h).astype(f32) * h ** -0.5
+  scores = jnp.sum(qg * k[:, None, :, :, None, :].astype(f32), axis=-1)  # [B, T, S, K, G]
+  mask = make_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global)[..., None, None]
+  scores = jnp.where(mask, scores, jnp.finfo(f32).min)
+  probs = jnp.where(mask, jax.nn.softmax(scores, axis=2), 0.0).astype(v.dtype)
+  out = jnp.sum(probs[..., None].astype(f32) * v[:, None, :, :, None, :].astype(f32), axis=2)  # [B, T, K, G, H]
+  out = out.astype(v.dtype).reshape(b, t, n, h)
   if gates is not None:
     out = out * gates[..., None].astype(out.dtype)
   return out
@@ -263,9 +266,9 @@ class Attention(nn.Module):
         r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
                    **kw, **lo('r_proj'))(sinusoid_embedding(distances, d))
         rel = RelativeBias(r, u, vb)
-      if cache is not None and rel is None and x.shape[1] == 1:  # a decode step
-        out = single_query_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
-                                     num_global=num_global, gates=gates)
+      if cache is not None and rel is None and x.shape[1] <= FEW_QUERIES:  # a decode step, a short chunk
+        out = few_query_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
+                                  num_global=num_global, gates=gates)
       else:
         out = reference_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
                                   num_global=num_global, gates=gates, rel=rel)

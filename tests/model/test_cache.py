@@ -87,3 +87,22 @@ def test_kernels_in_cached_chunks_equal_the_full_forward(kind, max_rows, monkeyp
     cache, start = aux['cache'], start + n
     got.append(logits)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(got, axis=1)), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('t, window, num_global, gated', [(1, None, 0, False), (3, 4, 2, True), (8, None, 0, True)])
+def test_few_query_attention_equals_the_reference(t, window, num_global, gated):
+  """The decode-step formulation (multiply-reduce over the cache) against the einsum reference, GQA, a cache with
+  empty slots (-1) and a query row of padding."""
+  rng = np.random.default_rng(0)
+  b, s, n, kh, h = 2, 12, 6, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, s, kh, h)), jnp.float32) for _ in range(2))
+  k_pos = jnp.asarray(np.tile(np.arange(s), (b, 1)), jnp.int32)
+  k_seg = jnp.asarray(np.where(np.arange(s) < 9, 1, -1)[None].repeat(b, 0), jnp.int32)
+  q_pos = jnp.asarray(np.tile(np.arange(9 - t, 9), (b, 1)), jnp.int32)
+  q_seg = jnp.asarray([[1] * t, [1] * (t - 1) + [0]], jnp.int32)
+  gates = jnp.asarray(rng.uniform(size=(b, t, n)), jnp.float32) if gated else None
+  kw = dict(window=window, num_global=num_global, gates=gates)
+  np.testing.assert_allclose(attention.few_query_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw),
+                             attention.reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw),
+                             rtol=1e-5, atol=1e-6)
