@@ -14,6 +14,10 @@ dsjax.convert.hf.export_hf into a float32 LlamaForCausalLM.
       batch 1, one prompt at a time, the whole speculative loop on device: speedup, acceptance rate, tokens per
       target step (outputs checked identical).
 Prints a table and writes JSON (device name and date included).
+
+Real size (`--real_size=configs/deepseek_coder_1p3b.py [--layers=8]`, or an imported checkpoint directory): the
+preset's shape with random weights against transformers on the same weights, batch 1/4/8, decode-only tokens/s and
+the fraction of the memory roofline (bench/decode_real_size.py), plus int8/int4 (`--real_size_quant`).
 """
 from __future__ import annotations
 
@@ -32,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import decode_real_size  # pylint: disable=g-import-not-at-top
 from bench.attention import write_results  # pylint: disable=g-import-not-at-top
 from dsjax import config as config_lib
 from dsjax.convert import hf
 from dsjax.data import corpus
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
+from dsjax.model import layout
 from dsjax.sample import speculative
 from dsjax.sample.sampler import Sampler
 from dsjax.train import checkpoint
@@ -197,6 +203,15 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'bench', 'results', f'decode_cpu_{datetime.date.today().isoformat()}.json'))
+  parser.add_argument('--real_size', default='', help='a preset config (random weights) or a checkpoint directory: '
+                      'the real-size comparison only (see bench/decode_real_size.py)')
+  parser.add_argument('--layers', type=int, default=8, help='real size: layers of the preset (0: all of them)')
+  parser.add_argument('--real_size_batches', default='1,4,8')
+  parser.add_argument('--real_size_prompt', type=int, default=16)
+  parser.add_argument('--real_size_new', type=int, default=16)
+  parser.add_argument('--real_size_quant', default='int8,int4', help='quantized modes to time too ("" for none)')
+  parser.add_argument('--real_size_quant_batches', default='1', help='the batches to time them at')
+  parser.add_argument('--hf_serve', default='', help=argparse.SUPPRESS)
   parser.add_argument('--hf_worker', default='', help=argparse.SUPPRESS)
   parser.add_argument('--hf_prompts', default='', help=argparse.SUPPRESS)
   parser.add_argument('--pad_id', type=int, default=0, help=argparse.SUPPRESS)
@@ -204,11 +219,25 @@ def main() -> None:
   if args.hf_worker:
     hf_worker(args.hf_worker, args.hf_prompts, args.new_tokens, args.repeats, args.pad_id)
     return
+  if args.hf_serve:
+    decode_real_size.hf_serve(args.hf_serve)
+    return
+  settings = {k: v for k, v in vars(args).items() if k not in ('out', 'hf_worker', 'hf_prompts', 'pad_id', 'hf_serve')}
+  if args.real_size:
+    args.real_size_batches = [int(b) for b in str(args.real_size_batches).split(',')]
+    args.real_size_quant_batches = [int(b) for b in str(args.real_size_quant_batches).split(',') if b]
+    with tempfile.TemporaryDirectory() as workdir:
+      rows, facts = decode_real_size.run(args, os.path.abspath(__file__), workdir)
+    print(f'\ndevice: {jax.devices()[0].device_kind}')
+    decode_real_size.print_rows(rows, facts)
+    out = args.out.replace('decode_cpu_', 'decode_real_size_cpu_')
+    write_results(out, rows, **facts, **settings)
+    return
 
   with tempfile.TemporaryDirectory() as workdir:
     ckpt, weights = get_checkpoint(args, workdir)
     cfg = checkpoint.load_config(ckpt)
-    params = checkpoint.load_params(ckpt, cfg.model)
+    params = layout.for_decoding(checkpoint.load_params(ckpt, cfg.model))  # once, as users loading for inference
     model = Transformer(cfg.model)
     tokenizer = tokenizer_lib.load_tokenizer('byte')
     hf_dir = os.path.join(workdir, 'hf')
@@ -233,7 +262,6 @@ def main() -> None:
       print(f'{r["drafter"]:>30} {r["plain_tokens_per_s"]:11.1f} {r["spec_tokens_per_s"]:10.1f} '
             f'{r["speedup"]:7.2f}x {r["acceptance_rate"]:7.1%} {r["tokens_per_target_step"]:8.2f} '
             f'{str(r["same_as_greedy"]):>6}')
-  settings = {k: v for k, v in vars(args).items() if k not in ('out', 'hf_worker', 'hf_prompts', 'pad_id')}
   write_results(args.out, rows, weights=weights, **settings)
 
 

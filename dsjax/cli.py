@@ -118,13 +118,16 @@ def checkpoint_config(directory: str, model_flags: ModelFlags) -> ml_collections
 
 def load_model(directory: str, cfg: ml_collections.ConfigDict, model_flags: ModelFlags) -> tuple[Any, Any]:
   """(model, params) to run a checkpoint with: its params with the --adapter merged in, quantized as cfg.quant
-  says, and the model (wrapped for int8 activations when asked). Raises FileNotFoundError / ValueError."""
+  says, in the decoding layout (dsjax/model/layout.py: converted once here, not per call), and the model (wrapped
+  for int8 activations when asked). Raises FileNotFoundError / ValueError."""
   from dsjax import lora  # pylint: disable=g-import-not-at-top
   from dsjax import quant  # pylint: disable=g-import-not-at-top
   from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from dsjax.model import layout  # pylint: disable=g-import-not-at-top
   from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   params = checkpoint.load_params(directory, cfg.model)
   if model_flags.adapter.value:
     params = lora.merge_peft(params, cfg.model, model_flags.adapter.value)
   params = quant.quantize_params(params, cfg.model, cfg.quant)  # no-op for quant.mode=none
+  params = layout.for_decoding(params)
   return quant.quantize_model(Transformer(cfg.model), cfg.quant), params

@@ -3,7 +3,7 @@ they write, so tests and benchmarks can assert structural facts (e.g. "the decod
 buffer") that guard the accelerator path on a machine without one.
 
   text = jax.jit(f).trace(*args).lower().compile().as_text()
-  for op in loop_ops(text): print(op.opcode, op.shape, op.elements)
+  for op in loop_buffers(text): print(op.opcode, op.shape, op.elements)
 
 XLA has no public parser of its text form in Python; this reads only what it needs: computation headers, each
 instruction's result shape and opcode, and the computations it calls (body=, condition=, calls=, to_apply=,
@@ -84,24 +84,21 @@ def reachable(calls: dict[str, set[str]], roots: set[str]) -> set[str]:
   return seen
 
 
-def loop_ops(text: str) -> list[Op]:
-  """The instructions that run on every iteration of the program's while loops (their bodies and conditions,
-  and everything those call: fusions, nested loops), excluding ones that write no buffer (NO_BUFFER)."""
-  ops, calls, _ = parse(text)
+def _loop_computations(ops: dict[str, list[Op]], calls: dict[str, set[str]]) -> set[str]:
+  """The bodies and conditions of every while loop, and every computation they call."""
   roots = set()
   for computation in ops.values():
     for op in computation:
       if op.opcode == 'while':
         roots |= {c for c in calls[op.computation]
                   if re.search(rf'(?:body|condition)=%?{re.escape(c)}\b', op.line)}
-  return [op for name in sorted(reachable(calls, roots)) for op in ops.get(name, ())
-          if op.opcode not in NO_BUFFER]
+  return reachable(calls, roots)
 
 
 def top_level_ops(text: str, computations: set[str] | None = None) -> list[Op]:
-  """Instructions that write a buffer of their own: those of the entry computation and of while bodies, not the
-  instructions inside fusions (a fusion writes only its result)."""
-  ops, calls, entry = parse(text)
+  """Instructions that write a buffer of their own (in `computations`, default all): not the ones inside fusions
+  (a fusion writes only its result), nor those in NO_BUFFER."""
+  ops, calls, _ = parse(text)
   fused = {c for name in ops for op in ops[name] if op.opcode == 'fusion'
            for c in calls[name] if re.search(rf'calls=%?{re.escape(c)}\b', op.line)}
   names = computations if computations is not None else set(ops)
@@ -109,13 +106,6 @@ def top_level_ops(text: str, computations: set[str] | None = None) -> list[Op]:
 
 
 def loop_buffers(text: str) -> list[Op]:
-  """The buffers a while loop writes on every iteration: `loop_ops` less the instructions inside fusions (only
-  a fusion's result is written to memory)."""
+  """The buffers the program's while loops write on every iteration (bodies, conditions, nested loops)."""
   ops, calls, _ = parse(text)
-  roots = set()
-  for computation in ops.values():
-    for op in computation:
-      if op.opcode == 'while':
-        roots |= {c for c in calls[op.computation]
-                  if re.search(rf'(?:body|condition)=%?{re.escape(c)}\b', op.line)}
-  return top_level_ops(text, reachable(calls, roots))
+  return top_level_ops(text, _loop_computations(ops, calls))

@@ -87,8 +87,8 @@ def test_pack_unpack_int4_round_trip():
 
 @pytest.mark.parametrize('mode', ['int8', 'int4'])
 def test_quantized_linear_equals_numpy_matmul_with_dequantized_weights(mode):
-  """o_proj-like kernel [N, H, D] (two input axes), contracted as in the model: flax hands Linear the dequantized
-  kernel through the QTensor box, and the result equals x @ W_dq computed in numpy."""
+  """o_proj-like kernel [N, H, D] (two input axes), contracted as in the model (`QTensor.project`, chunk by chunk
+  on CPU), equals x @ W_dq computed in numpy."""
   n, h, d = 4, 16, 32
   layer = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD')
   w = jax.random.normal(jax.random.key(2), (n, h, d))
@@ -98,6 +98,23 @@ def test_quantized_linear_equals_numpy_matmul_with_dequantized_weights(mode):
   w_dq = numpy_dequant(t)
   expected = np.asarray(x).reshape(10, n * h) @ w_dq.reshape(n * h, d)
   np.testing.assert_allclose(np.asarray(y).reshape(10, d), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('bits, group, k, m, chunk', [
+    (8, 0, 64, 24, 1 << 19), (8, 0, 64, 24, 96), (8, 0, 6, 10, 4),  # one chunk; 4 rows a chunk; 1 row a chunk
+    (4, 16, 64, 24, 1 << 19), (4, 16, 64, 24, 16 * 24 * 2),  # whole groups: all of them; two per chunk
+    (4, 32, 128, 40, 64)])  # a wide kernel: 2 rows of a group per chunk
+def test_chunked_matmul_equals_numpy_with_the_dequantized_weight(bits, group, k, m, chunk, monkeypatch):
+  """`chunked_matmul` (the CPU path for decode steps) for every chunking it chooses, against numpy."""
+  monkeypatch.setattr(quant, 'CHUNK_ELEMENTS', chunk)
+  rng = np.random.default_rng(0)
+  t = quant.quantize_kernel(jnp.asarray(rng.normal(size=(k, m)), jnp.float32), 1, 0, bits=bits,
+                            group_size=group or k, dtype='float32')
+  x = rng.normal(size=(3, k)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(quant.chunked_matmul(jnp.asarray(x), t)), x @ numpy_dequant(t),
+                             rtol=1e-5, atol=1e-5)
+  y = Linear((k, m), ('embed', 'mlp'), '...D,DF->...F').apply({'params': {'kernel': t}}, jnp.asarray(x)[None])
+  np.testing.assert_allclose(np.asarray(y)[0], x @ numpy_dequant(t), rtol=1e-5, atol=1e-5)  # Linear's call
 
 
 @pytest.fixture(scope='module')

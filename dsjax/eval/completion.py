@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from dsjax.eval import scoring
+from dsjax.model import layout
 from dsjax.sample import sampler as sampler_lib
 
 
@@ -159,6 +160,7 @@ def evaluate(model: nn.Module, params: Any, tokenizer, examples: Sequence[Exampl
   prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_tokens) for ex in examples]
   longest = max((len(p) for p in prompts), default=1)
   sampler = sampler_lib.Sampler(model, max_len=longest + max_new_tokens)
+  params = layout.for_decoding(params)  # once for all the batches below, not inside each generate call
   vocab_limit = int(tokenizer.vocab_size)
   outputs: list[str] = []
   # Rows sorted by prompt length, so a batch pads little and the sampler compiles few prompt widths.
