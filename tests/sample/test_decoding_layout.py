@@ -102,7 +102,12 @@ CASES = {  # name: (attention kind, quantization mode)
 }
 
 
-@pytest.mark.parametrize('case', list(CASES))
+# Kept out of the 10-minute default suite (pytest -m slow runs them): the sparse ring and routed caches are also
+# decoded against full forward passes in tests/sample/test_sampler.py; int8 shares int4's chunked path.
+SLOW_CASES = ('sparse_ring', 'routed', 'int8')
+
+
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
 def test_greedy_decoding_equals_full_forward_passes(case):
   """Sampler (decoding layout, per-layer cache; quantized kernels chunk by chunk) against the training-layout model
   run from scratch per token. Training-layout params given to the sampler are converted inside the call."""
@@ -134,7 +139,10 @@ def test_speculative_decoding_in_the_decoding_layout_equals_greedy():
   assert got == [naive_greedy(model, params, p, 8) for p in prompts]
 
 
-@pytest.mark.parametrize('mode', ['none', 'int8', 'int4'])
+# float32 and int8 against transformers run with -m slow (float greedy parity through sample.py is also in
+# tests/convert/test_hf.py); int4 stays in the default suite.
+@pytest.mark.parametrize('mode', [pytest.param('none', marks=pytest.mark.slow),
+                                  pytest.param('int8', marks=pytest.mark.slow), 'int4'])
 def test_greedy_decoding_equals_transformers_generate(mode, tmp_path):
   """A random LlamaForCausalLM imported; quantized: transformers runs the dequantized weights, exported back."""
   torch.manual_seed(0)
