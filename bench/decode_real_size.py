@@ -8,8 +8,8 @@ reduction. Decode-only speed is the difference of two generate() calls, N new to
 prompt processing does not blur it; end-to-end tokens/s (N new tokens / the whole call) is reported too.
 transformers runs in a worker process (torch's and XLA's CPU threads contend in one process) that the main process
 drives run by run, alternating with its own runs; the read bandwidth is measured between the runs of each batch
-(this machine's varies by +-20% over minutes) and the best of those measurements is the roofline's. int8 / int4 rows run dsjax alone (transformers has no CPU
-weight-only int4 path to compare with), with their own bytes per step.
+(this machine's varies by +-20% over minutes) and the best of those measurements is the roofline's. int8 / int4 rows
+run dsjax alone (transformers has no CPU weight-only int4 path to compare with), with their own bytes per step.
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
       y = chunked_matmul(x_RK, self)
     else:
       y = jnp.dot(x_RK.astype(self.dtype), dequantize(self).reshape(k, m), preferred_element_type=jnp.float32)
-    return y.astype(preferred_element_type or self.dtype).reshape(*lead, *self.shape[self.num_input_axes:])
+    return y.astype(preferred_element_type or self.dtype).reshape(*lead, *self.shape[n_in:])
 
   def replace_boxed(self, val: Any) -> Any:
     return val
@@ -150,10 +150,11 @@ def _divisor_at_most(n: int, limit: int) -> int:
 
 def chunked_matmul(x_RK: jax.Array, t: QTensor) -> jax.Array:
   """float32 [R, M]: x [R, K] @ the dequantized kernel [K, M] of a per-layer QTensor, as a loop over chunks of
-  at most CHUNK_ELEMENTS weights (whole rows): each chunk is dequantized into a small buffer and multiplied, so memory traffic is
-  one read of the quantized weight. int8 applies its per-channel scales to the sum; int4 splits x into its even and
-  odd columns (the low and high nibbles of a packed row) and scales each chunk's groups before its matmul.
-  Written by hand: XLA:CPU has no mixed int8/float matmul and fuses no dequantization into its dots."""
+  at most CHUNK_ELEMENTS weights (whole rows): each chunk is dequantized into a small buffer and multiplied, so
+  memory traffic is one read of the quantized weight. int8 applies its per-channel scales to the sum; int4 splits x
+  into its even and odd columns (the low and high nibbles of a packed row) and scales each chunk's groups before its
+  matmul. Written by hand: XLA:CPU has no mixed int8/float matmul and fuses no dequantization into its dots.
+  """
   k = x_RK.shape[-1]
   m = t.values.shape[-1]
   dtype = jnp.dtype(t.dtype)
