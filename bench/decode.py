@@ -41,12 +41,13 @@ from bench.attention import write_results  # pylint: disable=g-import-not-at-top
 from dsjax import config as config_lib
 from dsjax.convert import hf
 from dsjax.data import corpus
+from dsjax.data import mixture
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.model import layout
 from dsjax.sample import speculative
 from dsjax.sample.sampler import Sampler
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def get_checkpoint(args, workdir: str) -> tuple[str, str]:
 def code_prompts(cfg, tokenizer, count: int, length: int) -> list[list[int]]:
   """`count` prompts of exactly `length` tokens: BOS + the bytes before a line start midway through held-out
   stdlib files."""
-  docs = corpus.load_split(cfg.data, 'validation')
+  docs = mixture.load_split(cfg.data, 'validation')
   prompts = []
   for doc in docs:
     ids = tokenizer.encode(doc.text)

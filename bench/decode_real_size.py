@@ -31,7 +31,7 @@ from dsjax.convert import hf
 from dsjax.model import Transformer
 from dsjax.model import layout
 from dsjax.sample.sampler import Sampler, pad_prompts
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -38,7 +38,7 @@ from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.sample import speculative
 from dsjax.sample.sampler import Sampler
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -33,7 +33,7 @@ from dsjax import quant
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.sample.sampler import Sampler
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 from dsjax.train import step as step_lib
 

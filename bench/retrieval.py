@@ -35,7 +35,7 @@ from dsjax.model import Transformer
 from dsjax.retrieval import dense
 from dsjax.retrieval import evaluate as evaluate_lib
 from dsjax.retrieval.index import build_from_source
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAKY = 'bm25-leaky'  # a control: BM25 over every document, held-out ones included

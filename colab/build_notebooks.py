@@ -371,7 +371,7 @@ SERVING = [
     code('''
     from configs import tiny
     from dsjax.model import Transformer
-    from dsjax.train import checkpoint
+    from dsjax import checkpoint
     from dsjax.train import loop
     from dsjax.train import state as state_lib
 

@@ -32,7 +32,7 @@ REPLAY_RATIO = 0.25
 def get_config(init_from: str = '') -> ml_collections.ConfigDict:
   """The continual-pretraining config of the dsjax checkpoint `init_from` ('' = a random tiny model)."""
   if init_from:
-    from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top  (only with a checkpoint)
+    from dsjax import checkpoint  # pylint: disable=g-import-not-at-top  (only with a checkpoint)
     cfg = checkpoint.load_config(init_from)  # its model and tokenizer; train.init_from = init_from
   else:
     cfg = tiny.get_config()

@@ -27,10 +27,12 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 
 from dsjax import config as config_lib
 from dsjax import eval as eval_lib
+from dsjax.data import pipeline
 
 RESULT_FILE = 'result.json'
 SHARED_FIELDS = ('seed', 'data.shuffle_seed')  # identical in every run of a study, so runs are comparable
@@ -162,6 +164,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: Mapping[str, Any
       raise config_lib.ConfigError(f'{where}: config.{key}={value!r}: {e}') from e
   try:
     config_lib.validate(cfg)
+    pipeline.validate_config(cfg.data)
     eval_lib.check_config(cfg)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f'{where}: {e}') from e
@@ -208,7 +211,6 @@ def peak_memory() -> tuple[float, str]:
   """(bytes, what they measure): the accelerator's peak_bytes_in_use when its backend reports it, else the process's
   peak resident set size (CPU). Both are peaks since the process started, so in-process runs after the first show
   at least the earlier runs' peak (run studies with --only per process for exact per-run numbers)."""
-  import jax  # pylint: disable=g-import-not-at-top
   try:
     stats = jax.devices()[0].memory_stats() or {}
   except Exception:  # pylint: disable=broad-except  (backends without memory stats raise or return None)
@@ -320,9 +322,9 @@ def write_tables(study: Study, records: list[dict[str, Any]], workdir: str) -> d
 
 def write_plots(records: list[dict[str, Any]], workdir: str) -> dict[str, str]:
   """loss_curves.png, bits_per_byte.png (both vs tokens seen), tokens_per_s.png and memory.png (bars)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top  (optional: plots only)
   matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top  (optional: plots only)
   paths = {}
 
   def save(fig, name):

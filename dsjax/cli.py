@@ -17,6 +17,12 @@ import ml_collections
 from ml_collections import config_flags
 
 from dsjax import config as config_lib
+from dsjax import checkpoint
+from dsjax import lora
+from dsjax import quant
+from dsjax.data import pipeline
+from dsjax.model import Transformer
+from dsjax.model import layout
 
 
 def fail(message: str) -> NoReturn:
@@ -70,6 +76,7 @@ def resolve_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
   try:
     cfg = holder.value
     config_lib.validate(cfg)  # first access to a config file that failed to load raises OSError here
+    pipeline.validate_config(cfg.data)
   except OSError as e:
     cause = str(e.__cause__ or e)
     match = re.search(r'Attempted \[[^\]]*\]:\s*(\S+)\s*(.*)', cause, re.S)
@@ -105,7 +112,6 @@ def define_model_flags() -> ModelFlags:
 def checkpoint_config(directory: str, model_flags: ModelFlags) -> ml_collections.ConfigDict:
   """The config saved with a checkpoint, with the --dtype and --quant* overrides applied (validate it after any
   further changes). Raises FileNotFoundError / ConfigError."""
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   cfg = checkpoint.load_config(directory)
   if model_flags.dtype.value:
     cfg.model.dtype = model_flags.dtype.value
@@ -120,11 +126,6 @@ def load_model(directory: str, cfg: ml_collections.ConfigDict, model_flags: Mode
   """(model, params) to run a checkpoint with: its params with the --adapter merged in, quantized as cfg.quant
   says, in the decoding layout (dsjax/model/layout.py: converted once here, not per call), and the model (wrapped
   for int8 activations when asked). Raises FileNotFoundError / ValueError."""
-  from dsjax import lora  # pylint: disable=g-import-not-at-top
-  from dsjax import quant  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
-  from dsjax.model import layout  # pylint: disable=g-import-not-at-top
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   params = checkpoint.load_params(directory, cfg.model)
   if model_flags.adapter.value:
     params = lora.merge_peft(params, cfg.model, model_flags.adapter.value)

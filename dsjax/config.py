@@ -49,20 +49,20 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _fail(field: str, value, why: str) -> None:
+def fail(field: str, value, why: str) -> None:
   raise ConfigError(f'config.{field}={value!r}: {why}')
 
 
-def _check_choice(cfg: ml_collections.ConfigDict, field: str, choices, prefix: str = '') -> None:
+def check_choice(cfg: ml_collections.ConfigDict, field: str, choices, prefix: str = '') -> None:
   value = _get(cfg, field)
   if value not in choices:
-    _fail(prefix + '.' + field if prefix else field, value, f'must be one of {", ".join(map(str, choices))}')
+    fail(prefix + '.' + field if prefix else field, value, f'must be one of {", ".join(map(str, choices))}')
 
 
 def _check_positive(cfg: ml_collections.ConfigDict, field: str, allow_zero: bool = False, prefix: str = '') -> None:
   value = _get(cfg, field)
   if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-    _fail(prefix + '.' + field if prefix else field, value, 'must be >= 0' if allow_zero else 'must be > 0')
+    fail(prefix + '.' + field if prefix else field, value, 'must be >= 0' if allow_zero else 'must be > 0')
 
 
 def _get(cfg: ml_collections.ConfigDict, field: str):
@@ -92,26 +92,26 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
   for field, choices in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES),
                          ('positions.kind', POSITION_KINDS), ('attention.kind', ATTENTION_KINDS),
                          ('attention.impl', ATTENTION_IMPLS), ('attention.platform', ATTENTION_PLATFORMS)):
-    _check_choice(m, field, choices, prefix)
+    check_choice(m, field, choices, prefix)
 
-  def fail(field, why):
-    _fail(f'{prefix}.{field}', _get(m, field), why)
+  def fail_model(field, why):
+    fail(f'{prefix}.{field}', _get(m, field), why)
 
   if m.hidden_size % m.num_heads and not m.head_dim:
-    fail('num_heads', f'must divide {prefix}.hidden_size={m.hidden_size} (or set {prefix}.head_dim)')
+    fail_model('num_heads', f'must divide {prefix}.hidden_size={m.hidden_size} (or set {prefix}.head_dim)')
   if m.num_heads % m.num_kv_heads:
-    fail('num_kv_heads', f'must divide {prefix}.num_heads={m.num_heads}')
+    fail_model('num_kv_heads', f'must divide {prefix}.num_heads={m.num_heads}')
   if head_dim(m) % 2 and m.positions.kind == 'rope':
-    fail('head_dim', 'must be even (rotary embeddings rotate pairs of dimensions)')
+    fail_model('head_dim', 'must be even (rotary embeddings rotate pairs of dimensions)')
   if m.dropout_rate >= 1:
-    fail('dropout_rate', 'must be < 1')
+    fail_model('dropout_rate', 'must be < 1')
   if m.positions.mem_len and m.positions.kind != 'xl':
-    fail('positions.mem_len', f"segment memory needs {prefix}.positions.kind='xl'")
+    fail_model('positions.mem_len', f"segment memory needs {prefix}.positions.kind='xl'")
   if m.positions.kind == 'xl' and m.hidden_size % 2:
-    fail('hidden_size', 'must be even for the sinusoidal relative encoding')
+    fail_model('hidden_size', 'must be even for the sinusoidal relative encoding')
   a = m.attention
   if a.impl in ('pallas', 'cudnn') and m.positions.kind != 'rope':
-    fail('attention.impl', f"the {a.impl} kernels need {prefix}.positions.kind='rope' (xl adds relative-position "
+    fail_model('attention.impl', f"the {a.impl} kernels need {prefix}.positions.kind='rope' (xl adds relative-position "
          'scores and memory, which only the reference implements; impl=auto picks it)')
   if a.impl == 'cudnn':  # what cuDNN can never express for this model (per-call limits: dsjax/model/dispatch.py)
     limits = []
@@ -122,13 +122,13 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
     if m.dtype not in ('bfloat16', 'float16'):
       limits.append(f'{prefix}.dtype={m.dtype} (it takes bfloat16 or float16)')
     if limits:
-      fail('attention.impl', f'cuDNN cannot express {"; ".join(limits)}; impl=auto uses the Pallas kernels there')
+      fail_model('attention.impl', f'cuDNN cannot express {"; ".join(limits)}; impl=auto uses the Pallas kernels there')
   if a.kind == 'routed':
     routed = m.num_heads - a.num_shared_heads
     if routed < 1:
-      fail('attention.num_shared_heads', f'must be < {prefix}.num_heads={m.num_heads} so that some heads are routed')
+      fail_model('attention.num_shared_heads', f'must be < {prefix}.num_heads={m.num_heads} so that some heads are routed')
     if a.top_k > routed:
-      fail('attention.top_k', f'must be <= the {routed} routed heads')
+      fail_model('attention.top_k', f'must be <= the {routed} routed heads')
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -143,22 +143,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 'train.checkpoint_every', 'train.keep_checkpoints', 'train.keep_best', 'train.peak_flops_per_device'):
     _check_positive(cfg, field, allow_zero=True)
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
-    _fail('train.grad_accum_steps', cfg.train.grad_accum_steps,
+    fail('train.grad_accum_steps', cfg.train.grad_accum_steps,
           f'must divide train.batch_size={cfg.train.batch_size}')
   if cfg.data.num_shards and cfg.train.batch_size % cfg.data.num_shards:
-    _fail('data.num_shards', cfg.data.num_shards, f'must divide train.batch_size={cfg.train.batch_size}')
+    fail('data.num_shards', cfg.data.num_shards, f'must divide train.batch_size={cfg.train.batch_size}')
   if cfg.data.seq_len > cfg.model.max_positions and cfg.model.positions.kind == 'rope':
-    _fail('data.seq_len', cfg.data.seq_len, f'exceeds model.max_positions={cfg.model.max_positions}')
+    fail('data.seq_len', cfg.data.seq_len, f'exceeds model.max_positions={cfg.model.max_positions}')
   if not 0 < cfg.sample.top_p <= 1:
-    _fail('sample.top_p', cfg.sample.top_p, 'must be in (0, 1]')
+    fail('sample.top_p', cfg.sample.top_p, 'must be in (0, 1]')
   if cfg.optim.min_lr_ratio > 1:
-    _fail('optim.min_lr_ratio', cfg.optim.min_lr_ratio, 'must be <= 1')
+    fail('optim.min_lr_ratio', cfg.optim.min_lr_ratio, 'must be <= 1')
   if not 0 < cfg.data.validation_fraction < 1:
-    _fail('data.validation_fraction', cfg.data.validation_fraction, 'must be in (0, 1)')
+    fail('data.validation_fraction', cfg.data.validation_fraction, 'must be in (0, 1)')
   if cfg.train.init_from and not os.path.isdir(cfg.train.init_from):
-    _fail('train.init_from', cfg.train.init_from, 'must be a dsjax checkpoint directory')
+    fail('train.init_from', cfg.train.init_from, 'must be a dsjax checkpoint directory')
   if cfg.data.tokenizer != 'byte' and not os.path.exists(cfg.data.tokenizer):
-    _fail('data.tokenizer', cfg.data.tokenizer, "must be 'byte' or the path of a tokenizer.json file")
+    fail('data.tokenizer', cfg.data.tokenizer, "must be 'byte' or the path of a tokenizer.json file")
   if 'distill' in cfg:
     _check_positive(cfg, 'distill.temperature')
     for field in ('distill.kl_weight', 'distill.hard_weight', 'distill.top_k'):
@@ -167,31 +167,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_positive(cfg, 'privacy.l2_clip')
     _check_positive(cfg, 'privacy.noise_multiplier', allow_zero=True)
     if not 0 < cfg.privacy.delta < 1:
-      _fail('privacy.delta', cfg.privacy.delta, 'must be in (0, 1)')
+      fail('privacy.delta', cfg.privacy.delta, 'must be in (0, 1)')
   if 'quant' in cfg:
-    _check_choice(cfg, 'quant.mode', ('none', 'int8', 'int4'))
+    check_choice(cfg, 'quant.mode', ('none', 'int8', 'int4'))
     _check_positive(cfg, 'quant.group_size')
-  _validate_data(cfg.data)
-
-
-def _validate_data(d: ml_collections.ConfigDict) -> None:
-  """The mixture, cleaning and curriculum fields of `data` (checked without reading any data)."""
-  from dsjax.data import mixture, pipeline  # pylint: disable=g-import-not-at-top  (they import grain)
-  for field, choices in (('mixture_unit', mixture.UNITS), ('dedup', ('none', 'exact', 'near')),
-                         ('scrub_mode', ('mask', 'drop_document'))):
-    if field in d:
-      _check_choice(d, field, choices, prefix='data')
-  for field in ('dedup_threshold', 'fim_rate', 'fim_spm_rate'):
-    if field in d and not 0 <= d[field] <= 1:
-      _fail(f'data.{field}', d[field], 'must be in [0, 1]')
-  if 'balance_alpha' in d and d.balance_alpha < 0:
-    _fail('data.balance_alpha', d.balance_alpha, 'must be >= 0')
-  try:
-    mixture.source_specs(d)
-    pipeline.curriculum_stages(d)
-    mixture.scrub_config(d)
-  except ValueError as e:
-    raise ConfigError(f'config.{e}') from None
 
 
 def dtype(name: str) -> jnp.dtype:

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import config as config_lib
+from dsjax import checkpoint
+from dsjax.model import Transformer
 
 
 class TopKLogits(NamedTuple):
@@ -84,8 +86,6 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None 
   sharded on its own terms). Its vocabulary must equal the student's. Raises ConfigError naming
   config.distill.teacher when the directory is missing, is not a checkpoint, or does not fit.
   """
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   directory = cfg.distill.teacher
   field = 'config.distill.teacher'
   if not directory or not os.path.isdir(directory):

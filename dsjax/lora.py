@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from flax import linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -30,6 +31,7 @@ from safetensors.numpy import save_file
 
 from dsjax import config as config_lib
 from dsjax.model.layers import LoraSpec, pack_int8, quantize_int8, unpack_int8
+from dsjax.model import Transformer
 
 __all__ = ['LoraSpec', 'TARGETS', 'spec_from_config', 'spec_for_run', 'add_adapters', 'init_adapters', 'adapters_of',
            'trainable_mask', 'merge', 'merge_peft', 'save_peft', 'load_peft', 'quantize_int8', 'pack_int8',
@@ -106,7 +108,6 @@ def trainable_mask(params: Any) -> Any:
 
 def abstract_params(model_cfg: ml_collections.ConfigDict, spec: LoraSpec | None) -> Any:
   """Boxed ShapeDtypeStructs of the params of `Transformer(model_cfg, lora=spec)` (nothing allocated)."""
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda t: Transformer(model_cfg, lora=spec).init(jax.random.key(0), t, t), tokens)['params']
 
@@ -265,7 +266,6 @@ def _peft_name(layer: int, target: str, which: str) -> str:
 def _host(x: jax.Array) -> np.ndarray:
   """A (possibly multi-process sharded) array as one host numpy array."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 

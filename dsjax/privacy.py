@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from dsjax.model import partitioning
+from dsjax.data import mixture
 
 
 def per_example_grads(loss_fn: Callable[..., tuple[jax.Array, Any]], params: Any, examples: Any,
@@ -89,8 +90,7 @@ def count_train_rows(data_cfg: Any, tokenizer) -> int:
   pairs of a document [bos] + encode(text) + [eos] being its length + 1. Packing pads some rows, so the true count
   is a little higher; the lower bound overstates the sampling rate and hence epsilon (conservative). Tokenizes the
   whole split once."""
-  from dsjax.data import corpus  # pylint: disable=g-import-not-at-top
-  pairs = sum(len(tokenizer.encode(doc.text)) + 1 for doc in corpus.load_split(data_cfg, 'train'))
+  pairs = sum(len(tokenizer.encode(doc.text)) + 1 for doc in mixture.load_split(data_cfg, 'train'))
   return max(1, int(np.ceil(pairs / int(data_cfg.seq_len))))
 
 

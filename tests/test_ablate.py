@@ -10,7 +10,7 @@ import pytest
 from dsjax import ablate
 from dsjax import config as config_lib
 from dsjax.eval import perplexity
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # batch 8: the tests' 8 fake CPU devices (tests/conftest.py) each take one row.

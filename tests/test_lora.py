@@ -15,7 +15,7 @@ from dsjax import config as config_lib
 from dsjax import lora
 from dsjax.convert import hf
 from dsjax.model import Transformer
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import state as state_lib

@@ -241,7 +241,7 @@ def test_concurrent_clients_match_unbatched_greedy(server):
 @pytest.fixture(scope='module')
 def checkpoint_dir(tmp_path_factory):
   """The tiny model saved as a dsjax checkpoint named tiny-ckpt (byte tokenizer, max_positions 128)."""
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from dsjax import checkpoint  # pylint: disable=g-import-not-at-top
   model, params, _ = test_engine.shared_model()
   cfg = helpers.base_config()
   cfg.model = model.cfg

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+import grain
+
 SPLITS = ('train', 'validation')
 # Directories never listed; the second set only when stdlib tests are excluded (`test` is the regression-test
 # package, the others are per-package test suites such as ctypes/test, lib2to3/tests, idlelib/idle_test).
@@ -56,7 +58,6 @@ class _ArrayRecordReaders:
   def __call__(self, path: str) -> Any:
     with self._lock:
       if path not in self._sources:
-        import grain  # pylint: disable=g-import-not-at-top
         self._sources[path] = grain.sources.ArrayRecordDataSource([path])
       return self._sources[path]
 
@@ -321,15 +322,3 @@ def split_documents(docs: DocumentSource, split: str, validation_fraction: float
     raise ValueError(f'the {split!r} split of {docs.description} has no documents ({len(docs)} documents in all, '
                      f'validation_fraction={validation_fraction})')
   return docs.select(indices, f'{docs.description}, {split} split')
-
-
-def load_split(data_cfg: Any, split: str) -> DocumentSource:
-  """The `split` documents of every source of `data_cfg` (its `mixture`, or `source` alone), after deduplication and
-  scrubbing drops, one source after the other (unweighted: for evaluation and counting; training samples the
-  mixture, see dsjax/data/mixture.py)."""
-  from dsjax.data import mixture  # pylint: disable=g-import-not-at-top  (mixture builds on this module)
-  comps = mixture.components(data_cfg, split)
-  if len(comps) == 1:
-    return comps[0].docs
-  return DocumentSource.concatenate([c.docs for c in comps], f'{split} split of the mixture '
-                                    f'{", ".join(c.name for c in comps)}')

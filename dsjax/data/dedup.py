@@ -88,7 +88,7 @@ def _identity(x):
 def minhash(hashes: np.ndarray, num_perm: int, prototype=None):
   """The datasketch LeanMinHash of a set given by its uint32 element hashes (fixed seed). `prototype`: an empty
   MinHash with the same num_perm whose permutations are reused (saves drawing them again)."""
-  from datasketch import LeanMinHash, MinHash
+  from datasketch import LeanMinHash, MinHash  # pylint: disable=g-import-not-at-top  (near-duplicates only)
 
   if prototype is None:
     m = MinHash(num_perm=num_perm, seed=_SEED, hashfunc=_identity)
@@ -106,7 +106,7 @@ def _deduplicate(num: int, read_text: Callable[[int], str], config: DedupConfig)
     return DedupResult(list(range(num)), {}, {})
   lsh = prototype = None
   if config.mode == 'near':
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHash, MinHashLSH  # pylint: disable=g-import-not-at-top  (near-duplicates only)
     lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
     prototype = MinHash(num_perm=config.num_perm, seed=_SEED)
   first_with_hash: dict[bytes, int] = {}

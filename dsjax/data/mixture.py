@@ -31,6 +31,8 @@ import grain
 import numpy as np
 
 from dsjax.data import corpus
+from dsjax.data import dedup
+from dsjax.data import scrub
 
 MIXTURE_KEYS = ('source', 'weight', 'jsonl_field', 'include_stdlib_tests')
 UNITS = ('tokens', 'documents')
@@ -81,7 +83,6 @@ def scrub_config(data_cfg: Any):
   spec = str(data_cfg.get('scrub', '') or '').strip()
   if not spec:
     return None
-  from dsjax.data import scrub  # pylint: disable=g-import-not-at-top  (detect-secrets loads plugins on import)
   categories = scrub.CATEGORIES if spec == 'all' else tuple(c.strip() for c in spec.split(',') if c.strip())
   try:
     return scrub.ScrubConfig(categories=categories, mode=data_cfg.get('scrub_mode', 'mask'))
@@ -90,7 +91,6 @@ def scrub_config(data_cfg: Any):
 
 
 def _dedup_config(data_cfg: Any):
-  from dsjax.data import dedup  # pylint: disable=g-import-not-at-top
   return dedup.DedupConfig(mode=data_cfg.get('dedup', 'none'), threshold=float(data_cfg.get('dedup_threshold', 0.8)))
 
 
@@ -102,11 +102,9 @@ def cache_dir(data_cfg: Any) -> str:
 
 def _prepare_pass(docs: corpus.DocumentSource, data_cfg: Any) -> dict[str, Any]:
   """Reads every document once: scrub counts per category, documents dropped by scrubbing, duplicates."""
-  from dsjax.data import dedup  # pylint: disable=g-import-not-at-top
   scrub_cfg = scrub_config(data_cfg)
   scrubber = None
   if scrub_cfg is not None:
-    from dsjax.data import scrub  # pylint: disable=g-import-not-at-top
     scrubber = scrub.Scrubber(scrub_cfg)
   counts: Counter[str] = Counter()
   texts, indices, touched = [], [], 0
@@ -296,3 +294,14 @@ class RealisedShares:
     """{name: share of the tokens counted so far}."""
     total = max(int(self.counts.sum()), 1)
     return {name: float(c) / total for name, c in zip(self.names, self.counts)}
+
+
+def load_split(data_cfg: Any, split: str) -> corpus.DocumentSource:
+  """The `split` documents of every source of `data_cfg` (its `mixture`, or `source` alone), after deduplication and
+  scrubbing drops, one source after the other (unweighted: for evaluation and counting; training samples the
+  mixture, see `components`)."""
+  comps = components(data_cfg, split)
+  if len(comps) == 1:
+    return comps[0].docs
+  return corpus.DocumentSource.concatenate([c.docs for c in comps], f'{split} split of the mixture '
+                                           f'{", ".join(c.name for c in comps)}')

@@ -39,12 +39,15 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grain
+import ml_collections
 import numpy as np
 
+from dsjax import config as config_lib
 from dsjax.data import corpus
 from dsjax.data import fim
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.data import mixture
+from dsjax.data import scrub
 from dsjax.data.tokenizer import Tokenizer
 
 # Tokens per packing group: FirstFit fills ceil(PACK_GROUP_TOKENS / seq_len) rows at once (at least batch_size), then
@@ -87,7 +90,6 @@ class _TokenizeDocument:
                        f'(names: {tokenizer_lib.FIM_TOKEN_NAMES})')
     self._scrubber = None
     if scrub_config is not None:
-      from dsjax.data import scrub  # pylint: disable=g-import-not-at-top
       self._scrubber = scrub.Scrubber(scrub_config)
 
   def __call__(self, element: tuple[int, corpus.Document], rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -316,3 +318,23 @@ class ShardedBatchIterator:
 
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore; the shard iterators prefetch on their own."""
+
+
+def validate_config(d: ml_collections.ConfigDict) -> None:
+  """The mixture, cleaning and curriculum fields of the `data` config section (checked without reading any data);
+  raises ConfigError naming the field. (dsjax.config checks the schema; the data fields need this package.)"""
+  for field, choices in (('mixture_unit', mixture.UNITS), ('dedup', ('none', 'exact', 'near')),
+                         ('scrub_mode', ('mask', 'drop_document'))):
+    if field in d:
+      config_lib.check_choice(d, field, choices, prefix='data')
+  for field in ('dedup_threshold', 'fim_rate', 'fim_spm_rate'):
+    if field in d and not 0 <= d[field] <= 1:
+      config_lib.fail(f'data.{field}', d[field], 'must be in [0, 1]')
+  if 'balance_alpha' in d and d.balance_alpha < 0:
+    config_lib.fail('data.balance_alpha', d.balance_alpha, 'must be >= 0')
+  try:
+    mixture.source_specs(d)
+    curriculum_stages(d)
+    mixture.scrub_config(d)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config.{e}') from None

@@ -32,6 +32,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+from dsjax.data import corpus
+
 CATEGORIES = ('email', 'ipv4', 'ipv6', 'api_key', 'private_key', 'password')
 MODES = ('mask', 'drop_document')
 PLACEHOLDERS = {'email': '<EMAIL>', 'ipv4': '<IP_ADDRESS>', 'ipv6': '<IP_ADDRESS>', 'api_key': '<API_KEY>',
@@ -190,9 +192,9 @@ _OWN_RULES = (
 
 def _detect_secrets_rules(high_entropy: bool) -> list[_Rule]:
   """The regexes of detect-secrets' plugins as `_Rule`s (see `_DS_TYPES`)."""
-  from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
-  from detect_secrets.plugins.base import RegexBasedDetector
-  from detect_secrets.plugins.high_entropy_strings import HighEntropyStringsPlugin
+  from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class  # pylint: disable=g-import-not-at-top  (detect-secrets: only when scrubbing)
+  from detect_secrets.plugins.base import RegexBasedDetector  # pylint: disable=g-import-not-at-top  (detect-secrets: only when scrubbing)
+  from detect_secrets.plugins.high_entropy_strings import HighEntropyStringsPlugin  # pylint: disable=g-import-not-at-top  (detect-secrets: only when scrubbing)
 
   rules = []
   for secret_type, cls in sorted(get_mapping_from_secret_type_to_class().items()):
@@ -386,8 +388,6 @@ def scrub_report(counts: collections.Counter[str], num_documents: int, num_touch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from dsjax.data import corpus
-
   parser = argparse.ArgumentParser(prog='python -m dsjax.data.scrub', description=__doc__.split('\n')[0])
   parser.add_argument('source', help="'stdlib', a directory, a .jsonl file or a text file")
   parser.add_argument('--categories', default=','.join(CATEGORIES), help='comma-separated subset of ' +

@@ -18,6 +18,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from dsjax.data import corpus
+
 # Special-token names tried in order when HFTokenizer is not told which to use (DeepSeek-Coder's first).
 DEFAULT_BOS_TOKENS = ('<｜begin▁of▁sentence｜>', '<s>', '<|begin_of_text|>', '<bos>', '<|endoftext|>')
 DEFAULT_EOS_TOKENS = ('<｜end▁of▁sentence｜>', '</s>', '<|end_of_text|>', '<eos>', '<|endoftext|>')
@@ -204,8 +206,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   argparse rather than absl flags so that importing this module defines no global flags.
   """
-  # Imported here: the tokenizer module itself does not depend on the corpus module.
-  from dsjax.data import corpus  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog='python -m dsjax.data.tokenizer', description=main.__doc__)
   p.add_argument('--source', default='stdlib', help="'stdlib', a directory, a .txt/.py or a .jsonl file")
   p.add_argument('--include_stdlib_tests', action='store_true')

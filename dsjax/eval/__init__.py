@@ -12,6 +12,13 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from dsjax import config as config_lib
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.eval import completion
+from dsjax.eval import multiple_choice
+from dsjax.eval import perplexity
+from dsjax.model import Transformer
+
 TASKS = ('perplexity', 'completion', 'mc')
 
 
@@ -26,7 +33,6 @@ def parse_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming `config.eval.*` when the `eval` section cannot run (checked before training)."""
-  from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
   if 'eval' not in cfg:
     return
   try:
@@ -43,9 +49,6 @@ def run_tasks(cfg: ml_collections.ConfigDict, params: Any, tasks: str | Sequence
               tokenizer=None, mc_file: str = '', completion_examples: int = 200, completion_lines: int = 1,
               max_new_tokens: int = 64) -> dict[str, dict[str, Any]]:
   """{task: result} for each of `tasks` on `params` of a model of `cfg.model` (data from `cfg.data`)."""
-  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.eval import completion, multiple_choice, perplexity  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
   names = parse_tasks(tasks)
   if 'mc' in names and not mc_file:
     raise ValueError("the 'mc' task needs a multiple-choice JSONL file (--mc_file / eval.mc_file)")

@@ -8,6 +8,11 @@ import os
 import sys
 from typing import Sequence
 
+from dsjax import checkpoint
+from dsjax import config as config_lib
+from dsjax import eval as eval_lib
+from dsjax.eval import multiple_choice
+
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m dsjax.eval', description=__doc__.split('\n')[0])
@@ -23,10 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--max_new_tokens', type=int, default=64, help='completion: tokens generated per function')
   args = parser.parse_args(argv)
 
-  from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top  (fast --help)
-  from dsjax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.eval import multiple_choice  # pylint: disable=g-import-not-at-top
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   try:
     tasks = eval_lib.parse_tasks(args.tasks)
     cfg = checkpoint.load_config(args.checkpoint)

@@ -28,6 +28,9 @@ import numpy as np
 from dsjax.eval import scoring
 from dsjax.model import layout
 from dsjax.sample import sampler as sampler_lib
+from dsjax.data import mixture
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.model import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +94,8 @@ def held_out_examples(data_cfg: ml_collections.ConfigDict, *, max_examples: int 
                       include_docstring: bool = True, max_per_file: int = 5) -> list[Example]:
   """Examples from the `.py` files (or any document that parses as Python) of the validation split of
   `data_cfg`, at most `max_per_file` per file (spread over the file) and `max_examples` in all."""
-  from dsjax.data import corpus  # pylint: disable=g-import-not-at-top
   examples: list[Example] = []
-  for doc in corpus.load_split(data_cfg, 'validation'):
+  for doc in mixture.load_split(data_cfg, 'validation'):
     found = extract_functions(doc.text, doc.name, target_lines=target_lines, include_docstring=include_docstring)
     if len(found) > max_per_file:
       found = [found[i] for i in np.linspace(0, len(found) - 1, max_per_file).round().astype(int)]
@@ -191,8 +193,6 @@ def evaluate_held_out(cfg: ml_collections.ConfigDict, params: Any, *, model: nn.
                       max_new_tokens: int = 64) -> dict[str, Any]:
   """`evaluate` on the held-out functions of `cfg.data`'s validation split (prompt + continuation cut to the
   trained context `cfg.data.seq_len`, keeping at least half of it for the prompt)."""
-  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizer or tokenizer_lib.from_config(cfg.data)
   model = model or Transformer(cfg.model)
   examples = held_out_examples(cfg.data, max_examples=max_examples, target_lines=target_lines)

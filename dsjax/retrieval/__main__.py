@@ -20,6 +20,15 @@ from typing import Any
 import ml_collections
 
 from dsjax.retrieval import snippets as snippets_lib
+from dsjax import checkpoint
+from dsjax import cli
+from dsjax import config as config_lib
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.model import Transformer
+from dsjax.retrieval import dense
+from dsjax.retrieval import evaluate as evaluate_lib
+from dsjax.retrieval.index import RetrievalIndex
+from dsjax.retrieval.index import build_from_source
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,9 +76,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_checkpoint(directory: str) -> tuple[Any, Any, Any, Any]:
   """(cfg, model, params, tokenizer) of a checkpoint directory."""
-  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'checkpoint {directory!r} not found')
   cfg = checkpoint.load_config(directory)
@@ -78,8 +84,6 @@ def _load_checkpoint(directory: str) -> tuple[Any, Any, Any, Any]:
 
 
 def build(args: argparse.Namespace) -> None:
-  from dsjax.retrieval import dense  # pylint: disable=g-import-not-at-top
-  from dsjax.retrieval.index import build_from_source  # pylint: disable=g-import-not-at-top
   embedder = info = None
   if args.kind != 'bm25':
     if not args.checkpoint:
@@ -100,7 +104,6 @@ def build(args: argparse.Namespace) -> None:
 
 
 def _load_index(path: str, checkpoint: str) -> Any:
-  from dsjax.retrieval.index import RetrievalIndex  # pylint: disable=g-import-not-at-top
   if checkpoint:
     _, model, params, tokenizer = _load_checkpoint(checkpoint)
     return RetrievalIndex.load(path, model=model, params=params, tokenizer=tokenizer)
@@ -116,8 +119,6 @@ def search(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-  from dsjax.retrieval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.retrieval.index import RetrievalIndex  # pylint: disable=g-import-not-at-top
   cfg, model, params, tokenizer = _load_checkpoint(args.checkpoint)
   if args.data_source:
     cfg.data.source = args.data_source
@@ -139,8 +140,6 @@ def evaluate(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   logging.getLogger('bm25s').setLevel(logging.WARNING)  # its per-call DEBUG/INFO lines
-  from dsjax import cli  # pylint: disable=g-import-not-at-top  (fast --help)
-  from dsjax import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
     {'build': build, 'search': search, 'evaluate': evaluate}[args.command](args)
   except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:

@@ -19,6 +19,8 @@ import ml_collections
 from dsjax.eval import completion
 from dsjax.retrieval import prompt as prompt_lib
 from dsjax.retrieval.index import Hit, RetrievalIndex
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.model import Transformer
 
 
 def augmented_examples(examples: Sequence[completion.Example], index: RetrievalIndex, tokenizer: Any, *, k: int,
@@ -114,8 +116,6 @@ def run(cfg: ml_collections.ConfigDict, params: Any, index: RetrievalIndex, *, m
         max_examples: int = 200, **kwargs: Any) -> dict[str, Any]:
   """`evaluate_with_retrieval` on the held-out functions of `cfg.data` (context: the trained one, as
   completion.evaluate_held_out)."""
-  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
   check_no_leakage(index, cfg.data)
   tokenizer = tokenizer or tokenizer_lib.from_config(cfg.data)
   model = model or Transformer(cfg.model)

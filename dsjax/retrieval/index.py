@@ -27,6 +27,8 @@ from dsjax.retrieval import bm25 as bm25_lib
 from dsjax.retrieval import dense as dense_lib
 from dsjax.retrieval import snippets as snippets_lib
 from dsjax.retrieval.snippets import Snippet
+from dsjax.data import corpus
+from dsjax.data import mixture
 
 FORMAT_VERSION = 1
 KINDS = ('bm25', 'dense', 'hybrid')
@@ -215,15 +217,13 @@ def build_from_source(data_cfg: Any, split: str, kind: str = 'bm25', *, embedder
   (source, include_stdlib_tests, jsonl_field, validation_fraction, dedup) names. Duplicates are dropped before
   the split, as training does, and the manifest records the source and split, so evaluation can refuse an index
   that holds its held-out documents (evaluate.check_no_leakage)."""
-  from dsjax.data import corpus  # pylint: disable=g-import-not-at-top
-  from dsjax.data import mixture  # pylint: disable=g-import-not-at-top
   if split not in ('train', 'validation', 'all'):
     raise ValueError(f"split must be 'train', 'validation' or 'all', got {split!r}")
   if split == 'all':
     prepared = [docs for _, docs in mixture.prepare(data_cfg)[0]]
     docs = prepared[0] if len(prepared) == 1 else corpus.DocumentSource.concatenate(prepared, 'the mixture')
   else:
-    docs = corpus.load_split(data_cfg, split)
+    docs = mixture.load_split(data_cfg, split)
   found = snippets_lib.corpus_snippets(docs, max_chars=max_chars, window_lines=window_lines,
                                        max_snippets=max_snippets)
   source = dict(source=data_cfg.source, split=split, validation_fraction=data_cfg.validation_fraction,

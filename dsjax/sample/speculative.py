@@ -32,6 +32,8 @@ from dsjax.model import cache as cache_lib
 from dsjax.model import layout
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample.sampler import Sampler, draw, pad_prompts, probs_for, row_keys
+from dsjax import checkpoint
+from dsjax.model import Transformer
 
 _DRAFT_STREAM, _ACCEPT_STREAM, _DRAW_STREAM = 1, 2, 3
 Settings = dict[str, Any]  # temperature / top_k / top_p: [B] arrays; vocab_limit: static int or None
@@ -370,8 +372,6 @@ def make_drafter(draft: str, target_cfg: Any, *, max_len: int, gamma: int) -> Dr
     raise ValueError(f'gamma={gamma}: need at least 1')
   if draft == 'lookup':
     return PromptLookupDrafter()
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
-  from dsjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(draft):
     raise FileNotFoundError(f'draft model checkpoint not found: {draft} (or use "lookup")')
   cfg = checkpoint.load_config(draft)

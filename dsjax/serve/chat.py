@@ -22,8 +22,8 @@ class ChatFormatter:
     self.template = None
     if chat_template:
       try:
-        import jinja2  # pylint: disable=g-import-not-at-top
-        from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+        import jinja2  # pylint: disable=g-import-not-at-top  (optional: chat templates only)
+        from jinja2 import sandbox  # pylint: disable=g-import-not-at-top  (optional: chat templates only)
         env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals['raise_exception'] = _raise_template_error
         self.template = env.from_string(chat_template)

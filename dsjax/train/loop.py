@@ -27,7 +27,7 @@ from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax.sample import sampler
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import flops as flops_lib
 from dsjax.train import metrics as metrics_lib
 from dsjax.train import optimizer as optimizer_lib

@@ -65,7 +65,7 @@ class MetricsLogger:
     self._jsonl = JsonlWriter(workdir if enabled else '')
     self._tb = None
     if enabled and workdir and tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
+      import tensorboardX  # pylint: disable=g-import-not-at-top  (optional: event files only when asked)
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, split: str, record: Mapping[str, Any]) -> None:

@@ -6,6 +6,7 @@ import sysconfig
 import pytest
 
 from dsjax.data import corpus
+from dsjax.data import mixture
 from tests.data.conftest import make_data_cfg
 
 
@@ -61,7 +62,7 @@ def test_split_is_disjoint_complete_and_matches_the_hash(corpus_dir, fraction):
 def test_load_split_reads_the_config(jsonl_file):
   path, expected = jsonl_file
   cfg = make_data_cfg(source=path, validation_fraction=0.5)
-  val = corpus.load_split(cfg, 'validation')
+  val = mixture.load_split(cfg, 'validation')
   assert val.names == [n for n in expected if oracle_is_validation(n, 0.5)]
 
 

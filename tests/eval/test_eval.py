@@ -16,7 +16,7 @@ from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.eval import __main__ as eval_main
 from dsjax.eval import completion, multiple_choice, perplexity
 from dsjax.model import Transformer
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

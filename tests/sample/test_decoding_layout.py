@@ -13,7 +13,7 @@ from dsjax.model import cache as cache_lib
 from dsjax.model import layout
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample import speculative
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from tests.lazy import torch, transformers  # imported on first use (the `hf` extra)
 from tests.model import helpers
 from tests.test_quant import with_quant

@@ -83,7 +83,7 @@ def test_sampler_on_tensor_parallel_params_matches_one_device():
   """Params sharded over a (data 2, fsdp 2, tensor 2) mesh by the logical-axis rules: same greedy tokens, and
   top-p sampling with the same per-row keys draws the same tokens."""
   from dsjax import sharding as sharding_lib
-  from dsjax.train import checkpoint
+  from dsjax import checkpoint
   model, params = tiny_model('sparse')
   mesh_cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py')).mesh
   mesh_cfg.unlock()

@@ -3,7 +3,7 @@ import json
 import os
 
 from dsjax import config as config_lib
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -15,7 +15,7 @@ from dsjax import config as config_lib
 from dsjax import distill
 from dsjax import sharding as sharding_lib
 from dsjax.model import Transformer
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib

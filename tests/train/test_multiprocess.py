@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from dsjax import distributed
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

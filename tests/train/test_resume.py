@@ -16,7 +16,7 @@ from dsjax import sharding as sharding_lib
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import state as state_lib
 from dsjax.train import train_checkpoint

@@ -12,6 +12,7 @@ import pytest
 
 from dsjax import config as config_lib
 from dsjax.data import corpus
+from dsjax.data import mixture
 from dsjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,7 +53,7 @@ def byte_unigram_nats(cfg, eval_batches):
   on the targets of the eval batches. Counts raw UTF-8 bytes of the train split plus one bos and eos per
   document (ids 257/258 of the byte tokenizer) -- independent of the pipeline under test."""
   counts = np.zeros(259, np.int64)
-  for i, doc in enumerate(corpus.load_split(cfg.data, 'train')):
+  for i, doc in enumerate(mixture.load_split(cfg.data, 'train')):
     counts[:256] += np.bincount(np.frombuffer(doc.text.encode('utf-8'), np.uint8), minlength=256)
     counts[257] += 1
     counts[258] += 1
@@ -96,7 +97,7 @@ def test_short_run_beats_the_unigram_baseline(tmp_path):
     assert abs(logged[step] - loss) <= 1e-6 * abs(loss)
   assert len(summary['samples']) == 1 and isinstance(summary['samples'][0], str)
   # The final model is saved as a checkpoint that loads back bit for bit.
-  from dsjax.train import checkpoint
+  from dsjax import checkpoint
   restored = checkpoint.load_params(summary['checkpoint'], checkpoint.load_config(summary['checkpoint']).model)
   for a, b in zip(jax.tree_util.tree_leaves(summary['params']), jax.tree_util.tree_leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

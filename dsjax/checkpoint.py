@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from configs import base
+
 from dsjax import config as config_lib
 from dsjax import sharding as sharding_lib
+from dsjax.model import Transformer
 
 CONFIG_JSON = 'config.json'
 PARAMS_DIR = 'params'
@@ -31,7 +34,7 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 _CONFIG_PY = '''"""The dsjax config of the checkpoint in this directory: python train.py --config=<this file>."""
 import os
 
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 
 def get_config():
@@ -63,7 +66,6 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     saved = _tuples(json.load(f))
   # Saved values over today's defaults: a checkpoint written before a config field existed still loads.
-  from configs import base  # pylint: disable=g-import-not-at-top
   cfg = base.get_config()
   _merge(cfg, saved)
   if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
@@ -75,7 +77,6 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
 
 def abstract_params(model_cfg: ml_collections.ConfigDict) -> Any:
   """Boxed ShapeDtypeStructs of the model's parameters (nothing allocated)."""
-  from dsjax.model import Transformer  # the model imports nothing from here; keep import cycles impossible
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda t: Transformer(model_cfg).init(jax.random.key(0), t, t), tokens)['params']
 
