@@ -121,6 +121,73 @@ def test_lone_surrogates_are_a_400_naming_the_field(default_client, path, body, 
   assert_serving(default_client)
 
 
+# ---- request bodies (pydantic models) ----
+
+BODIES = {'/v1/completions': dict(model='tiny', prompt='hello world', max_tokens=3),
+          '/v1/chat/completions': dict(model='tiny', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=3)}
+
+
+@pytest.mark.parametrize('path, field, value, param, message', [
+    ('/v1/completions', 'max_tokens', 'ten', 'max_tokens', 'max_tokens: Input should be a valid integer'),
+    ('/v1/completions', 'max_tokens', 2.5, 'max_tokens', 'max_tokens: Input should be a valid integer'),
+    ('/v1/completions', 'temperature', 'hot', 'temperature', 'temperature: Input should be a valid number'),
+    ('/v1/completions', 'temperature', True, 'temperature', 'temperature: Input should be a valid number'),
+    ('/v1/completions', 'temperature', -1, 'temperature', 'temperature: Input should be greater than or equal to 0'),
+    ('/v1/completions', 'top_k', -1, 'top_k', 'top_k: Input should be greater than or equal to 0'),
+    ('/v1/completions', 'stream', 'maybe', 'stream', 'stream: Input should be a valid boolean'),
+    ('/v1/completions', 'seed', '7', 'seed', 'seed: Input should be a valid integer'),
+    ('/v1/completions', 'n', 3, 'n', 'n: Input should be 1'),
+    ('/v1/completions', 'logprobs', 5, 'logprobs', 'logprobs: not supported by this server'),
+    ('/v1/completions', 'prompt', [[1, 2], [3]], 'prompt',
+     'prompt: Input should be a string or a list of token ids (one prompt per request)'),
+    ('/v1/completions', 'stop', ['a', ''], 'stop', 'stop[1]: String should have at least 1 character'),
+    ('/v1/completions', 'max_completion_tokens', 0, 'max_completion_tokens',
+     'max_completion_tokens: Input should be greater than or equal to 1'),
+    ('/v1/chat/completions', 'messages', 'hi', 'messages', 'messages: Input should be a valid list'),
+    ('/v1/chat/completions', 'messages', [{'role': 'user', 'content': 7}], 'messages',
+     'messages[0].content: Input should be a string or a list of text parts'),
+    ('/v1/chat/completions', 'messages', [{'role': 'tool', 'content': 'x'}], 'messages',
+     "messages[0].role: Input should be 'system', 'developer', 'user' or 'assistant'"),
+    ('/v1/chat/completions', 'stream_options', {'include_usage': 'yes'}, 'stream_options.include_usage',
+     'stream_options.include_usage: Input should be a valid boolean'),
+])
+def test_a_wrong_type_or_value_is_a_400_naming_the_field(default_client, path, field, value, param, message):
+  body = {k: v for k, v in BODIES[path].items() if k != 'max_tokens' or field != 'max_completion_tokens'}
+  error = assert_openai_error(post(default_client, path, {**body, field: value}), 400, param=param)
+  assert error['message'] == message and error['type'] == 'invalid_request_error'
+
+
+@pytest.mark.parametrize('path', sorted(BODIES))
+def test_an_unknown_model_is_a_404_and_a_missing_one_a_400(default_client, path):
+  error = assert_openai_error(post(default_client, path, {**BODIES[path], 'model': 'no-such-model'}), 404,
+                              param='model', code='model_not_found')
+  assert error['type'] == 'invalid_request_error' and "'no-such-model' does not exist" in error['message']
+  missing = {k: v for k, v in BODIES[path].items() if k != 'model'}
+  error = assert_openai_error(post(default_client, path, missing), 400, param='model')
+  assert error['message'] == 'model: Field required'
+
+
+@pytest.mark.parametrize('path', sorted(BODIES))
+def test_unknown_fields_are_ignored_and_nulls_are_defaults(default_client, path):
+  plain = post(default_client, path, {**BODIES[path], 'temperature': 0})
+  extra = dict(user='u1', frequency_penalty=0.5, no_such_field={'a': [1]}, metadata=None, top_p=None, stop=None,
+               stream=None, logprobs=False)
+  response = post(default_client, path, {**BODIES[path], 'temperature': 0, **extra})
+  assert plain.status_code == 200 and response.status_code == 200, response.text
+  assert response.json()['choices'] == plain.json()['choices']
+
+
+def test_max_completion_tokens_is_max_tokens_and_content_parts_are_joined(default_client):
+  body = {k: v for k, v in BODIES['/v1/completions'].items() if k != 'max_tokens'}
+  response = post(default_client, '/v1/completions', {**body, 'max_completion_tokens': 2, 'temperature': 0})
+  assert response.json()['usage']['completion_tokens'] == 2  # greedy 'hello world' has no EOS early (test_serve)
+  chat = dict(BODIES['/v1/chat/completions'], temperature=0)
+  parts = [{'type': 'text', 'text': 'h'}, {'type': 'text', 'text': 'i'}]
+  joined = post(default_client, '/v1/chat/completions', dict(chat, messages=[{'role': 'user', 'content': parts}]))
+  assert joined.status_code == 200 and joined.json() | {'id': 0, 'created': 0} == (
+      post(default_client, '/v1/chat/completions', chat).json() | {'id': 0, 'created': 0})
+
+
 # ---- limits ----
 
 @pytest.mark.parametrize('path, body, status, param, code', [

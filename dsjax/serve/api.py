@@ -3,6 +3,8 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
 GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_tokens; n must be 1.
+Request bodies are the pydantic models CompletionRequest and ChatRequest: unknown fields are ignored (as OpenAI
+does), a wrong type or value is a 400 naming the field, another model's name a 404 (code model_not_found).
 Retrieval (an extension of /v1/completions): `"retrieval": {"index": NAME, "k": INT}` prepends the index's top k
 snippets for the prompt's last lines (dsjax/retrieval); usage.prompt_tokens counts the augmented prompt.
 `create_app` builds the app around an existing engine (serve.py, tests, bench/serve.py).
@@ -16,25 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
-import math
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal, Mapping, Sequence
 
 import fastapi
 from fastapi import responses
+import pydantic
+from pydantic import Field
+import pydantic_core
 from starlette import datastructures as starlette_datastructures
 from starlette import exceptions as starlette_exceptions
 
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.chat import ChatFormatter
 from dsjax.serve import limits as limits_lib
-from dsjax.serve.errors import APIError, error_response
+from dsjax.serve.errors import APIError, error_response, validation_error
 from dsjax.serve.safety import OutputFilter, SafetyConfig
 
 if TYPE_CHECKING:
@@ -47,72 +50,99 @@ DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks whether its 
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}')  # a client's X-Request-Id we echo (anything else: a new id)
 log = logging.getLogger('dsjax.serve')
 
-@dataclasses.dataclass
-class Params:
-  """The validated sampling settings of one request."""
-  max_tokens: int | None
-  temperature: float
-  top_p: float
-  top_k: int
-  seed: int
-  stop: list[str]
-  stream: bool
-  include_usage: bool
+# ---- request bodies ----
+
+def _one_message(message: str) -> pydantic.WrapValidator:
+  """Replaces the errors of a union (pydantic reports each member's) by one message."""
+  def validate(value: Any, handler: Any) -> Any:
+    try:
+      return handler(value)
+    except pydantic.ValidationError:
+      raise pydantic_core.PydanticCustomError('invalid_type', message) from None
+  return pydantic.WrapValidator(validate)
 
 
-def _number(body: dict, name: str, default: Any, kind: type, ok, rule: str) -> Any:
-  """body[name] as an int or float (default when absent or null); APIError(400) naming it for a wrong type, a value
-  outside float range (JSON allows 1e999 and 10**400), or one that `ok` rejects."""
-  value = body.get(name)
-  if value is None:
-    return default
-  wanted = 'an integer' if kind is int else 'a finite number'
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise APIError(400, f'{name} must be {wanted}, got {value!r}', param=name)
-  if isinstance(value, float) and not math.isfinite(value):
-    raise APIError(400, f'{name} must be {wanted}, got {value!r}', param=name)
-  if kind is int and isinstance(value, float) and not value.is_integer():
-    raise APIError(400, f'{name} must be {wanted}, got {value!r}', param=name)
-  try:
-    value = kind(value)
-  except OverflowError:  # an int past float range, for a float field
-    raise APIError(400, f'{name} must be {wanted} in float range', param=name) from None
-  if not ok(value):
-    raise APIError(400, f'{name} must be {rule}, got {value!r}', param=name)
+def _unsupported(value: Any) -> Any:
+  if value not in (None, False):
+    raise pydantic_core.PydanticCustomError('unsupported', 'not supported by this server')
   return value
 
 
-def parse_params(body: dict, default_max_tokens: int | None,
-                 limits: limits_lib.Limits = limits_lib.Limits()) -> Params:
-  """Common fields of both endpoints; APIError(400) for a bad or unsupported value."""
-  _number(body, 'n', 1, int, lambda v: v == 1, '1 (one choice per request is supported)')
-  _number(body, 'best_of', 1, int, lambda v: v == 1, '1 (one choice per request is supported)')
-  for name in ('logprobs', 'top_logprobs', 'echo', 'suffix', 'tools', 'functions'):
-    if body.get(name) not in (None, False):
-      raise APIError(400, f'{name} is not supported by this server', param=name)
-  stop = body.get('stop')
-  stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-  if not isinstance(stop, list) or len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
-    raise APIError(400, f'stop must be a non-empty string or a list of up to {limits.max_stop} of them (max_stop)',
-                   param='stop')
-  if any(len(s) > limits.max_stop_chars for s in stop):
-    raise APIError(400, f'each stop string may have up to {limits.max_stop_chars} characters (max_stop_chars)',
-                   param='stop')
-  stream = body.get('stream', False)
-  if not isinstance(stream, bool) and stream is not None:
-    raise APIError(400, 'stream must be a boolean', param='stream')
-  options = body.get('stream_options') or {}
-  if not isinstance(options, dict):
-    raise APIError(400, 'stream_options must be an object', param='stream_options')
-  max_tokens_field = 'max_tokens' if body.get('max_tokens') is not None else 'max_completion_tokens'
-  return Params(
-      max_tokens=_number(body, max_tokens_field, default_max_tokens, int, lambda v: v >= 1, '>= 1'),
-      temperature=_number(body, 'temperature', 1.0, float, lambda v: v >= 0, '>= 0'),
-      top_p=_number(body, 'top_p', 1.0, float, lambda v: 0 < v <= 1, 'in (0, 1]'),
-      top_k=_number(body, 'top_k', 0, int, lambda v: v >= 0, '>= 0'),
-      seed=_number(body, 'seed', None, int, lambda v: True, 'an integer') % 2**31 if body.get('seed') is not None
-      else secrets.randbits(31),
-      stop=stop, stream=bool(stream), include_usage=bool(options.get('include_usage')))
+_MAX_TOKENS = pydantic.AliasChoices('max_tokens', 'max_completion_tokens')  # the first one present
+_Unsupported = Annotated[Any, pydantic.AfterValidator(_unsupported)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # below the vocabulary: checked later
+
+
+class _Body(pydantic.BaseModel):
+  """JSON as sent (strict: "5" is not a number, 1 is not true); unknown fields are ignored, as OpenAI does, and a
+  null is an absent field."""
+  model_config = pydantic.ConfigDict(strict=True, extra='ignore')
+
+  @pydantic.model_validator(mode='before')
+  @classmethod
+  def _drop_nulls(cls, data: Any) -> Any:
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Body):
+  include_usage: bool = False
+
+
+class RequestBody(_Body):
+  """The fields both endpoints share. Sampling: temperature, top_p, top_k (an extension, 0: off), seed (taken modulo
+  2**31; absent: a random one), stop strings, max_tokens (or max_completion_tokens); one choice per request."""
+  model: str = Field(min_length=1)
+  max_tokens: int | None = Field(None, ge=1, validation_alias=_MAX_TOKENS)  # None: up to the context
+  temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+  top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+  top_k: int = Field(0, ge=0)
+  seed: Annotated[int, pydantic.AfterValidator(lambda seed: seed % 2**31)] = Field(
+      default_factory=lambda: secrets.randbits(31))
+  stop: Annotated[list[Annotated[str, Field(min_length=1)]],  # count and length: limits.max_stop(_chars)
+                  pydantic.BeforeValidator(lambda stop: [stop] if isinstance(stop, str) else stop)] = []
+  stream: bool = False
+  stream_options: StreamOptions = StreamOptions()
+  n: Literal[1] = 1
+  best_of: Literal[1] = 1
+  logprobs: _Unsupported = None
+  top_logprobs: _Unsupported = None
+  echo: _Unsupported = None
+  suffix: _Unsupported = None
+  tools: _Unsupported = None
+  functions: _Unsupported = None
+
+
+class Retrieval(_Body):
+  """The `retrieval` extension of /v1/completions; the index name is checked against the server's indexes."""
+  model_config = pydantic.ConfigDict(extra='forbid')
+  index: str | None = None
+  k: int = Field(DEFAULT_RETRIEVAL_K, ge=1, le=MAX_RETRIEVAL_K)
+
+
+class CompletionRequest(RequestBody):
+  prompt: Annotated[str | _TokenIds,
+                    _one_message('Input should be a string or a list of token ids (one prompt per request)'),
+                    pydantic.BeforeValidator(lambda p: p[0] if isinstance(p, list) and len(p) == 1
+                                             and isinstance(p[0], (str, list)) else p)]  # a batch of one
+  max_tokens: int = Field(DEFAULT_COMPLETION_TOKENS, ge=1, validation_alias=_MAX_TOKENS)
+  retrieval: Retrieval | None = None
+
+
+class TextPart(_Body):
+  type: Literal['text']
+  text: str
+
+
+class Message(_Body):
+  role: Literal['system', 'developer', 'user', 'assistant']
+  content: Annotated[str | list[TextPart], _one_message('Input should be a string or a list of text parts')]
+
+  def text(self) -> str:
+    return self.content if isinstance(self.content, str) else ''.join(part.text for part in self.content)
+
+
+class ChatRequest(RequestBody):
+  messages: list[Message] = Field(min_length=1)
 
 
 class TextStream:
@@ -228,32 +258,40 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
 
   api.add_middleware(_Gate, api_key=api_key)
 
-  async def read_body(request: fastapi.Request) -> dict:
+  async def read_body(request: fastapi.Request, schema: type[RequestBody]) -> Any:
+    """The body as `schema`: 4xx naming the field past the limits or for what the schema refuses, 404 for another
+    model."""
     body = limits_lib.parse_json(await limits_lib.read_body(request, limits), limits)
     if not isinstance(body, dict):
       raise APIError(400, 'the request body must be a JSON object')
-    model = body.get('model')
-    if not isinstance(model, str) or not model:
-      raise APIError(400, 'model is required (a string)', param='model')
-    if model != model_name:
-      raise APIError(404, f'the model {model!r} does not exist; this server serves {model_name!r}', param='model',
-                     code='model_not_found')
-    return body
+    try:
+      params = schema.model_validate(body)
+    except pydantic.ValidationError as e:
+      raise validation_error(e) from None
+    if params.model != model_name:
+      raise APIError(404, f'the model {params.model!r} does not exist; this server serves {model_name!r}',
+                     param='model', code='model_not_found')
+    if len(params.stop) > limits.max_stop:
+      raise APIError(400, f'stop may hold up to {limits.max_stop} strings (max_stop)', param='stop')
+    if any(len(s) > limits.max_stop_chars for s in params.stop):
+      raise APIError(400, f'each stop string may have up to {limits.max_stop_chars} characters (max_stop_chars)',
+                     param='stop')
+    return params
 
-  def check_length(prompt_len: int, params: Params) -> None:
+  def check_length(prompt_len: int, params: RequestBody) -> None:
+    field = 'messages' if isinstance(params, ChatRequest) else 'prompt'
     if limits.max_prompt_tokens and prompt_len > limits.prompt_tokens(max_len):
       raise APIError(400, f'the prompt is {prompt_len} tokens; this server takes up to {limits.prompt_tokens(max_len)} '
-                     '(max_prompt_tokens)', param='messages' if params.max_tokens is None else 'prompt',
-                     code='context_length_exceeded')
+                     '(max_prompt_tokens)', param=field, code='context_length_exceeded')
     if prompt_len >= max_len:
       raise APIError(400, f'the prompt is {prompt_len} tokens; this model\'s maximum context length is {max_len}',
-                     param='messages' if params.max_tokens is None else 'prompt', code='context_length_exceeded')
+                     param=field, code='context_length_exceeded')
     if params.max_tokens is not None and prompt_len + params.max_tokens > max_len:
       raise APIError(400, f'this model\'s maximum context length is {max_len} tokens; you requested '
                      f'{prompt_len + params.max_tokens} ({prompt_len} in the prompt, {params.max_tokens} for the '
                      'completion)', param='max_tokens', code='context_length_exceeded')
 
-  def submit(prompt: list[int], params: Params, on_token) -> engine_lib.Request:
+  def submit(prompt: list[int], params: RequestBody, on_token) -> engine_lib.Request:
     try:
       return engine.submit(prompt, params.max_tokens or max_len - len(prompt), temperature=params.temperature,
                            top_k=params.top_k, top_p=params.top_p, stop_ids=[tokenizer.eos_id], seed=params.seed,
@@ -265,7 +303,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     except ValueError as e:
       raise APIError(400, str(e)) from None
 
-  async def run(http_request: fastapi.Request, prompt: list[int], params: Params, kind: str) -> Any:
+  async def run(http_request: fastapi.Request, prompt: list[int], params: RequestBody, kind: str) -> Any:
     """Submits and answers: a JSON response, or an SSE stream of chunks in `kind`'s shape."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[int | None] = asyncio.Queue()
@@ -362,7 +400,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
       else:
         choice = dict(index=0, text=piece or '', logprobs=None, finish_reason=reason)
       data = {**base, 'object': chunk_object, 'choices': [choice]}
-      if params.include_usage:
+      if params.stream_options.include_usage:
         data['usage'] = None
       return f'data: {json.dumps(data)}\n\n'
 
@@ -381,7 +419,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
           yield f'data: {json.dumps({"error": data})}\n\n'
         else:
           yield chunk(None, finish_reason())
-          if params.include_usage:
+          if params.stream_options.include_usage:
             yield f'data: {json.dumps({**base, "object": chunk_object, "choices": [], "usage": usage()})}\n\n'
         yield 'data: [DONE]\n\n'
       finally:
@@ -392,74 +430,50 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     return responses.StreamingResponse(sse(), media_type='text/event-stream',
                                        headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
 
-  async def retrieve(prompt: str, spec: Any, params: Params) -> str:
-    """`prompt` with the snippets that `spec` ({"index": NAME, "k": INT}) asks for prepended, as many as leave
-    room for max_tokens in the context; searched off the event loop (a dense index runs the model)."""
+  async def retrieve(prompt: str, spec: Retrieval, params: CompletionRequest) -> str:
+    """`prompt` with the snippets that `spec` asks for prepended, as many as leave room for max_tokens in the
+    context; searched off the event loop (a dense index runs the model)."""
     from dsjax.retrieval import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
-    if not isinstance(spec, dict) or set(spec) - {'index', 'k'}:
-      raise APIError(400, 'retrieval must be an object {"index": NAME, "k": INT}', param='retrieval')
-    name = spec.get('index')
-    if not isinstance(name, str) or name not in indexes:
+    if spec.index not in indexes:
       available = ', '.join(sorted(indexes)) or 'none (start the server with --retrieval_index=NAME=DIR)'
-      raise APIError(400, f'unknown retrieval index {name!r}; available: {available}', param='retrieval.index',
+      raise APIError(400, f'unknown retrieval index {spec.index!r}; available: {available}', param='retrieval.index',
                      code='index_not_found')
-    k = spec.get('k', DEFAULT_RETRIEVAL_K)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RETRIEVAL_K:
-      raise APIError(400, f'retrieval.k must be an integer in [1, {MAX_RETRIEVAL_K}], got {k!r}', param='retrieval.k')
-    budget = max_len - (params.max_tokens or DEFAULT_COMPLETION_TOKENS)
+    budget = max_len - params.max_tokens
 
     def search_and_augment() -> str:
-      hits = indexes[name].search(prompt_lib.build_query(prompt), k)
+      hits = indexes[spec.index].search(prompt_lib.build_query(prompt), spec.k)
       return prompt_lib.fit_augmented(prompt, hits, tokenizer, budget, max_chars=MAX_RETRIEVED_CHARS)
 
     return await asyncio.to_thread(search_and_augment)
 
   @api.post('/v1/completions')
   async def completions(request: fastapi.Request):
-    body = await read_body(request)
-    params = parse_params(body, DEFAULT_COMPLETION_TOKENS, limits)
-    prompt = body.get('prompt')
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-      prompt = prompt[0]  # a batch of one
+    params = await read_body(request, CompletionRequest)
+    prompt = params.prompt
     if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
       raise APIError(400, f'the prompt has {len(prompt)} characters; this server takes up to '
                      f'{limits.max_prompt_chars} (max_prompt_chars)', param='prompt', code='prompt_too_long')
-    if body.get('retrieval') is not None and isinstance(prompt, str):
-      prompt = await retrieve(prompt, body['retrieval'], params)
-    elif body.get('retrieval') is not None and isinstance(prompt, list):
+    if params.retrieval is not None and not isinstance(prompt, str):
       raise APIError(400, 'retrieval needs a text prompt, not token ids', param='retrieval')
+    if params.retrieval is not None:
+      prompt = await retrieve(prompt, params.retrieval, params)
     if isinstance(prompt, str):
       ids = [tokenizer.bos_id] + [int(t) for t in tokenizer.encode(prompt)]
-    elif (isinstance(prompt, list) and prompt and
-          all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size for t in prompt)):
-      ids = list(prompt)  # token ids, used as given
+    elif max(prompt) >= tokenizer.vocab_size:
+      raise APIError(400, f'prompt: token ids must be below the vocabulary size, {tokenizer.vocab_size}',
+                     param='prompt')
     else:
-      raise APIError(400, 'prompt must be a string, or a list of token ids (one prompt per request)', param='prompt')
+      ids = prompt  # token ids, used as given
     check_length(len(ids), params)
     return await run(request, ids, params, 'completion')
 
   @api.post('/v1/chat/completions')
   async def chat_completions(request: fastapi.Request):
-    body = await read_body(request)
-    params = parse_params(body, None, limits)
-    messages = body.get('messages')
-    if not isinstance(messages, list) or not messages:
-      raise APIError(400, 'messages must be a non-empty list', param='messages')
-    if len(messages) > limits.max_messages:
-      raise APIError(400, f'{len(messages)} messages; this server takes up to {limits.max_messages} (max_messages)',
-                     param='messages', code='too_many_messages')
-    for m in messages:
-      if not isinstance(m, dict) or m.get('role') not in ('system', 'developer', 'user', 'assistant'):
-        raise APIError(400, 'each message needs a role of system, developer, user or assistant', param='messages')
-      if isinstance(m.get('content'), list):  # content parts: text only
-        parts = m['content']
-        if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str) for p in parts):
-          raise APIError(400, 'only text content parts are supported', param='messages')
-        m['content'] = ''.join(p['text'] for p in parts)
-      if not isinstance(m.get('content'), str):
-        raise APIError(400, 'each message needs a string content', param='messages')
-    messages = [dict(role='system' if m['role'] == 'developer' else m['role'], content=m['content'])
-                for m in messages]
+    params = await read_body(request, ChatRequest)
+    if len(params.messages) > limits.max_messages:
+      raise APIError(400, f'{len(params.messages)} messages; this server takes up to {limits.max_messages} '
+                     '(max_messages)', param='messages', code='too_many_messages')
+    messages = [dict(role='system' if m.role == 'developer' else m.role, content=m.text()) for m in params.messages]
     chars = sum(len(m['content']) for m in messages)
     if chars > limits.max_prompt_chars:
       raise APIError(400, f'the messages have {chars} characters; this server takes up to {limits.max_prompt_chars} '

@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from fastapi import responses
+import pydantic
 
 
 class APIError(Exception):
@@ -26,3 +27,18 @@ class ASCIIJSONResponse(responses.JSONResponse):
 def error_response(status: int, message: str, type: str = 'invalid_request_error', param: str | None = None,
                    code: str | None = None) -> responses.JSONResponse:
   return ASCIIJSONResponse({'error': dict(message=message, type=type, param=param, code=code)}, status)
+
+
+def validation_error(e: pydantic.ValidationError) -> APIError:
+  """pydantic's first error as a 400 naming the field: the message has its path and pydantic's text
+  (`messages[0].role: Input should be 'system', ...`); the param is the field up to its first list index
+  (`messages`), or for a key the object does not take, that object (`retrieval`)."""
+  error = e.errors(include_url=False)[0]
+  path = ''.join(f'[{k}]' if isinstance(k, int) else f'.{k}' for k in error['loc']).lstrip('.')
+  field = error['loc'][:-1] if error['type'] == 'extra_forbidden' else error['loc']
+  named = []
+  for k in field:
+    if not isinstance(k, str):
+      break
+    named.append(k)
+  return APIError(400, f'{path}: {error["msg"]}' if path else error['msg'], param='.'.join(named) or None)
