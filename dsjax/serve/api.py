@@ -34,6 +34,7 @@ import pydantic_core
 from starlette import datastructures as starlette_datastructures
 from starlette import exceptions as starlette_exceptions
 
+from dsjax.retrieval import prompt as prompt_lib
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.chat import ChatFormatter
 from dsjax.serve import limits as limits_lib
@@ -433,7 +434,6 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
   async def retrieve(prompt: str, spec: Retrieval, params: CompletionRequest) -> str:
     """`prompt` with the snippets that `spec` asks for prepended, as many as leave room for max_tokens in the
     context; searched off the event loop (a dense index runs the model)."""
-    from dsjax.retrieval import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
     if spec.index not in indexes:
       available = ', '.join(sorted(indexes)) or 'none (start the server with --retrieval_index=NAME=DIR)'
       raise APIError(400, f'unknown retrieval index {spec.index!r}; available: {available}', param='retrieval.index',
