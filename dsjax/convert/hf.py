@@ -4,11 +4,12 @@
   python -m dsjax.convert.hf export <dsjax_dir> <hf_dir> [--dtype=bfloat16] [--max_shard_size=5GB]
 
 Import reads `config.json`, the safetensors weights (one file or shards listed in `model.safetensors.index.json`)
-and the tokenizer files, and writes a dsjax checkpoint (dsjax.train.checkpoint) that `train.py` and the sampler
+and the tokenizer files, and writes a dsjax checkpoint (dsjax.checkpoint) that `train.py` and the sampler
 load directly. Tensors are read one at a time (memory-mapped by safetensors) into one stacked [layers, ...] buffer
 per parameter, which is then placed on the mesh shard by shard and dropped, so host memory never holds a second
 copy of the model. Export streams the other way, one output shard at a time, and writes a directory that
-`transformers.AutoModelForCausalLM.from_pretrained` loads.
+`transformers.AutoModelForCausalLM.from_pretrained` loads; a checkpoint with dsjax's byte-level tokenizer gets a
+tokenizer.json with the same ids (`byte_tokenizer`) for `transformers.AutoTokenizer`.
 
 The tensor mapping is hand-written: it is the contract between two parameter layouts, which no library knows.
 """
@@ -23,16 +24,20 @@ import shutil
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+from flax import linen as nn
 import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from dsjax import config as config_lib
+from dsjax import files as files_lib
 from dsjax import sharding as sharding_lib
-from dsjax.train import checkpoint
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax import checkpoint
 
 SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM',)
 SUPPORTED_MODEL_TYPES = ('llama',)
@@ -265,7 +270,6 @@ def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, p
 
 def _dsjax_shapes(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Per-layer shape of every parameter (without the leading layer axis), from the model's abstract init."""
-  from flax import linen as nn
   flat = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(checkpoint.abstract_params(m)))
   shapes = {}
   for path, leaf in flat:
@@ -308,6 +312,8 @@ def import_hf(hf_dir: str, out_dir: str, *, base_config: str | None = None, para
   if os.path.isfile(os.path.join(hf_dir, 'tokenizer.json')):
     cfg.data.tokenizer = os.path.join(hf_dir, 'tokenizer.json')
     _set_special_tokens(cfg, hf, os.path.join(hf_dir, 'tokenizer.json'))
+  else:
+    print(_byte_tokenizer_note(hf_dir), file=sys.stderr)
 
   mesh = sharding_lib.make_mesh(cfg.mesh)
   shardings = sharding_lib.param_shardings(checkpoint.abstract_params(cfg.model), mesh, cfg.mesh)
@@ -325,9 +331,19 @@ def import_hf(hf_dir: str, out_dir: str, *, base_config: str | None = None, para
   return checkpoint.load_config(out_dir)
 
 
+def _byte_tokenizer_note(hf_dir: str) -> str:
+  """What importing a directory without tokenizer.json means (one line, printed by import_hf)."""
+  sentencepiece = os.path.isfile(os.path.join(hf_dir, 'tokenizer.model'))
+  hint = (' (its tokenizer.model is a SentencePiece file, which dsjax does not read: write a tokenizer.json with '
+          'transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir))' if sentencepiece else '')
+  return (f'note: {hf_dir} has no tokenizer.json, so the checkpoint uses dsjax\'s byte-level tokenizer (data.tokenizer='
+          "'byte'): text is encoded as its UTF-8 bytes, ids 0-255, with pad/bos/eos/fill-in-the-middle ids 256-261. "
+          'That fits a model trained on bytes; a model with its own vocabulary needs its tokenizer.json in the '
+          f'directory (import again){hint}.')
+
+
 def _set_special_tokens(cfg: ml_collections.ConfigDict, hf: dict[str, Any], tokenizer_path: str) -> None:
   """Names the tokenizer's bos/eos/pad tokens after the ids config.json gives (pad falls back to eos)."""
-  import tokenizers
   tok = tokenizers.Tokenizer.from_file(tokenizer_path)
   for role in ('bos', 'eos', 'pad'):
     token_id = hf.get(f'{role}_token_id')
@@ -399,17 +415,82 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, max_shard
       assert name == expected_name, (name, expected_name)
       batch[name] = value
       weight_map[name] = file
-    save_file(batch, os.path.join(hf_dir, file), metadata={'format': 'pt'})
+    files_lib.save_safetensors(batch, os.path.join(hf_dir, file), metadata={'format': 'pt'})
     del batch
   if len(files) > 1:
     with open(os.path.join(hf_dir, INDEX_FILE), 'w') as f:
       json.dump({'metadata': {'total_size': int(sum(sizes.values()))}, 'weight_map': weight_map}, f, indent=2)
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
     json.dump(hf_config, f, indent=2)
-  for name in checkpoint.TOKENIZER_FILES:
-    source = os.path.join(os.path.abspath(ckpt_dir), name)
-    if os.path.isfile(source):
-      shutil.copyfile(source, os.path.join(hf_dir, name))
+  if cfg.data.tokenizer != 'byte':
+    for name in checkpoint.TOKENIZER_FILES:
+      source = os.path.join(os.path.abspath(ckpt_dir), name)
+      if os.path.isfile(source):
+        shutil.copyfile(source, os.path.join(hf_dir, name))
+  elif reason := _byte_tokenizer_mismatch(cfg.model, ckpt_dir):
+    print(f'note: no tokenizer files written to {hf_dir}: {reason}', file=sys.stderr)
+  else:
+    write_byte_tokenizer(hf_dir, cfg.model.max_positions)
+
+
+# Names of dsjax's byte-level special tokens in the exported tokenizer (those dsjax looks for first on import).
+BYTE_SPECIAL_TOKENS = {'pad': '<pad>', 'bos': '<s>', 'eos': '</s>'}
+
+
+def _byte_alphabet() -> list[str]:
+  """The character the ByteLevel pre-tokenizer emits for each byte (GPT-2's printable stand-ins), index = byte."""
+  printable = {*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)}
+  unprintable = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(unprintable)) for b in range(256)]
+
+
+def byte_tokenizer() -> tokenizers.Tokenizer:
+  """dsjax's ByteTokenizer as a `tokenizers` Tokenizer with the same ids: the ByteLevel pre-tokenizer turns each
+  UTF-8 byte into one character, a BPE without merges maps that character to the byte's value, and the specials
+  are added tokens at ByteTokenizer's ids. Encoding adds bos (as dsjax's sampler and data pipeline do)."""
+  byte_tok = tokenizer_lib.ByteTokenizer()
+  tok = tokenizers.Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_alphabet())}, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  specials = {byte_tok.pad_id: BYTE_SPECIAL_TOKENS['pad'], byte_tok.bos_id: BYTE_SPECIAL_TOKENS['bos'],
+              byte_tok.eos_id: BYTE_SPECIAL_TOKENS['eos'],
+              **dict(zip(byte_tok.fim_ids, tokenizer_lib.FIM_TOKEN_NAMES[1]))}
+  tok.add_special_tokens([tokenizers.AddedToken(specials[i], special=True, normalized=False)
+                          for i in sorted(specials)])  # added in id order: they get ids 256, 257, ...
+  bos = specials[byte_tok.bos_id]
+  tok.post_processor = processors.TemplateProcessing(single=f'{bos} $A', pair=f'{bos} $A {bos} $B',
+                                                     special_tokens=[(bos, byte_tok.bos_id)])
+  tok.encode_special_tokens = True  # '<s>' in a text is 3 bytes, as for ByteTokenizer (tokenizer.json does not
+  # keep this flag: tokenizer_config.json's split_special_tokens asks transformers for the same)
+  return tok
+
+
+def _byte_tokenizer_mismatch(m: ml_collections.ConfigDict, ckpt_dir: str) -> str | None:
+  """Why `byte_tokenizer()` cannot stand for this byte-level checkpoint's tokenizer, or None when it can."""
+  byte_tok = tokenizer_lib.ByteTokenizer()
+  if os.path.isfile(os.path.join(os.path.abspath(ckpt_dir), ORIGINAL_CONFIG)):
+    return (f'the checkpoint was imported from a Hugging Face directory without tokenizer.json ({ORIGINAL_CONFIG}), '
+            'so its ids follow that model\'s own tokenizer, not dsjax\'s bytes; copy that tokenizer\'s files there')
+  if m.vocab_size < byte_tok.vocab_size:
+    return (f'model.vocab_size={m.vocab_size} is smaller than the byte-level tokenizer\'s {byte_tok.vocab_size} ids')
+  probe = ''.join(map(chr, range(128))) + ' é ß → 世界 🙂 <s></s><pad>'
+  tok = byte_tokenizer()
+  got = tok.encode(probe, add_special_tokens=False).ids
+  if got != byte_tok.encode(probe).tolist() or tok.decode(got) != probe:
+    return 'the tokenizers library encodes text to other ids than dsjax\'s byte-level tokenizer'
+  return None
+
+
+def write_byte_tokenizer(hf_dir: str, max_length: int) -> None:
+  """tokenizer.json and tokenizer_config.json of `byte_tokenizer()`, which `transformers.AutoTokenizer` loads;
+  `split_special_tokens` makes transformers encode special-token text as bytes too."""
+  byte_tokenizer().save(os.path.join(hf_dir, 'tokenizer.json'))
+  config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': max_length,
+            'split_special_tokens': True, 'clean_up_tokenization_spaces': False,
+            **{f'{role}_token': name for role, name in BYTE_SPECIAL_TOKENS.items()},
+            'additional_special_tokens': list(tokenizer_lib.FIM_TOKEN_NAMES[1])}
+  with open(os.path.join(hf_dir, 'tokenizer_config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
 
 
 def _hf_tensor_bytes(m: ml_collections.ConfigDict, itemsize: int) -> dict[str, int]:
@@ -431,7 +512,6 @@ def _special_token_ids(cfg: ml_collections.ConfigDict, ckpt_dir: str) -> dict[st
     with open(original) as f:
       hf = json.load(f)
     return {f'{r}_token_id': hf.get(f'{r}_token_id') for r in roles}
-  from dsjax.data import tokenizer as tokenizer_lib
   tok = tokenizer_lib.from_config(cfg.data)
   ids = {'bos': tok.bos_id, 'eos': tok.eos_id, 'pad': tok.pad_id}
   return {f'{r}_token_id': int(ids[r]) if ids[r] < cfg.model.vocab_size else None for r in roles}

@@ -14,7 +14,7 @@ import pytest
 from dsjax.convert import hf
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 from dsjax.train import loop
 from tests.lazy import torch, transformers  # imported on first use (the `hf` extra)
 
@@ -174,6 +174,54 @@ def test_tokenizer_and_special_ids_come_from_the_hf_directory(tmp_path):
   assert tok.decode(tok.encode('import os\n')) == 'import os\n'
 
 
+def test_import_without_tokenizer_json_says_the_byte_tokenizer_is_used(tmp_path, capsys):
+  """The import names the missing file and what the byte tokenizer means; the export of such a checkpoint writes no
+  tokenizer (the model's own one is unknown) and says why."""
+  make_hf_model('mha_untied', tmp_path / 'hf', vocab_size=300)
+  cfg = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'))
+  assert cfg.data.tokenizer == 'byte'
+  err = capsys.readouterr().err
+  assert 'no tokenizer.json' in err and "byte-level tokenizer (data.tokenizer='byte')" in err and 'UTF-8 bytes' in err
+  hf.export_hf(str(tmp_path / 'ckpt'), str(tmp_path / 'exported'))
+  assert 'no tokenizer files written' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'exported' / 'tokenizer.json')
+
+
+def test_byte_level_export_has_a_tokenizer_transformers_loads_with_dsjax_ids(tmp_path):
+  """A dsjax-trained byte-level model: AutoTokenizer loads the exported tokenizer, which encodes (bos first, as
+  dsjax's sampler) and decodes text, non-ASCII and special-token text included, to dsjax's ids; re-importing the
+  export gives the same ids and specials. Weights and config.json get the same, umask-given file mode."""
+  from dsjax import config as config_lib
+  cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py'))
+  cfg.model.update(dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=64,
+                        attention=dict(kind='full')))
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  params = Transformer(cfg.model).init(jax.random.key(0), tokens, tokens)['params']
+  checkpoint.save_model(str(tmp_path / 'ckpt'), cfg, params)
+  old_umask = os.umask(0o022)
+  try:
+    hf.export_hf(str(tmp_path / 'ckpt'), str(tmp_path / 'exported'))
+  finally:
+    os.umask(old_umask)
+  modes = {f: os.stat(tmp_path / 'exported' / f).st_mode & 0o777 for f in ('model.safetensors', 'config.json')}
+  assert modes == {'model.safetensors': 0o644, 'config.json': 0o644}
+
+  ours = tokenizer_lib.ByteTokenizer()
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'exported'))
+  text = "def grüße(x):\n  return '日本語 → ∑ 🙂' + \"<s></s>\"\t\r\n"
+  ids = ours.encode(text).tolist()
+  assert theirs.encode(text, add_special_tokens=False) == ids
+  assert theirs(text).input_ids == [ours.bos_id] + ids
+  assert theirs.decode([ours.bos_id] + ids + [ours.eos_id], skip_special_tokens=True) == text == ours.decode(ids)
+  assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+  exported_config = json.loads((tmp_path / 'exported' / 'config.json').read_text())
+  assert (exported_config['bos_token_id'], exported_config['eos_token_id']) == (ours.bos_id, ours.eos_id)
+  again = tokenizer_lib.from_config(hf.import_hf(str(tmp_path / 'exported'), str(tmp_path / 'ckpt2')).data)
+  assert again.encode(text).tolist() == ids and again.decode(ids) == text
+  assert (again.bos_id, again.eos_id, again.pad_id, again.fim_ids) == (ours.bos_id, ours.eos_id, ours.pad_id,
+                                                                       ours.fim_ids)
+
+
 @pytest.mark.parametrize('edit, fragment', [
     (lambda c: c.update(hidden_act='gelu'), 'hidden_act'),
     (lambda c: c.update(model_type='mistral', architectures=['MistralForCausalLM']), 'model_type'),
@@ -220,6 +268,13 @@ def test_cli_import_then_sample_matches_transformers_greedy(tmp_path):
                          pad_token_id=tok.pad_id)
   # Our sampler masks nothing here (model vocab == tokenizer vocab), so greedy ids must agree exactly.
   assert result.stdout.rstrip('\n') == 'def add(' + tok.decode(out[0, len(prompt):].tolist())
+  result = run('sample.py', f'--checkpoint={tmp_path / "ckpt"}', '--prompt=def add(', '--prompt=class A',
+               '--max_new_tokens=2', '--dtype=float32')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == '--- sample 1/2 ---' and lines[1].startswith('def add(') and '--- sample 2/2 ---' in lines
+  usage = run('sample.py', '--help').stdout  # flags defined by dsjax/cli.py are sample.py's own
+  assert all(f'--{name}:' in usage for name in ('quant', 'adapter', 'dtype', 'checkpoint'))
   bad = run('-m', 'dsjax.convert.hf', 'import', str(tmp_path / 'nowhere'), str(tmp_path / 'x'))
   assert bad.returncode == 2 and bad.stderr.startswith('error: ') and 'config.json' in bad.stderr
 
