@@ -159,7 +159,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- quantization (dsjax/quant.py)
   q = cfg.quant = ml_collections.ConfigDict()
   q.mode = 'none'              # none | int8 (per-channel) | int4 (group-wise): weight-only, for serving
-  q.group_size = 128           # int4: weights per scale along the input dimension
+  q.group_size = 128           # int4: weights per scale along the input dimension (even; a kernel whose input
+                               # size it does not divide uses the largest even divisor below it)
   q.activations = False        # also quantize activations to int8 (dynamic, per token)
 
   # ---------------------------------------------------------------- differential privacy (dsjax/privacy.py)

@@ -23,6 +23,7 @@ import functools
 import math
 from typing import Any
 
+from absl import logging
 import flax
 import flax.linen as nn
 from flax.core import meta
@@ -125,13 +126,34 @@ def quantize_kernel(w: jax.Array, num_input_axes: int, lead: int, *, bits: int, 
   k, m = math.prod(shape[:num_input_axes]), math.prod(shape[num_input_axes:])
   if bits == 8:
     group_size = k
-  elif group_size <= 0 or group_size % 2 or k % group_size:
-    raise config_lib.ConfigError(
-        f'config.quant.group_size={group_size} must be even and divide the input size {k} of {name} '
-        f'(shape {shape}); choose a divisor such as {math.gcd(k, 128)}')
+  else:
+    group_size = int4_group_size(k, group_size, f'{name} (shape {shape})')
   q, scales = quantize_matrix(w.reshape(*w.shape[:lead], k, m), bits=bits, group_size=group_size)
   values = q if bits == 8 else pack_int4(q)
   return QTensor(values, scales, shape=shape, bits=bits, num_input_axes=num_input_axes, dtype=jnp.dtype(dtype).name)
+
+
+_REPORTED_GROUP_SIZES: set[tuple[str, int, int]] = set()  # (kernel, input size, group size) said once
+
+
+def int4_group_size(k: int, group_size: int, name: str = 'kernel') -> int:
+  """The int4 group size of a kernel with input size `k`: `group_size` (config.quant.group_size) when it divides k,
+  else the largest even divisor of k below it, logged once per kernel. Groups are even (int4 packs rows in pairs);
+  a group size <= 0 or odd, or an odd k, raises ConfigError."""
+  if group_size <= 0 or group_size % 2:
+    raise config_lib.ConfigError(f'config.quant.group_size={group_size}: must be even and > 0 (int4 packs two rows '
+                                 'per byte)')
+  if k % group_size == 0:
+    return group_size
+  size = max((d for d in range(2, group_size, 2) if k % d == 0), default=0)
+  if not size:
+    raise config_lib.ConfigError(f'int4: the input size {k} of {name} is odd; int4 needs an even input size (set '
+                                 "config.quant.mode to 'int8')")
+  if (name, k, group_size) not in _REPORTED_GROUP_SIZES:
+    _REPORTED_GROUP_SIZES.add((name, k, group_size))
+    logging.warning('int4: config.quant.group_size=%d does not divide the input size %d of %s; using group size %d '
+                    'for it (the largest even divisor below)', group_size, k, name, size)
+  return size
 
 
 def dequantize(t: QTensor, dtype: Any = None) -> jax.Array:

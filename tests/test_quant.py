@@ -1,5 +1,7 @@
 """Weight-only int8 / int4 quantization (dsjax/quant.py): error bounds, matmuls, logits, memory, sampling, errors."""
 import functools
+import logging
+import os
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,8 @@ from dsjax.model import Transformer
 from dsjax.model.layers import Linear
 from dsjax.sample import engine as engine_lib
 from dsjax.sample.sampler import Sampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_cfg(**model):
@@ -224,12 +228,37 @@ def test_bad_mode_and_group_size_errors(tiny):
     quant.quantize_params(params, cfg.model, cfg.quant)
   with pytest.raises(config_lib.ConfigError, match=r'quant\.mode'):
     config_lib.validate(cfg)
-  with_quant(cfg, 'int4', 48)  # hidden 64 is not a multiple of 48
-  with pytest.raises(config_lib.ConfigError, match=r'config\.quant\.group_size=48.*attention/k_proj/kernel'):
+  with_quant(cfg, 'int4', 47)  # int4 packs rows in pairs: odd groups are impossible
+  with pytest.raises(config_lib.ConfigError, match=r'config\.quant\.group_size=47: must be even'):
     quant.quantize_params(params, cfg.model, cfg.quant)
+  with pytest.raises(config_lib.ConfigError, match=r'input size 63 of w.*odd'):
+    quant.quantize_kernel(jnp.ones((63, 4)), 1, 0, bits=4, group_size=32, dtype='float32', name='w')
   cfg.quant.group_size = 0
   with pytest.raises(config_lib.ConfigError, match=r'quant\.group_size'):
     config_lib.validate(cfg)
   cfg.quant.group_size, cfg.quant.activations = 32, True  # int8 activations need int8 weights
   with pytest.raises(config_lib.ConfigError, match=r'config\.quant\.activations=True needs config\.quant\.mode'):
     quant.quantize_params(params, cfg.model, cfg.quant)
+
+
+def test_int4_on_the_default_tiny_model_picks_a_group_size_dividing_each_kernel(caplog, monkeypatch):
+  """configs/tiny.py with the default quant.group_size=128: down_proj's input size 704 = 11 * 64 is no multiple of
+  128, so it gets 88 (the largest even divisor of 704 below 128), said once; the other kernels keep 128."""
+  cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py'))
+  assert cfg.quant.group_size == 128 and cfg.model.mlp_dim == 704
+  cfg.quant.mode = 'int4'
+  params = init_params(cfg)
+  monkeypatch.setattr(quant, '_REPORTED_GROUP_SIZES', set())  # nothing said yet in this process
+  with caplog.at_level(logging.WARNING):
+    qparams = quant.quantize_params(params, cfg.model, cfg.quant)
+    quant.quantize_params(params, cfg.model, cfg.quant)
+  said = [r.getMessage() for r in caplog.records if 'group_size=128' in r.getMessage()]
+  assert len(said) == 1 and 'input size 704 of layers/mlp/down_proj/kernel' in said[0] and 'group size 88' in said[0]
+  groups = {name: qparams['layers'][part][name]['kernel'].scales.shape[-2]
+            for part, names in (('attention', ('q_proj', 'o_proj')), ('mlp', ('up_proj', 'down_proj')))
+            for name in names}
+  assert groups == {'q_proj': 256 // 128, 'o_proj': 256 // 128, 'up_proj': 256 // 128, 'down_proj': 704 // 88}
+  w = np.asarray(params['layers']['mlp']['down_proj']['kernel'])
+  t = qparams['layers']['mlp']['down_proj']['kernel']
+  step = np.repeat(np.asarray(t.scales, np.float32), 88, axis=-2)
+  assert np.all(np.abs(numpy_dequant(t) - w) <= step / 2 + 1e-6)
