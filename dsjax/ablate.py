@@ -33,6 +33,7 @@ import ml_collections
 from dsjax import config as config_lib
 from dsjax import eval as eval_lib
 from dsjax.data import pipeline
+from dsjax.train import loop
 
 RESULT_FILE = 'result.json'
 SHARED_FIELDS = ('seed', 'data.shuffle_seed')  # identical in every run of a study, so runs are comparable
@@ -223,7 +224,6 @@ def peak_memory() -> tuple[float, str]:
 
 def run_one(name: str, overrides: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains one run and returns its record (also written to <run workdir>/result.json)."""
-  from dsjax.train import loop  # pylint: disable=g-import-not-at-top  (keeps `--help` and config errors fast)
   start = time.time()
   summary = loop.train(cfg)
   wall = time.time() - start
@@ -286,6 +286,17 @@ def _fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
+def _steps_line(study: Study, records: list[dict[str, Any]]) -> str:
+  """The steps the runs actually trained for (their configs, overrides included), e.g. with `--steps=20`, and the
+  base config's count when that differs (the study's description is written for the base)."""
+  steps = sorted({int(r['steps']) for r in records})
+  base = int(study.base.train.steps)
+  line = f'**Steps run: {" / ".join(map(str, steps))}** per run'
+  if steps != [base]:
+    line += f' (overridden: the study\'s base config and description are for train.steps={base})'
+  return line + '.'
+
+
 def write_tables(study: Study, records: list[dict[str, Any]], workdir: str) -> dict[str, str]:
   """results.csv, results.md and results.json in `workdir`; returns {kind: path}."""
   os.makedirs(workdir, exist_ok=True)
@@ -300,6 +311,8 @@ def write_tables(study: Study, records: list[dict[str, Any]], workdir: str) -> d
   lines = [f'# Ablation study: {study.name}', '']
   if study.description:
     lines += [study.description, '']
+  if records:
+    lines += [_steps_line(study, records), '']
   lines += ['| run | overrides | params | steps | tokens | held-out loss | bits/byte | tokens/s | peak memory (MiB) | '
             'wall (s) |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in records:

@@ -48,6 +48,7 @@ def test_two_run_study_writes_tables_and_plots(tmp_path):
                                               'eval.tasks': ['perplexity']}
   md = open(os.path.join(workdir, 'results.md')).read()
   assert md.count('\n| full |') == 1 and md.count('\n| sparse |') == 1 and 'Not run yet' not in md
+  assert '**Steps run: 4** per run (overridden' in md and 'train.steps=400' in md
   data = json.load(open(os.path.join(workdir, 'results.json')))
   assert data['study'] == 't' and [r['run'] for r in data['runs']] == ['full', 'sparse'] and data['missing'] == []
   for name in ('loss_curves.png', 'bits_per_byte.png', 'tokens_per_s.png', 'memory.png'):
@@ -78,6 +79,24 @@ def test_two_run_study_writes_tables_and_plots(tmp_path):
 
   again = ablate.run_study(study, workdir, overrides=SMALL, resume=True)
   assert again['ran'] == [] and again['skipped'] == ['full', 'sparse'] and len(again['records']) == 2
+
+
+def test_results_md_states_the_steps_run_not_the_study_default(tmp_path):
+  """`--steps=20` on a study whose base and description say 300: results.md says 20 were run."""
+  study = tiny_study()
+  study.base.train.steps, study.description = 300, 'Attention kinds at tiny scale, 300 steps.'
+  configs = ablate.run_configs(study, str(tmp_path), {'train.steps': 20})
+  record = {'overrides': {}, 'num_params': 1000, 'tokens': 20 * 8 * 256, 'final_loss': 2.0,
+            'final_bits_per_byte': 3.0, 'tokens_per_s': 100.0, 'peak_memory_bytes': 2.0**20, 'memory_source': 'rss',
+            'wall_s': 1.0}
+  records = [{**record, 'run': name, 'steps': cfg.train.steps} for name, _, cfg in configs]
+  md = open(ablate.write_tables(study, records, str(tmp_path))['md']).read()
+  assert '**Steps run: 20** per run (overridden: the study\'s base config and description are for ' \
+         'train.steps=300).' in md
+  assert md.count('| 20 | 40,960 |') == 2  # the table's steps and tokens columns
+  records = [{**r, 'steps': 300} for r in records]
+  md = open(ablate.write_tables(study, records, str(tmp_path))['md']).read()
+  assert '**Steps run: 300** per run.' in md and 'overridden' not in md
 
 
 def test_bad_override_key_names_it(tmp_path, capsys):
