@@ -43,7 +43,9 @@ def main(argv):
                                 cfg.sample)
   except ValueError as e:  # e.g. prompt + --max_new_tokens past the model's context
     cli.fail(str(e))
-  for prompt, text in zip(_PROMPT.value, completions):
+  for i, (prompt, text) in enumerate(zip(_PROMPT.value, completions)):
+    if len(completions) > 1:  # one prompt: the completion alone, for pipes
+      sys.stdout.write(f'--- sample {i + 1}/{len(completions)} ---\n')
     sys.stdout.write(f'{prompt}{text}\n')
 
 

@@ -24,6 +24,10 @@ from dsjax.data import pipeline
 from dsjax.model import Transformer
 from dsjax.model import layout
 
+# The flags the helpers below define belong to the program that calls them (absl gives a flag to the first module
+# on the stack that has not disclaimed), so that `python sample.py --help` lists --quant, --adapter, --dtype ...
+flags.disclaim_key_flags()
+
 
 def fail(message: str) -> NoReturn:
   """Prints a one-line error and exits with status 2 (a usage error)."""
