@@ -28,7 +28,7 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.quiet_logging()
   from dsjax.data import tokenizer as tokenizer_lib
-  from dsjax.train import loop
+  from dsjax.sample import text as text_lib
   try:
     cfg = cli.checkpoint_config(_CHECKPOINT.value, _MODEL_FLAGS)
     cfg.sample.update(dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
@@ -39,8 +39,8 @@ def main(argv):
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   try:
-    completions = loop.complete(model, params, tokenizer, list(_PROMPT.value), jax.random.key(_SEED.value),
-                                cfg.sample)
+    completions = text_lib.complete(model, params, tokenizer, list(_PROMPT.value), jax.random.key(_SEED.value),
+                                    cfg.sample)
   except ValueError as e:  # e.g. prompt + --max_new_tokens past the model's context
     cli.fail(str(e))
   for i, (prompt, text) in enumerate(zip(_PROMPT.value, completions)):

@@ -1,10 +1,13 @@
 """Train a dsjax model: `python train.py --config=configs/tiny.py [--config.section.field=value ...]`.
 
 A thin CLI: parse and validate the config, join the other processes of a multi-host run (docs/multihost.md), then
-call dsjax.train.loop.train.
+call dsjax.experiment.train. The run's files go to `train.workdir`, by default runs/<config name>.
 """
+import sys
+
 from absl import app
 from absl import flags
+import jax
 
 from dsjax import cli
 from dsjax import config as config_lib
@@ -23,16 +26,19 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.quiet_logging()
-  cfg = cli.resolve_config(_CONFIG)
+  cfg = cli.with_default_workdir(cli.resolve_config(_CONFIG), _CONFIG, sys.argv)
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except (ValueError, RuntimeError) as e:  # bad flags, or JAX could not reach the other processes
     cli.fail(str(e))
-  from dsjax.train import loop  # imported after flag parsing so that bad flags fail fast
+  from dsjax import experiment  # pylint: disable=g-import-not-at-top  (after flag parsing: bad flags fail fast)
+  from dsjax.train import loop  # pylint: disable=g-import-not-at-top
   try:
-    loop.train(cfg)
+    summary = experiment.train(cfg)
   except (config_lib.ConfigError, FileNotFoundError, loop.TrainingDiverged) as e:
     cli.fail(str(e))
+  if jax.process_index() == 0:
+    print(experiment.where_to_look(cfg, summary))
 
 
 if __name__ == '__main__':

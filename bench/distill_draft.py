@@ -40,6 +40,7 @@ from dsjax.sample import speculative
 from dsjax.sample.sampler import Sampler
 from dsjax import checkpoint
 from dsjax.train import loop
+from dsjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +93,7 @@ def match_target(draft_cfg, draft_params, target_model, target_params, tokenizer
     agree = jnp.argmax(logits[..., :tokenizer.vocab_size], -1) == jnp.argmax(teacher[..., :tokenizer.vocab_size], -1)
     return (jnp.where(mask, distill.token_kl(logits, teacher, 1.0), 0.0).sum(), (agree & mask).sum(), mask.sum())
 
-  totals = [sums(b) for b in loop.load_eval_batches(draft_cfg, tokenizer)]
+  totals = [sums(b) for b in pipeline.eval_batches(draft_cfg.data, tokenizer, draft_cfg.train.batch_size)]
   tokens = max(float(sum(t[2] for t in totals)), 1.0)
   return float(sum(t[0] for t in totals)) / tokens, float(sum(t[1] for t in totals)) / tokens
 

@@ -35,7 +35,9 @@ from dsjax.model import Transformer
 from dsjax.sample.sampler import Sampler
 from dsjax import checkpoint
 from dsjax.train import loop
-from dsjax.train import step as step_lib
+from dsjax.train import metrics as metrics_lib
+from dsjax.train import objective as objective_lib
+from dsjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ('none', 'int8', 'int4')
@@ -91,7 +93,7 @@ def main() -> None:
   tokenizer = tokenizer_lib.from_config(cfg.data)
   token_bytes = np.zeros((cfg.model.vocab_size,), np.int32)
   token_bytes[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
-  batches = loop.load_eval_batches(cfg, tokenizer)
+  batches = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.batch_size)
   prompts = [b for b in np.asarray(batches[0]['inputs'])[:, :args.prompt_len].tolist()]
   base_bytes = quant.weight_bytes(params, as_dtype='bfloat16')
 
@@ -100,8 +102,8 @@ def main() -> None:
     cfg.quant.mode, cfg.quant.group_size, cfg.quant.activations = mode, args.group_size, activations
     qparams = quant.quantize_params(params, cfg.model, cfg.quant)
     qmodel = quant.quantize_model(model, cfg.quant)
-    eval_step = jax.jit(step_lib.make_eval_step(qmodel, jnp.asarray(token_bytes)))
-    loss = loop.evaluate(eval_step, qparams, batches)['loss']
+    eval_step = jax.jit(objective_lib.make_eval_step(qmodel, jnp.asarray(token_bytes)))
+    loss = metrics_lib.evaluate(eval_step, qparams, batches)['loss']
     row = dict(mode=mode + ('+act8' if activations else ''), weight_bytes=quant.weight_bytes(qparams),
                pct_of_bf16=100 * quant.weight_bytes(qparams) / base_bytes, heldout_loss=loss)
     for batch in BATCHES:

@@ -116,7 +116,7 @@ QUICKSTART = [
     # dsjax quickstart: train a tiny code model, then sample from it
 
     The tiny config (`configs/tiny.py`: 3.1M parameters, byte-level tokens) trains on the embedded corpus, the
-    Python standard library's own sources, with `dsjax.train.loop.train`. We plot its loss curve and sample code
+    Python standard library's own sources, with `dsjax.experiment.train`. We plot its loss curve and sample code
     completions with the jitted KV-cache `Sampler`.
     '''),
     INTRO_INSTALL,
@@ -163,9 +163,9 @@ QUICKSTART = [
     '''),
     md('## Train'),
     code('''
-    from dsjax.train import loop
+    from dsjax import experiment
 
-    run = loop.train(cfg)
+    run = experiment.train(cfg)
     steps = [r['step'] for r in run['history']]
     losses = [r['loss'] for r in run['history']]
     print(f'final train loss: {losses[-1]:.4f}')
@@ -366,13 +366,13 @@ SERVING = [
       TRAIN_STEPS, NUM_SLOTS, MAX_LEN, MAX_TOKENS = 0, 2, 128, 8
       WORKDIR = tempfile.mkdtemp(prefix='dsjax_serving_')
     ''', 'parameters'),
-    md('## A checkpoint\n`loop.train` writes `<workdir>/checkpoint`; with `TRAIN_STEPS = 0`,\n'
+    md('## A checkpoint\n`experiment.train` writes `<workdir>/checkpoint`; with `TRAIN_STEPS = 0`,\n'
        '`checkpoint.save_model` writes freshly initialised weights in the same format.'),
     code('''
     from configs import tiny
     from dsjax.model import Transformer
     from dsjax import checkpoint
-    from dsjax.train import loop
+    from dsjax import experiment
     from dsjax.train import state as state_lib
 
     cfg = tiny.get_config()
@@ -382,7 +382,7 @@ SERVING = [
     CHECKPOINT = os.path.join(WORKDIR, 'checkpoint')
     if TRAIN_STEPS:
       cfg.train.update(steps=TRAIN_STEPS, workdir=WORKDIR, num_samples=0, batch_size=32 if ACCELERATOR != 'cpu' else 8)
-      CHECKPOINT = loop.train(cfg)['checkpoint']
+      CHECKPOINT = experiment.train(cfg)["checkpoint"]
     else:
       params = state_lib.init_params(Transformer(cfg.model), jax.random.key(0), seq_len=16)
       checkpoint.save_model(CHECKPOINT, cfg, params)

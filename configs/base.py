@@ -90,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every = 200
   t.progress_bar = True
   t.z_loss_weight = 0.0
-  t.workdir = ''               # metrics.jsonl, TensorBoard events, checkpoints/ and the final checkpoint; '' = none
+  t.workdir = ''               # metrics.jsonl, TensorBoard events, checkpoints/ and the final checkpoint; '':
+                               # train.py uses runs/<config name>, library calls save nothing
   t.checkpoint_every = 500     # steps between (async) checkpoints in <workdir>/checkpoints; 0: only at the end
   t.keep_checkpoints = 3       # the latest N step checkpoints are kept ...
   t.keep_best = 1              # ... plus the N with the lowest held-out loss (0: none)
@@ -99,6 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.max_nonfinite_steps = 20   # consecutive non-finite losses (updates skipped) before the run stops
   t.peak_flops_per_device = 0.0  # for MFU; 0: from the device table in dsjax/train/flops.py
   t.init_from = ''             # a dsjax checkpoint directory (e.g. from dsjax.convert.hf) to start from
+  t.trainable = 'auto'         # params that train: 'all', 'adapters' (LoRA), or subtree paths 'layers/mlp,lm_head';
+                               # 'auto': adapters with lora.enabled, else all (dsjax/train/partition.py)
   t.num_samples = 3            # completions printed at the end of training
   t.sample_prompts = ('def ', 'import ', 'class ')
 

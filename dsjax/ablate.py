@@ -32,8 +32,8 @@ import ml_collections
 
 from dsjax import config as config_lib
 from dsjax import eval as eval_lib
+from dsjax import experiment
 from dsjax.data import pipeline
-from dsjax.train import loop
 
 RESULT_FILE = 'result.json'
 SHARED_FIELDS = ('seed', 'data.shuffle_seed')  # identical in every run of a study, so runs are comparable
@@ -225,7 +225,7 @@ def peak_memory() -> tuple[float, str]:
 def run_one(name: str, overrides: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains one run and returns its record (also written to <run workdir>/result.json)."""
   start = time.time()
-  summary = loop.train(cfg)
+  summary = experiment.train(cfg)
   wall = time.time() - start
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   history = summary['history']

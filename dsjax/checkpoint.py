@@ -58,7 +58,8 @@ def save_model(directory: str, cfg: ml_collections.ConfigDict, params: Any,
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
-  """The checkpoint's config with `data.tokenizer` and `train.init_from` pointing at `directory`; validated."""
+  """The checkpoint's config with `data.tokenizer` and `train.init_from` pointing at `directory` and no
+  `train.workdir` (train.py then picks runs/<name>-continued); validated."""
   directory = os.path.abspath(directory)
   path = os.path.join(directory, CONFIG_JSON)
   if not os.path.isfile(path):
@@ -71,6 +72,7 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
   if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
     cfg.data.tokenizer = os.path.join(directory, 'tokenizer.json')
   cfg.train.init_from = directory
+  cfg.train.workdir = ''  # a new run from this checkpoint must not resume (or overwrite) the run that wrote it
   config_lib.validate(cfg)
   return cfg
 

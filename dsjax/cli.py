@@ -7,6 +7,7 @@ AttributeError or OSError tracebacks from deep inside the flag machinery. These 
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any, NamedTuple, NoReturn, Sequence
@@ -63,6 +64,29 @@ def define_config_flag(default: str, name: str = 'config') -> flags.FlagHolder:
     return config_flags.DEFINE_config_file(name, default, 'Path to a configs/*.py file.', lock_config=True)
   except (KeyError, AttributeError) as e:
     fail(_unknown_field_message(e, sys.argv))
+
+
+def default_workdir(config_path: str) -> str:
+  """runs/<config name>: the file's stem (configs/tiny.py -> runs/tiny); a checkpoint's config.py
+  (runs/tiny/checkpoint/config.py) -> runs/tiny-continued, so a new run never writes into the one it starts from."""
+  path = os.path.abspath(config_path.split(':')[0])
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if stem == 'config' and os.path.isfile(os.path.join(os.path.dirname(path), checkpoint.CONFIG_JSON)):
+    folder = os.path.dirname(path)
+    run = os.path.basename(os.path.dirname(folder)) if os.path.basename(folder) == 'checkpoint' else (
+        os.path.basename(folder))
+    stem = f'{run}-continued'
+  return os.path.join('runs', stem)
+
+
+def with_default_workdir(cfg: ml_collections.ConfigDict, holder: flags.FlagHolder,
+                         argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """`train.workdir` = runs/<config name> (`default_workdir`) unless the config or a --config.train.workdir
+  override (even an empty one: save nothing) sets it."""
+  if cfg.train.workdir or any(a.split('=')[0] == f'--{holder.name}.train.workdir' for a in argv):
+    return cfg
+  cfg.train.workdir = default_workdir(flags.FLAGS[holder.name].config_filename)
+  return cfg
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """Knowledge distillation: a student trained on a frozen teacher's softened distribution plus the hard labels.
 
-Per (micro)batch the training objective becomes (dsjax.train.step.make_train_step with a teacher)
+Per (micro)batch the training objective becomes (`Distillation`: a term added to the objective of
+dsjax/train/objective.py, and a batch preparation that runs the teacher)
 
   (hard_weight * sum_t nll_t + kl_weight * T^2 * sum_t KL_t) / tokens   [+ z-loss and router terms as without one]
 
@@ -21,6 +22,7 @@ the gradient scale of the soft term independent of T (Hinton et al. 2015).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, NamedTuple
 
@@ -28,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsjax import config as config_lib
 from dsjax import checkpoint
+from dsjax import config as config_lib
 from dsjax.model import Transformer
+from dsjax.train import objective as objective_lib
 
 
 class TopKLogits(NamedTuple):
@@ -76,6 +79,35 @@ def teacher_outputs(teacher_model, teacher_params: Any, batch: dict[str, jax.Arr
                                   segment_ids=batch['segment_ids'], deterministic=True)
   logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
   return top_k_logits(logits, top_k) if top_k > 0 else logits
+
+
+TEACHER = 'teacher'  # the batch entry holding the teacher's outputs for its rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """Distillation as the train step sees it: `prepare(batch, teacher_params)` adds the teacher's (top-k) logits for
+  the batch's rows under `batch['teacher']` (run per microbatch, gradients stopped); `extend(objective)` reweights
+  the nll by hard_weight and adds the term `distill_kl` (KL summed over tokens, weight kl_weight * T^2)."""
+  teacher_model: Any
+  temperature: float
+  kl_weight: float
+  hard_weight: float
+  top_k: int
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, teacher_model: Any) -> Distillation:
+    d = cfg.distill
+    return cls(teacher_model, float(d.temperature), float(d.kl_weight), float(d.hard_weight), int(d.top_k))
+
+  def prepare(self, batch: dict[str, Any], teacher_params: Any) -> dict[str, Any]:
+    return {**batch, TEACHER: teacher_outputs(self.teacher_model, teacher_params, batch, self.top_k)}
+
+  def extend(self, objective: objective_lib.Objective) -> objective_lib.Objective:
+    def kl_sum(f: objective_lib.Forward) -> jax.Array:
+      return (token_kl(f.logits, f.batch[TEACHER], self.temperature) * f.mask).sum()
+    term = objective_lib.Term('distill_kl', self.kl_weight * self.temperature ** 2, 'token', kl_sum)
+    return objective.with_weight('nll', self.hard_weight).with_term(term)
 
 
 def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any]:

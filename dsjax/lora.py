@@ -1,12 +1,16 @@
-"""LoRA: low-rank adapters on chosen projections, the frozen (optionally int8) base, merging, PEFT files.
+"""LoRA: low-rank adapters on chosen projections of a frozen (optionally int8) base, merging, PEFT files.
 
-The model side is `Transformer(cfg.model, lora=LoraSpec(...))` (dsjax/model/layers.py): each targeted projection
-gets `lora_a` [in..., r] and `lora_b` [r, out...] next to its kernel and adds alpha / r * dropout(x) @ A @ B. This
-module works on params trees (stacked over layers: a leading `layers` axis):
+Adapters attach from outside the model: `LoraModel(Transformer(cfg.model), spec)` runs the model under a flax
+method interceptor that adds alpha / r * dropout(x) @ A @ B to the output of every `Linear` named in
+`spec.targets`, with A = `lora_a` [in..., r] and B = `lora_b` [r, out...] created in that Linear's own scope (next
+to its kernel, stacked over layers like it). No model module has a LoRA field. The base stays frozen because the
+train step differentiates only the adapters (dsjax/train/partition.py); with `base_int8` its projection kernels are
+int8 `dsjax.quant.QTensor`s (per output channel), the same quantized type serving uses.
 
-  spec_from_config(cfg.lora)           the LoraSpec, validated (errors name the config.lora field)
-  add_adapters(base, model_cfg, spec)  plain params -> params of the LoRA model (fresh or given adapters; int8 base)
-  trainable_mask(params)               True for lora_a / lora_b only (dsjax.train.optimizer masks the rest)
+  spec_from_config(cfg.lora) / spec_for_run(cfg)  the LoraSpec, validated (errors name the config.lora field)
+  LoraModel(model, spec)               the model with adapters (init / apply like a flax module)
+  add_adapters(base, model_cfg, spec)  plain params -> params of the LoraModel (fresh or given adapters; int8 base)
+  is_adapter(path)                     True for lora_a / lora_b, the params a LoRA run trains
   merge(params, spec)                  -> plain params, kernel + alpha / r * A @ B (loads into Transformer(cfg.model))
   save_peft / load_peft                adapter_config.json + adapter_model.safetensors as Hugging Face PEFT writes
                                        them for a LlamaForCausalLM, so `peft.PeftModel.from_pretrained` loads them
@@ -27,15 +31,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from dsjax import config as config_lib
-from dsjax.model.layers import LoraSpec, pack_int8, quantize_int8, unpack_int8
+from dsjax import files
+from dsjax import quant
 from dsjax.model import Transformer
+from dsjax.model.layers import Linear, split_equation
 
-__all__ = ['LoraSpec', 'TARGETS', 'spec_from_config', 'spec_for_run', 'add_adapters', 'init_adapters', 'adapters_of',
-           'trainable_mask', 'merge', 'merge_peft', 'save_peft', 'load_peft', 'quantize_int8', 'pack_int8',
-           'unpack_int8', 'dequantize']
+__all__ = ['LoraSpec', 'LoraModel', 'TARGETS', 'spec_from_config', 'spec_for_run', 'add_adapters', 'init_adapters',
+           'adapters_of', 'is_adapter', 'merge', 'merge_peft', 'save_peft', 'load_peft', 'quantize_base']
 
 # dsjax projection name -> (dsjax module inside a layer, Hugging Face LlamaDecoderLayer module).
 TARGETS = {
@@ -47,6 +51,21 @@ ADAPTER_PARAMS = ('lora_a', 'lora_b')
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 _PEFT_PREFIX = 'base_model.model.model.layers.'
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Low-rank adapters: every projection named in `targets` gets y += alpha / rank * dropout(x) @ A @ B; all
+  projection kernels are frozen (int8 with `base_int8`)."""
+  rank: int = 16
+  alpha: float = 32.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ('q_proj', 'v_proj')
+  base_int8: bool = False
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
 
 
 class AdapterError(ValueError):
@@ -91,6 +110,58 @@ def spec_for_run(cfg: ml_collections.ConfigDict) -> LoraSpec | None:
   return spec
 
 
+# ------------------------------------------------------------------------------------------------ model
+
+def _adapter_output(module: Linear, x: jax.Array, spec: LoraSpec, deterministic: bool) -> jax.Array:
+  """alpha / r * einsum(dropout(x), A [in..., r], B [r, out...]) in the Linear's dtype, its params created in the
+  Linear's scope: lora_b starts at zero, lora_a kaiming-uniform (a=sqrt(5)), as PEFT initialises them."""
+  x_sub, k_sub, out_sub, num_in = split_equation(module.equation)
+  in_letters, out_letters = k_sub[:num_in], k_sub[num_in:]
+  rest = ''.join(c for c in x_sub if c not in in_letters)
+  r = spec.rank
+  bound = 1.0 / math.sqrt(math.prod(module.shape[:num_in]))
+
+  def init_a(rng, shape, dtype):
+    return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+  a = module.param('lora_a', nn.with_logical_partitioning(init_a, (*module.axes[:num_in], None)),
+                   (*module.shape[:num_in], r), module.param_dtype)
+  b = module.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros, (None, *module.axes[num_in:])),
+                   (r, *module.shape[num_in:]), module.param_dtype)
+  x = nn.Dropout(spec.dropout)(x, deterministic=deterministic)  # a submodule of the Linear (its dropout rng)
+  h = jnp.einsum(f'{x_sub},{in_letters}r->{rest}r', x.astype(module.dtype), a.astype(module.dtype))
+  y = jnp.einsum(f'{rest}r,r{out_letters}->{out_sub}', h, b.astype(module.dtype),
+                 preferred_element_type=module.preferred_element_type)
+  return y * jnp.asarray(spec.alpha / r, y.dtype)
+
+
+class LoraModel:
+  """`model` with the adapters of `spec` on its targeted projections: `init` and `apply` as the model's (the same
+  arguments; `deterministic=False` turns adapter dropout on), run under a flax interceptor (nn.intercept_methods)
+  that adds each adapter's output to its Linear's. Has the model's `cfg`."""
+
+  def __init__(self, model: Transformer, spec: LoraSpec):
+    self.model, self.spec = model, spec
+    self.cfg = model.cfg
+
+  def _interceptor(self, deterministic: bool):
+    def add_adapter(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      module = context.module
+      if isinstance(module, Linear) and context.method_name == '__call__' and module.name in self.spec.targets:
+        y = y + _adapter_output(module, args[0], self.spec, deterministic).astype(y.dtype)
+      return y
+    return add_adapter
+
+  def init(self, *args, **kwargs):
+    with nn.intercept_methods(self._interceptor(kwargs.get('deterministic', True))):
+      return self.model.init(*args, **kwargs)
+
+  def apply(self, *args, **kwargs):
+    with nn.intercept_methods(self._interceptor(kwargs.get('deterministic', True))):
+      return self.model.apply(*args, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------ params
 
 def _name(path: Sequence[Any]) -> str:
@@ -99,17 +170,16 @@ def _name(path: Sequence[Any]) -> str:
   return str(keys[-1]) if keys else ''
 
 
-def trainable_mask(params: Any) -> Any:
-  """True for adapter params (lora_a, lora_b), False for the rest; works on boxed (nn.Partitioned) trees too,
-  whose boxes become single leaves of the mask."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: _name(path) in ADAPTER_PARAMS, params,
-                                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+def is_adapter(path: str) -> bool:
+  """True for the '/'-joined path of an adapter param (lora_a, lora_b)."""
+  return path.rsplit('/', 1)[-1] in ADAPTER_PARAMS
 
 
 def abstract_params(model_cfg: ml_collections.ConfigDict, spec: LoraSpec | None) -> Any:
-  """Boxed ShapeDtypeStructs of the params of `Transformer(model_cfg, lora=spec)` (nothing allocated)."""
+  """Boxed ShapeDtypeStructs of the params of the model (with `spec`'s adapters, float kernels; nothing allocated)."""
+  model = Transformer(model_cfg) if spec is None else LoraModel(Transformer(model_cfg), spec)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(lambda t: Transformer(model_cfg, lora=spec).init(jax.random.key(0), t, t), tokens)['params']
+  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t, t), tokens)['params']
 
 
 def init_adapters(model_cfg: ml_collections.ConfigDict, spec: LoraSpec, rng: jax.Array) -> dict:
@@ -147,15 +217,30 @@ def adapters_of(params: Any) -> dict:
 
 def add_adapters(base: Any, model_cfg: ml_collections.ConfigDict, spec: LoraSpec, rng: jax.Array | None = None,
                  adapters: dict | None = None) -> dict:
-  """Params of `Transformer(model_cfg, lora=spec)` from the plain params `base`: the base values (projection kernels
-  quantized to int8 with `spec.base_int8`) plus `adapters` (a tree as `init_adapters` returns; fresh ones from `rng`
-  when None)."""
+  """Params of `LoraModel(Transformer(model_cfg), spec)` from the plain params `base`: the base values (projection
+  kernels quantized to int8 QTensors with `spec.base_int8`) plus `adapters` (a tree as `init_adapters` returns;
+  fresh ones from `rng` when None). A missing or misshapen param raises ValueError naming it."""
   if adapters is None:
     if rng is None:
       raise ValueError('add_adapters: give either adapters or an rng to initialise them')
     adapters = init_adapters(model_cfg, spec, rng)
   target = nn.meta.unbox(abstract_params(model_cfg, spec))
-  return _fill(target, nn.meta.unbox(base), adapters, ())
+  params = _fill(target, quant.unbox(base), adapters, ())
+  return quantize_base(params, model_cfg) if spec.base_int8 else params
+
+
+def quantize_base(params: Any, model_cfg: ml_collections.ConfigDict) -> Any:
+  """Every projection kernel of `params` (boxed or not, concrete or abstract) as an int8 QTensor, one scale per
+  output channel (dsjax.quant; a boxed kernel's axis names carried over for sharding); the rest unchanged."""
+  def convert(path, leaf):
+    names = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+    if len(names) < 2 or names[-1] != 'kernel' or names[-2] not in TARGETS or quant.is_qtensor(leaf):
+      return leaf
+    lead = 1 if names[0] == 'layers' else 0
+    t = quant.quantize_kernel(nn.meta.unbox(leaf), quant.INPUT_AXES[names[-2]], lead, bits=8, group_size=0,
+                              dtype=model_cfg.dtype, name='/'.join(names))
+    return quant.with_axis_names(t, leaf)
+  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _fill(target: dict, base: dict, adapters: dict, path: tuple[str, ...]) -> dict:
@@ -169,16 +254,6 @@ def _fill(target: dict, base: dict, adapters: dict, path: tuple[str, ...]) -> di
       if key not in adapters:
         raise ValueError(f'adapters: missing {where(key)}')
       out[key] = _checked(adapters[key], shape, where(key))
-    elif key in ('kernel_int8', 'kernel_scale'):
-      if 'kernel' not in base:
-        raise ValueError(f'base params: missing {where("kernel")}')
-      if 'kernel_int8' not in out:
-        lead = 1 if path and path[0] == 'layers' else 0
-        kernel = base['kernel']
-        num_out = target['kernel_scale'].ndim - lead
-        packed, scale = _quantize_packed(kernel, tuple(range(lead, kernel.ndim - num_out)))
-        out['kernel_int8'] = _checked(packed, target['kernel_int8'], where('kernel_int8'))
-        out['kernel_scale'] = _checked(scale, target['kernel_scale'], where('kernel_scale'))
     else:
       if key not in base:
         raise ValueError(f'base params: missing {where(key)}')
@@ -186,23 +261,20 @@ def _fill(target: dict, base: dict, adapters: dict, path: tuple[str, ...]) -> di
   return out
 
 
-@functools.partial(jax.jit, static_argnames=('in_axes',))
-def _quantize_packed(kernel: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  q, scale = quantize_int8(kernel, in_axes)
-  return pack_int8(q), scale
-
-
-def _checked(value: Any, shape: jax.ShapeDtypeStruct, name: str) -> jax.Array:
+def _checked(value: Any, shape: jax.ShapeDtypeStruct, name: str) -> Any:
+  if quant.is_qtensor(value):  # an int8 base already
+    return value
   if tuple(value.shape) != tuple(shape.shape):
     raise ValueError(f'param {name}: shape {tuple(value.shape)}, the LoRA model needs {tuple(shape.shape)}')
   return jnp.asarray(value, shape.dtype)
 
 
-def dequantize(packed: jax.Array, scale: jax.Array, lead: int = 0) -> jax.Array:
-  """float32 kernel [lead..., in..., out...] from pack_int8 values and per-output-channel scales [lead..., out...]."""
-  q = unpack_int8(packed).astype(jnp.float32)
-  num_in = q.ndim - scale.ndim
-  return q * jnp.expand_dims(scale.astype(jnp.float32), tuple(range(lead, lead + num_in)))
+def plain_model(model: Any, params: Any) -> tuple[Transformer, Any]:
+  """(Transformer, params) that compute what (model, params) do: a LoraModel's adapters merged into the kernels
+  (for sampling and evaluation, which run the plain model); any other model unchanged."""
+  if isinstance(model, LoraModel):
+    return model.model, merge(params, model.spec)
+  return model, params
 
 
 def merge_peft(base: Any, model_cfg: ml_collections.ConfigDict, directory: str) -> dict:
@@ -216,30 +288,32 @@ def merge(params: Any, spec: LoraSpec) -> dict:
   """Plain params (`Transformer(model_cfg)`, dsjax.convert.hf.export_hf): every adapter folded into its kernel as
   kernel + alpha / r * A @ B (int8 kernels dequantized first), adapter params removed. Kernels keep their dtype
   (the adapters' dtype for int8 ones)."""
-  return _merge(nn.meta.unbox(params), spec, ())
+  return _merge(quant.unbox(params), spec)
 
 
-def _merge(node: Any, spec: LoraSpec, path: tuple[str, ...]) -> Any:
+def _merge(node: Any, spec: LoraSpec) -> Any:
   if not isinstance(node, dict):
     return node
-  if 'lora_a' not in node and 'kernel_int8' not in node:
-    return {k: _merge(v, spec, path + (k,)) for k, v in node.items()}
-  lead = 1 if path and path[0] == 'layers' else 0
-  if 'kernel_int8' in node:
-    dtype = node['lora_a'].dtype if 'lora_a' in node else node['kernel_scale'].dtype
+  if 'lora_a' not in node and not quant.is_qtensor(node.get('kernel')):
+    return {k: _merge(v, spec) for k, v in node.items()}
+  kernel = node['kernel']
+  if quant.is_qtensor(kernel):
+    dtype = node['lora_a'].dtype if 'lora_a' in node else jnp.float32
+    kernel = quant.dequantize(kernel, jnp.float32)
   else:
-    dtype = node['kernel'].dtype
-  kernel = _merged_kernel(node.get('kernel'), node.get('kernel_int8'), node.get('kernel_scale'), node.get('lora_a'),
-                          node.get('lora_b'), lead=lead, factor=spec.alpha / spec.rank, dtype=jnp.dtype(dtype))
-  rest = {k: v for k, v in node.items() if k not in ('kernel', 'kernel_int8', 'kernel_scale', *ADAPTER_PARAMS)}
-  return {**rest, 'kernel': kernel}
+    dtype = kernel.dtype
+  # a [lead..., in..., r], b [lead..., r, out...], kernel [lead..., in..., out...]
+  lead = node['lora_a'].ndim + node['lora_b'].ndim - 2 - kernel.ndim if 'lora_a' in node else 0
+  merged = _merged_kernel(kernel, node.get('lora_a'), node.get('lora_b'), lead=lead, factor=spec.alpha / spec.rank,
+                          dtype=jnp.dtype(dtype))
+  return {**{k: v for k, v in node.items() if k not in ('kernel', *ADAPTER_PARAMS)}, 'kernel': merged}
 
 
 @functools.partial(jax.jit, static_argnames=('lead', 'factor', 'dtype'))
-def _merged_kernel(kernel: jax.Array | None, packed: jax.Array | None, scale: jax.Array | None, a: jax.Array | None,
-                   b: jax.Array | None, *, lead: int, factor: float, dtype: jnp.dtype) -> jax.Array:
-  """One merged kernel [lead..., in..., out...]: the float (or dequantized int8) kernel + factor * A @ B."""
-  kernel = dequantize(packed, scale, lead) if kernel is None else kernel.astype(jnp.float32)
+def _merged_kernel(kernel: jax.Array, a: jax.Array | None, b: jax.Array | None, *, lead: int, factor: float,
+                   dtype: jnp.dtype) -> jax.Array:
+  """One merged kernel [lead..., in..., out...]: the kernel + factor * A @ B, computed in float32."""
+  kernel = kernel.astype(jnp.float32)
   if a is not None:
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     lead_shape, r = a.shape[:lead], a.shape[-1]
@@ -248,6 +322,32 @@ def _merged_kernel(kernel: jax.Array | None, packed: jax.Array | None, scale: ja
                        precision=jax.lax.Precision.HIGHEST)
     kernel = kernel + factor * delta.reshape(kernel.shape)
   return kernel.astype(dtype)
+
+
+class LoraExport:
+  """A training-loop hook (dsjax/train/hooks.py): at the end of a LoRA run, the adapter alone in PEFT format in
+  <workdir>/adapter; `merged` gives the merged (plain) model that the run's ExportModel hook writes as its
+  checkpoint, for serve.py and HF export."""
+
+  def __init__(self, spec: LoraSpec):
+    self.spec = spec
+
+  def on_step(self, run: Any, step: int) -> None:
+    del run, step
+
+  def on_end(self, run: Any) -> None:
+    if not run.workdir:
+      return
+    directory = os.path.join(run.workdir, 'adapter')
+    save_peft(directory, run.state.params, run.cfg.model, self.spec)
+    run.summary['adapter'] = directory
+    run.say(f'saved the LoRA adapter (PEFT format) to {directory}')
+
+  def merged(self, run: Any) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) of the merged plain model: kernel + alpha / r * A @ B, LoRA off."""
+    cfg = ml_collections.ConfigDict(run.cfg.to_dict())
+    cfg.lora.enabled, cfg.lora.adapter = False, ''
+    return cfg, merge(run.state.params, self.spec)
 
 
 # ------------------------------------------------------------------------------------------------ PEFT files
@@ -297,7 +397,7 @@ def save_peft(directory: str, params: Any, model_cfg: ml_collections.ConfigDict,
       'init_lora_weights': True, 'layers_to_transform': None, 'layers_pattern': None, 'rank_pattern': {},
       'alpha_pattern': {}, 'inference_mode': True, 'revision': None,
   }
-  save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={'format': 'pt'})
+  files.save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={'format': 'pt'})
   with open(os.path.join(directory, ADAPTER_CONFIG), 'w') as f:
     json.dump(config, f, indent=2)
 

@@ -1,6 +1,7 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016) and its privacy accountant.
 
-With `privacy.enabled` the train step (dsjax.train.step.make_train_step) replaces the batch gradient by
+With `privacy.enabled` the train step uses the gradient strategy `DpSgd` (dsjax/train/gradients.py), which
+replaces the batch gradient by
 
   g = (sum_i clip(g_i, C) + N(0, (sigma * C)^2 I)) / B
 
@@ -26,16 +27,21 @@ short documents, so document- or user-level guarantees need group privacy on top
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
 import dp_accounting
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from dsjax.model import partitioning
 from dsjax.data import mixture
+from dsjax.model import partitioning
+from dsjax.train import gradients
+from dsjax.train import objective as objective_lib
 
 
 def per_example_grads(loss_fn: Callable[..., tuple[jax.Array, Any]], params: Any, examples: Any,
@@ -64,6 +70,42 @@ def noisy_mean(grad_sum: Any, key: jax.Array, l2_clip: float, noise_multiplier: 
   std = noise_multiplier * l2_clip
   noised = [(g + std * jax.random.normal(k, g.shape, g.dtype)) / batch_size for g, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(treedef, noised)
+
+
+@dataclasses.dataclass(frozen=True)
+class DpSgd:
+  """The DP-SGD gradient strategy: each example's gradient (its own loss) clipped to `l2_clip`, summed; once per
+  step (after any accumulation) Gaussian noise of std noise_multiplier * l2_clip added and the sum divided by the
+  batch rows. Logs `clipped_fraction`, the share of examples whose gradient was scaled down."""
+  l2_clip: float
+  noise_multiplier: float
+
+  def grads(self, loss_fn, trainable, frozen, batch, rng):
+    rows = batch['inputs'].shape[0]
+    examples = {k: v for k, v in batch.items() if k not in objective_lib.NORMALIZERS}  # each its own mean
+
+    def example_loss(t, example, example_rng):
+      return gradients.loss_of_trainable(loss_fn, frozen)(t, jax.tree_util.tree_map(lambda x: x[None], example),
+                                                          example_rng)
+    rngs = None if rng is None else jax.random.split(rng, rows)
+    grads, aux = per_example_grads(example_loss, trainable, examples, rngs)
+    clipped_sum, num_clipped = clip_and_sum(grads, self.l2_clip)
+    return clipped_sum, {'sums': {k: v.sum() for k, v in aux['sums'].items()},
+                         'means': {k: v.mean() for k, v in aux['means'].items()},
+                         'counts': {'clipped': num_clipped.astype(jnp.float32)}}
+
+  def finish(self, grads: Any, key: jax.Array, rows: int) -> Any:
+    return noisy_mean(grads, key, self.l2_clip, self.noise_multiplier, rows)
+
+  def metrics(self, aux: dict[str, Any], rows: int) -> dict[str, jax.Array]:
+    return {'clipped_fraction': aux['counts']['clipped'] / rows}
+
+
+def strategy_for_run(cfg: ml_collections.ConfigDict) -> DpSgd | None:
+  """DpSgd from the `privacy` section when privacy.enabled, else None."""
+  if not cfg.privacy.enabled:
+    return None
+  return DpSgd(float(cfg.privacy.l2_clip), float(cfg.privacy.noise_multiplier))
 
 
 def epsilon(steps: int, sampling_rate: float, noise_multiplier: float, delta: float) -> float:
@@ -102,3 +144,20 @@ def report(cfg: Any, steps: int, train_rows: int) -> dict[str, float]:
           'delta': float(cfg.privacy.delta), 'noise_multiplier': float(cfg.privacy.noise_multiplier),
           'steps': int(steps), 'sampling_rate': rate, 'l2_clip': float(cfg.privacy.l2_clip),
           'train_rows': int(train_rows)}
+
+
+class PrivacyReport:
+  """A training-loop hook (dsjax/train/hooks.py): at the end of a DP-SGD run, epsilon of all the steps taken
+  (`report`), printed after the final eval and kept as `summary['privacy']`. Counting the training rows tokenizes
+  the whole training split once."""
+
+  def on_step(self, run: Any, step: int) -> None:
+    del run, step
+
+  def on_end(self, run: Any) -> None:
+    cfg = run.cfg
+    steps = int(run.state.step)
+    run.summary['privacy'] = r = report(cfg, steps, count_train_rows(cfg.data, run.tokenizer))
+    run.say(f'DP-SGD: epsilon {r["epsilon"]:.3f} at delta {cfg.privacy.delta:g} after {r["steps"]} steps (sampling '
+            f'rate {r["sampling_rate"]:.3g}, noise multiplier {cfg.privacy.noise_multiplier:g}, Poisson sampling '
+            'assumed: see dsjax/privacy.py)')

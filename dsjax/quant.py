@@ -55,6 +55,20 @@ class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
   bits: int = flax.struct.field(pytree_node=False)               # 8 | 4
   num_input_axes: int = flax.struct.field(pytree_node=False)     # leading axes of `shape` contracted with x
   dtype: str = flax.struct.field(pytree_node=False)              # dequantized (compute) dtype
+  # Logical axis names of `values` ([*lead, K, M]: e.g. ('layers', 'embed', 'heads')) for sharding
+  # (dsjax.sharding.logical_shardings); None: replicated. `scales` share the lead and M names.
+  names: tuple[str | None, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def size(self) -> int:
+    """The number of weights it stands for (as a float kernel; int4 packs two per stored byte)."""
+    return math.prod(self.values.shape[:-2]) * math.prod(self.shape)
+
+  def partition_specs(self) -> QTensor:
+    """This QTensor with a PartitionSpec of logical names in place of each array (flax.linen.get_partition_spec)."""
+    names = self.names or (None,) * self.values.ndim
+    spec = jax.sharding.PartitionSpec
+    return self.replace(values=spec(*names), scales=spec(*names[:-2], None, names[-1]))
 
   def unbox(self) -> jax.Array:
     return dequantize(self)
@@ -72,6 +86,9 @@ class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
     x_RK = x.reshape(-1, k)
     if jax.default_backend() == 'cpu' and self.values.ndim == 2 and x_RK.shape[0] <= CHUNKED_MAX_ROWS:
       y = chunked_matmul(x_RK, self)
+    elif self.bits == 8:  # one scale per output channel commutes with the contraction: scale the sum
+      y = jnp.dot(x_RK.astype(self.dtype), self.values.astype(self.dtype), preferred_element_type=jnp.float32)
+      y = y * self.scales[..., 0, :].astype(jnp.float32)
     else:
       y = jnp.dot(x_RK.astype(self.dtype), dequantize(self).reshape(k, m), preferred_element_type=jnp.float32)
     return y.astype(preferred_element_type or self.dtype).reshape(*lead, *self.shape[n_in:])
@@ -88,6 +105,12 @@ class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
 
 def is_qtensor(x: Any) -> bool:
   return isinstance(x, QTensor)
+
+
+def unbox(tree: Any) -> Any:
+  """`flax.linen.meta.unbox` that keeps QTensors (whose own unbox would dequantize them)."""
+  return jax.tree_util.tree_map(lambda x: x if is_qtensor(x) else meta.unbox(x), tree,
+                                is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 
 
 def pack_int4(q: jax.Array) -> jax.Array:
@@ -133,12 +156,9 @@ def quantize_kernel(w: jax.Array, num_input_axes: int, lead: int, *, bits: int, 
   return QTensor(values, scales, shape=shape, bits=bits, num_input_axes=num_input_axes, dtype=jnp.dtype(dtype).name)
 
 
-_REPORTED_GROUP_SIZES: set[tuple[str, int, int]] = set()  # (kernel, input size, group size) said once
-
-
 def int4_group_size(k: int, group_size: int, name: str = 'kernel') -> int:
   """The int4 group size of a kernel with input size `k`: `group_size` (config.quant.group_size) when it divides k,
-  else the largest even divisor of k below it, logged once per kernel. Groups are even (int4 packs rows in pairs);
+  else the largest even divisor of k below it, logged (once per quantized kernel). Groups are even (int4 packs rows in pairs);
   a group size <= 0 or odd, or an odd k, raises ConfigError."""
   if group_size <= 0 or group_size % 2:
     raise config_lib.ConfigError(f'config.quant.group_size={group_size}: must be even and > 0 (int4 packs two rows '
@@ -149,11 +169,28 @@ def int4_group_size(k: int, group_size: int, name: str = 'kernel') -> int:
   if not size:
     raise config_lib.ConfigError(f'int4: the input size {k} of {name} is odd; int4 needs an even input size (set '
                                  "config.quant.mode to 'int8')")
-  if (name, k, group_size) not in _REPORTED_GROUP_SIZES:
-    _REPORTED_GROUP_SIZES.add((name, k, group_size))
-    logging.warning('int4: config.quant.group_size=%d does not divide the input size %d of %s; using group size %d '
-                    'for it (the largest even divisor below)', group_size, k, name, size)
+  logging.warning('int4: config.quant.group_size=%d does not divide the input size %d of %s; using group size %d '
+                  'for it (the largest even divisor below)', group_size, k, name, size)
   return size
+
+
+def with_axis_names(t: QTensor, kernel: Any) -> QTensor:
+  """`t` with the logical axis names of the boxed kernel it was quantized from ([*lead, *in, *out] -> the names of
+  the lead axes, the first input and the first output axis: a flattened K or M is split over the mesh as its leading
+  axis would be); `t` unchanged when the kernel carries no names."""
+  names = getattr(kernel, 'names', None)
+  if names is None:
+    return t
+  lead = t.values.ndim - 2
+  return t.replace(names=(*names[:lead], names[lead], names[lead + t.num_input_axes]))
+
+
+def names_like(like: Any, params: Any) -> Any:
+  """`params` with each QTensor given the axis names of the QTensor at its place in `like` (abstract params of the
+  same structure, e.g. the ones shardings were derived from), so that the two trees have the same structure."""
+  def copy(x, y):
+    return y.replace(names=x.names) if is_qtensor(x) and is_qtensor(y) else y
+  return jax.tree_util.tree_map(copy, unbox(like), params, is_leaf=is_qtensor)
 
 
 def dequantize(t: QTensor, dtype: Any = None) -> jax.Array:
@@ -236,14 +273,16 @@ def quantize_params(params: Any, model_cfg: ml_collections.ConfigDict, quant_cfg
                      'dsjax.model.layout.for_decoding (quantized kernels keep their layout)')
   bits = 8 if quant_cfg.mode == 'int8' else 4
   dtype = jnp.dtype(model_cfg.dtype)
-  flat = flax.traverse_util.flatten_dict(meta.unbox(params))
+  flat = flax.traverse_util.flatten_dict(params)
   out = {}
-  for path, w in flat.items():
+  for path, boxed in flat.items():
+    w = meta.unbox(boxed)
     names = [str(getattr(p, 'key', p)) for p in path]
     if len(names) >= 2 and names[-1] == 'kernel' and names[-2] in INPUT_AXES:
       lead = 1 if names[0] == 'layers' else 0
-      out[path] = quantize_kernel(w, INPUT_AXES[names[-2]], lead, bits=bits, group_size=quant_cfg.group_size,
-                                  dtype=dtype, name='/'.join(names))
+      out[path] = with_axis_names(
+          quantize_kernel(w, INPUT_AXES[names[-2]], lead, bits=bits, group_size=quant_cfg.group_size, dtype=dtype,
+                          name='/'.join(names)), boxed)
     elif jnp.issubdtype(w.dtype, jnp.floating):
       out[path] = w.astype(dtype)
     else:

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from dsjax import config as config_lib
+from dsjax import quant
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -102,8 +103,15 @@ def placed(fn: Callable[..., Any], placement: Placement | None) -> Callable[...,
 
 def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
   """NamedSharding per leaf of any tree whose leaves are boxed with logical axis names (params, optimizer moments);
-  unboxed leaves (step counters, scalars) are replicated. Returns a tree shaped like the unboxed tree."""
-  specs = nn.get_partition_spec(boxed_tree)
+  unboxed leaves (step counters, scalars) are replicated; a quantized kernel (dsjax.quant.QTensor) gets one sharding
+  per array from its axis names. Returns a tree shaped like the unboxed tree."""
+  def spec(x):
+    if quant.is_qtensor(x):
+      return x.partition_specs()
+    if isinstance(x, nn.Partitioned):
+      return x.get_partition_spec()
+    return jax.sharding.PartitionSpec() if hasattr(x, 'shape') else None
+  specs = jax.tree_util.tree_map(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
 
 
@@ -119,6 +127,13 @@ def check_heads_divide(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.
       raise config_lib.ConfigError(
           f'config.model.{field}={model_cfg[field]}: must be divisible by the {devices} devices of mesh axes '
           f'{axes} that config.mesh.rules split `{logical}` over (config.mesh.tensor={mesh_cfg.tensor})')
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of a global batch (process p holds the p-th contiguous block of rows)."""
+  per_process = len(batch['inputs']) // jax.process_count()
+  rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+  return {k: v[rows] for k, v in batch.items()}
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> jax.sharding.NamedSharding:

@@ -18,7 +18,8 @@ PACKAGE = os.path.join(ROOT, 'dsjax')
 LAYERS = (
     ('dsjax', 'dsjax.config', 'dsjax.hlo', 'dsjax.distributed', 'dsjax.files'),
     ('dsjax.model',),
-    ('dsjax.quant', 'dsjax.lora'),                   # weight formats and adapters over the model
+    ('dsjax.quant',),                                # the quantized weight format
+    ('dsjax.lora',),                                 # adapters over the model (its frozen base may be quantized)
     ('dsjax.data', 'dsjax.sharding'),
     ('dsjax.checkpoint',),                           # the artifact format every part reads
     ('dsjax.train', 'dsjax.sample', 'dsjax.convert'),

@@ -11,13 +11,17 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from flax import linen as nn
+
 from dsjax import config as config_lib
 from dsjax import lora
+from dsjax import quant
 from dsjax.convert import hf
 from dsjax.model import Transformer
 from dsjax import checkpoint
 from dsjax.train import loop
 from dsjax.train import optimizer as optimizer_lib
+from dsjax.train import partition
 from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib
 from tests.model import helpers
@@ -43,15 +47,15 @@ def base_params(model_cfg, seed=0):
 
 def random_adapters(model_cfg, spec, seed=1, std=0.1):
   """Non-zero A and B (a fresh adapter has B = 0, which would hide layout mistakes)."""
-  shapes = lora.adapters_of(helpers.init_shapes(Transformer(model_cfg, lora=spec), jnp.zeros((1, 1), jnp.int32),
-                                                jnp.zeros((1, 1), jnp.int32)))
+  shapes = lora.adapters_of(nn.meta.unbox(lora.abstract_params(model_cfg, spec)))
   return helpers.random_like(shapes, seed=seed, std=std)
 
 
 def logits_of(model_cfg, params, tokens, spec=None):
   tokens = jnp.asarray(tokens)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  apply = helpers.jit(lambda p, t, pos: Transformer(model_cfg, lora=spec).apply({'params': p}, t, pos)[0])
+  model = Transformer(model_cfg) if spec is None else lora.LoraModel(Transformer(model_cfg), spec)
+  apply = helpers.jit(lambda p, t, pos: model.apply({'params': p}, t, pos)[0])
   return np.asarray(apply(params, tokens, positions))
 
 
@@ -188,20 +192,14 @@ def test_int8_base_matches_hand_quantization_and_stays_close_to_float(setup):
   cfg, base = setup['cfg'], setup['base']
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=('q_proj', 'v_proj'), base_int8=True)
   params = lora.add_adapters(base, cfg.model, spec, rng=jax.random.key(0))  # fresh: B = 0
-  q = params['layers']['mlp']['gate_proj']
-  assert q['kernel_int8'].nbytes == base['layers']['mlp']['gate_proj']['kernel'].size  # one byte per weight
+  gate = params['layers']['mlp']['gate_proj']['kernel']
+  assert quant.is_qtensor(gate) and gate.values.dtype == jnp.int8  # native int8, one byte per weight
+  assert gate.values.nbytes == base['layers']['mlp']['gate_proj']['kernel'].size
   ours = logits_of(cfg.model, params, TOKENS, spec)
   by_hand = logits_of(cfg.model, _quantized_by_hand(base), TOKENS)
   np.testing.assert_allclose(ours, by_hand, atol=ATOL, rtol=0)
   float_logits = logits_of(cfg.model, base, TOKENS)
   assert np.abs(ours - float_logits).max() < 0.05 * np.abs(float_logits).max()
-  # All 255 x 255 int8 pairs survive packing and an optimizer's `p + 0`.
-  values = np.arange(-127, 128)
-  pairs = np.stack(np.meshgrid(values, values), -1).reshape(-1, 2).astype(np.int8)
-  packed = lora.pack_int8(jnp.asarray(pairs))
-  assert packed.dtype == jnp.bfloat16 and packed.shape == (255 * 255, 1)
-  assert bool(jnp.isfinite(packed.astype(jnp.float32)).all())
-  np.testing.assert_array_equal(np.asarray(lora.unpack_int8(packed + jnp.zeros_like(packed))), pairs)
 
 
 def _batch(rows=4, length=16):
@@ -214,7 +212,7 @@ def _batch(rows=4, length=16):
 
 def _bits(x):
   x = np.asarray(x)
-  return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+  return x.view(f'u{x.dtype.itemsize}')
 
 
 @pytest.mark.parametrize('base_int8', [False, True])
@@ -228,17 +226,24 @@ def test_train_step_changes_only_adapters_and_lowers_the_loss(setup, base_int8):
     step_cfg.model.dropout_rate = spec.dropout  # what dsjax.train.loop does: the step passes a dropout rng
   else:
     step_cfg = cfg
-  model = Transformer(cfg.model, lora=spec)
-  optimizer = optimizer_lib.make_optimizer(cfg.optim, 20, trainable=lora.trainable_mask)
-  start = state_lib.train_state_from_params(lora.add_adapters(base, cfg.model, spec, rng=jax.random.key(3)),
-                                            optimizer)
+  model = lora.LoraModel(Transformer(cfg.model), spec)
+  optimizer = optimizer_lib.make_optimizer(cfg.optim, 20)
+  params = lora.add_adapters(base, cfg.model, spec, rng=jax.random.key(3))
+  mask = partition.trainable_mask(params, partition.ADAPTERS)
+  start = state_lib.train_state_from_params(params, optimizer, mask=mask)
   before = jax.tree_util.tree_map(np.asarray, start.params)
   # No optimizer state for frozen weights: the moments cover exactly the adapters.
   adapter_size = state_lib.param_count(lora.adapters_of(start.params))
   opt_leaves = [x for x in jax.tree_util.tree_leaves(start.opt_state) if x.ndim]
   assert sum(x.size for x in opt_leaves) == 2 * adapter_size
+  # The int8 base counts its weights exactly (not its bytes), plus the adapters.
+  assert state_lib.param_count(start.params) == state_lib.param_count(base) + adapter_size
+  if base_int8:
+    frozen = partition.split(start.params, mask)[1]
+    kernels = [x for x in jax.tree_util.tree_leaves(frozen, is_leaf=quant.is_qtensor) if quant.is_qtensor(x)]
+    assert len(kernels) == 7 and all(k.values.dtype == jnp.int8 for k in kernels)
 
-  train_step = helpers.jit(step_lib.make_train_step(model, optimizer, step_cfg))
+  train_step = helpers.jit(step_lib.make_train_step(model, optimizer, step_cfg, mask=mask))
   state, losses = start, []
   for _ in range(6):
     state, metrics = train_step(state, _batch(), jax.random.key(7))
@@ -246,14 +251,12 @@ def test_train_step_changes_only_adapters_and_lowers_the_loss(setup, base_int8):
   assert losses[-1] < losses[0] - 0.1, losses
 
   after = jax.tree_util.tree_map(np.asarray, state.params)
-  mask = lora.trainable_mask(before)
-  for (path, old), new, trainable in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after),
-                                         jax.tree_util.tree_leaves(mask)):
-    name = jax.tree_util.keystr(path)
-    if trainable:
-      assert not np.array_equal(old, new), name
-    else:
-      np.testing.assert_array_equal(_bits(old), _bits(new), err_msg=name)
+  (old_adapters, old_base), (new_adapters, new_base) = partition.split(before, mask), partition.split(after, mask)
+  for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_adapters), jax.tree_util.tree_leaves(new_adapters)):
+    assert not np.array_equal(old, new), jax.tree_util.keystr(path)
+  for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_base), jax.tree_util.tree_leaves(new_base)):
+    assert old.dtype == new.dtype, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(_bits(old), _bits(new), err_msg=jax.tree_util.keystr(path))
 
 
 def _loop_config(workdir):
@@ -283,7 +286,7 @@ def test_training_loop_writes_a_loadable_adapter_and_resumes(tmp_path):
   # The base stayed frozen: the int8 kernels in the final params dequantize to the hand-quantized base.
   expected = _quantized_by_hand(base)['layers']['mlp']['up_proj']['kernel']
   up = summary['params']['layers']['mlp']['up_proj']
-  np.testing.assert_allclose(lora.dequantize(up['kernel_int8'], up['kernel_scale'], lead=1), expected, atol=1e-6)
+  np.testing.assert_allclose(quant.dequantize(up['kernel'], jnp.float32), expected, atol=1e-6)
   # The merged model is a plain checkpoint.
   saved = checkpoint.load_config(summary['checkpoint'])
   assert not saved.lora.enabled

@@ -241,17 +241,15 @@ def test_bad_mode_and_group_size_errors(tiny):
     quant.quantize_params(params, cfg.model, cfg.quant)
 
 
-def test_int4_on_the_default_tiny_model_picks_a_group_size_dividing_each_kernel(caplog, monkeypatch):
+def test_int4_on_the_default_tiny_model_picks_a_group_size_dividing_each_kernel(caplog):
   """configs/tiny.py with the default quant.group_size=128: down_proj's input size 704 = 11 * 64 is no multiple of
-  128, so it gets 88 (the largest even divisor of 704 below 128), said once; the other kernels keep 128."""
+  128, so it gets 88 (the largest even divisor of 704 below 128), said once per quantization; the others keep 128."""
   cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py'))
   assert cfg.quant.group_size == 128 and cfg.model.mlp_dim == 704
   cfg.quant.mode = 'int4'
   params = init_params(cfg)
-  monkeypatch.setattr(quant, '_REPORTED_GROUP_SIZES', set())  # nothing said yet in this process
   with caplog.at_level(logging.WARNING):
     qparams = quant.quantize_params(params, cfg.model, cfg.quant)
-    quant.quantize_params(params, cfg.model, cfg.quant)
   said = [r.getMessage() for r in caplog.records if 'group_size=128' in r.getMessage()]
   assert len(said) == 1 and 'input size 704 of layers/mlp/down_proj/kernel' in said[0] and 'group size 88' in said[0]
   groups = {name: qparams['layers'][part][name]['kernel'].scales.shape[-2]

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_study() -> ablate.Study:
   return ablate.Study(
       name='attention_kinds',
-      description='Attention kind at configs/tiny.py scale (8 heads, 4 KV heads, seq_len 256), 300 steps.',
+      description='Attention kind at configs/tiny.py scale (8 heads, 4 KV heads, seq_len 256).',
       base=get_config(),
       runs=[
           ('full', {'model.attention.kind': 'full'}),

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_study() -> ablate.Study:
   return ablate.Study(
       name='positions', base=get_config(),
-      description='Positions at configs/tiny.py scale (seq_len 256), 300 steps.',
+      description='Positions at configs/tiny.py scale (seq_len 256).',
       runs=[
           ('rope', {'model.positions.kind': 'rope'}),
           ('rope_theta-500', {'model.positions.kind': 'rope', 'model.positions.rope_theta': 500.0}),

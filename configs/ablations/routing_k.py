@@ -25,4 +25,4 @@ def get_study() -> ablate.Study:
   runs['k-2_shared-2'] = {'model.attention.top_k': 2, 'model.attention.num_shared_heads': 2}
   return ablate.Study(name='routing_k', base=get_config(), runs=list(runs.items()),
                       description='Routed attention: top-k active heads of 8 (k=8 routes every head through the '
-                      'gates), plus 2 always-on shared heads with k=2; full attention for reference. 300 steps.')
+                      'gates), plus 2 always-on shared heads with k=2; full attention for reference.')

@@ -28,4 +28,4 @@ def get_study() -> ablate.Study:
                           names={'model.attention.num_global': 'global'}))
   return ablate.Study(name='sparse_window', base=base, runs=list(runs.items()),
                       description='Sparse attention window x global (sink) tokens at configs/tiny.py scale '
-                      '(seq_len 256), 300 steps; full attention for reference.')
+                      '(seq_len 256); full attention for reference.')

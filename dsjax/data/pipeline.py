@@ -33,12 +33,14 @@ idempotent, so an iterator still referenced by a module global prints a harmless
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -199,6 +201,34 @@ def make_dataset(data_cfg: Any, tokenizer: Tokenizer, *, split: str, batch_size:
       shuffle_bins=shuffle)
   ds = ds.batch(batch_size, batch_fn=_ToBatch(batch_size, tokenizer.pad_id))
   return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=PREFETCH_BATCHES)
+
+
+def eval_batches(data_cfg: Any, tokenizer: Tokenizer, batch_size: int) -> list[dict[str, np.ndarray]]:
+  """The first `data.eval_batches` batches of the held-out split: the same fixed set at every evaluation (every
+  process loads them all and feeds its own rows). An empty split raises ValueError."""
+  dataset = make_dataset(data_cfg, tokenizer, split='validation', batch_size=batch_size, seed=data_cfg.shuffle_seed,
+                         repeat=False)
+  batches = [{k: v for k, v in b.items() if k != 'source_ids'}
+             for b in itertools.islice(iter(dataset), data_cfg.eval_batches)]
+  if not batches:
+    raise ValueError('the validation split produced no batch: lower train.batch_size or data.seq_len, or raise '
+                     'data.validation_fraction')
+  return batches
+
+
+def for_training(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 num_shards: int) -> tuple[ShardedBatchIterator, list[dict[str, np.ndarray]]]:
+  """(this process's training batch iterator, the eval batches) of a run's config; an empty source or split raises
+  ConfigError naming the config field that points at it."""
+  try:
+    train_iter = ShardedBatchIterator(
+        cfg.data, tokenizer, split='train', global_batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
+        num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())
+    return train_iter, eval_batches(cfg.data, tokenizer, cfg.train.batch_size)
+  except ValueError as e:
+    where = f'config.data.mixture ({", ".join(cfg.data.mixture)})' if cfg.data.get('mixture') else (
+        f'config.data.source={cfg.data.source!r}')
+    raise config_lib.ConfigError(f'{where}: {e}') from e
 
 
 def process_shards(num_shards: int, process_index: int, process_count: int) -> range:

@@ -177,6 +177,16 @@ def from_config(data_cfg: Any) -> Tokenizer:
   return load_tokenizer(data_cfg.tokenizer, **({} if data_cfg.tokenizer == 'byte' else names))
 
 
+def token_bytes_table(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+  """int32 [vocab_size]: UTF-8 bytes per token id (0 for specials and the padded ids beyond the tokenizer), so bits
+  per byte compare across tokenizers."""
+  if vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'model vocab_size={vocab_size} is smaller than the tokenizer\'s {tokenizer.vocab_size} ids')
+  table = np.zeros((vocab_size,), np.int32)
+  table[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
+  return table
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, *, pad_token: str = '<pad>',
               bos_token: str = '<s>', eos_token: str = '</s>', min_frequency: int = 2,
               show_progress: bool = False) -> HFTokenizer:

@@ -1,8 +1,8 @@
 """Evaluation harness: held-out loss / bits per byte (`perplexity`), code completion exact match on held-out
 functions (`completion`), multiple-choice accuracy by log-likelihood on MMLU-format JSONL (`multiple_choice`).
 
-`run_tasks` runs any of them on a model in memory (train.py calls it at the end of training when `eval.tasks` is
-set); `python -m dsjax.eval --checkpoint=DIR --tasks=perplexity,completion,mc --mc_file=FILE` runs them on a
+`run_tasks` runs any of them on a model in memory (the `EvalTasks` hook, at the end of training when `eval.tasks`
+is set); `python -m dsjax.eval --checkpoint=DIR --tasks=perplexity,completion,mc --mc_file=FILE` runs them on a
 saved checkpoint.
 """
 from __future__ import annotations
@@ -10,14 +10,18 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 
 from dsjax import config as config_lib
+from dsjax import lora
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.eval import completion
 from dsjax.eval import multiple_choice
 from dsjax.eval import perplexity
 from dsjax.model import Transformer
+from dsjax.train import hooks as hooks_lib
+from dsjax.train import metrics as metrics_lib
 
 TASKS = ('perplexity', 'completion', 'mc')
 
@@ -78,3 +82,23 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
       elif isinstance(value, (int, str)) and not isinstance(value, bool):
         lines.append(f'{task:<12} {key:<16} {value}')
   return '\n'.join(lines)
+
+
+class EvalTasks(hooks_lib.Hook):
+  """At the end of training, the `eval.tasks` of the config on the final params (single-process runs): printed as a
+  table, written to metrics.jsonl as split `eval_tasks`, kept as `summary['eval_tasks']`."""
+
+  def on_end(self, run: hooks_lib.Run) -> None:
+    cfg = run.cfg
+    if 'eval' not in cfg or not cfg.eval.tasks or jax.process_count() != 1:
+      return
+    model, params = lora.plain_model(run.model, run.state.params)
+    with run.placement.activate():  # the tasks' jitted calls trace on the run's mesh (the kernels run per shard)
+      results = run_tasks(cfg, params, cfg.eval.tasks, model=model, tokenizer=run.tokenizer,
+                          mc_file=cfg.eval.mc_file, completion_examples=cfg.eval.completion_examples,
+                          completion_lines=cfg.eval.completion_lines)
+    metrics_lib.JsonlWriter(run.cfg.train.workdir if run.main_process else '').write({
+        'split': 'eval_tasks', 'step': int(run.state.step),
+        **{task: {k: v for k, v in r.items() if k != 'predictions'} for task, r in results.items()}})
+    run.summary['eval_tasks'] = results
+    run.say(format_table(results))

@@ -13,15 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dsjax.data import pipeline
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.model import Transformer
 from dsjax.train import metrics as metrics_lib
-from dsjax.train import step as step_lib
-
-
-def token_bytes_table(tokenizer, vocab_size: int) -> np.ndarray:
-  """int32 [vocab_size]: UTF-8 bytes per token id (0 for specials and the padded ids beyond the tokenizer)."""
-  table = np.zeros((vocab_size,), np.int32)
-  table[:tokenizer.vocab_size] = tokenizer.token_byte_lengths()
-  return table
+from dsjax.train import objective as objective_lib
 
 
 def evaluate(cfg: ml_collections.ConfigDict, params: Any, *, model: nn.Module | None = None, tokenizer=None,
@@ -32,14 +28,12 @@ def evaluate(cfg: ml_collections.ConfigDict, params: Any, *, model: nn.Module | 
   Padding (segment 0) is excluded; bits per byte = nll_sum / ln 2 / bytes, where bytes counts the UTF-8 bytes the
   target tokens stand for (so byte-level and BPE models compare).
   """
-  from dsjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from dsjax.model import Transformer  # pylint: disable=g-import-not-at-top
-  from dsjax.train import loop  # pylint: disable=g-import-not-at-top  (loop imports dsjax.eval lazily too)
   tokenizer = tokenizer or tokenizer_lib.from_config(cfg.data)
   model = model or Transformer(cfg.model)
   if batches is None:
-    batches = loop.load_eval_batches(cfg, tokenizer)
-  eval_step = jax.jit(step_lib.make_eval_step(model, jnp.asarray(token_bytes_table(tokenizer, cfg.model.vocab_size))))
+    batches = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.batch_size)
+  table = tokenizer_lib.token_bytes_table(tokenizer, cfg.model.vocab_size)
+  eval_step = jax.jit(objective_lib.make_eval_step(model, jnp.asarray(table)))
   nll = tokens = num_bytes = 0.0
   for batch in batches:
     sums = jax.device_get(eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()}))

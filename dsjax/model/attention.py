@@ -15,7 +15,7 @@ import ml_collections
 from dsjax import config as config_lib
 from dsjax.model import attention_kernels
 from dsjax.model import dispatch
-from dsjax.model.layers import Linear, LoraSpec, lora_kwargs, to_dtype
+from dsjax.model.layers import Linear, to_dtype
 from dsjax.model.masks import make_attention_mask
 from dsjax.model.positions import apply_rope, sinusoid_embedding
 from dsjax.model.routing import HeadRouter
@@ -177,12 +177,9 @@ def attends_in_place(cfg: ml_collections.ConfigDict, slots: int, num_new: int) -
 class Attention(nn.Module):
   """Attention block body: projections, RoPE or XL encoding, masked attention, optional head routing.
 
-  `cfg` is the `model` config section; `lora` optionally adds adapters to the projections (dsjax/lora.py), whose
-  dropout is on unless `deterministic`.
+  `cfg` is the `model` config section.
   """
   cfg: ml_collections.ConfigDict
-  lora: LoraSpec | None = None
-  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
@@ -211,12 +208,9 @@ class Attention(nn.Module):
       k_pos = jnp.concatenate([mem_pos, positions], axis=1)
       k_seg = jnp.concatenate([mem_seg, segment_ids], axis=1)
 
-    lo = lambda name: lora_kwargs(self.lora, name, self.deterministic)
-    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **kw, **lo('q_proj'))(x)
-    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw,
-               **lo('k_proj'))(kv_in)
-    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw,
-               **lo('v_proj'))(kv_in)
+    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **kw)(x)
+    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw)(kv_in)
+    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw)(kv_in)
 
     if cfg.positions.kind not in ('rope', 'xl'):
       raise ValueError(f'model.positions.kind: unknown {cfg.positions.kind!r}, expected rope or xl')
@@ -264,7 +258,7 @@ class Attention(nn.Module):
         # 0..S-1 covers every visible distance when positions step by 1 within a document.
         distances = jnp.arange(k.shape[1])
         r = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'LD,DNH->LNH', name='r_proj',
-                   **kw, **lo('r_proj'))(sinusoid_embedding(distances, d))
+                   **kw)(sinusoid_embedding(distances, d))
         rel = RelativeBias(r, u, vb)
       if cache is not None and rel is None and x.shape[1] <= FEW_QUERIES:  # a decode step, a short chunk
         out = few_query_attention(q, k, v, positions, k_pos, segment_ids, k_seg, window=window,
@@ -275,8 +269,7 @@ class Attention(nn.Module):
     elif cache is None:
       out = attention_kernels.self_attention(path, q, k, v, positions, segment_ids, window=window,
                                              num_global=num_global, gates=gates, platform=call.platform)
-    out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw,
-                 **lo('o_proj'))(out)
+    out = Linear((n, h, d), ('heads', 'head_dim', 'embed'), 'BTNH,NHD->BTD', name='o_proj', **kw)(out)
     return out, router_loss, new_kv
 
 

@@ -11,7 +11,7 @@ from dsjax.model import cache as cache_lib
 from dsjax.model import layout
 from dsjax.model import partitioning
 from dsjax.model.attention import Attention, LayerCache, write_to_slots
-from dsjax.model.layers import MLP, Embedder, Linear, LoraSpec, RMSNorm, to_dtype
+from dsjax.model.layers import MLP, Embedder, Linear, RMSNorm, to_dtype
 
 Memory = dict[str, jax.Array]  # hidden [L, B, M, D], positions [B, M] int32, segment_ids [B, M] int32
 
@@ -41,7 +41,6 @@ class Block(nn.Module):
   -> ((x, cache k/v with the new tokens written in place), (router loss, new memory))."""
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
-  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, tuple[jax.Array, jax.Array] | None], mem_hidden: jax.Array | None,
@@ -59,11 +58,10 @@ class Block(nn.Module):
     memory = None if mem_hidden is None else (attn_norm(mem_hidden), mem_pos, mem_seg)
 
     cache = None if cache_kv is None else LayerCache(*cache_kv, *cache_meta)
-    h, router_loss, new_kv = Attention(cfg, self.lora, self.deterministic, name='attention')(
+    h, router_loss, new_kv = Attention(cfg, name='attention')(
         attn_norm(x), positions, segment_ids, memory, cache)
     y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, self.lora, self.deterministic,
-            name='mlp')(RMSNorm(name='mlp_norm', **norm)(y))
+    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, name='mlp')(RMSNorm(name='mlp_norm', **norm)(y))
     y = y + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
     new_mem = None
@@ -87,10 +85,8 @@ class Transformer(nn.Module):
   The layer loop follows the params' layout (dsjax/model/layout.py): the training layout (stacked layers: training,
   checkpoints) runs an `nn.scan`; the decoding layout (`layout.for_decoding`) runs the blocks unrolled, so that every
   weight is read where it lies. A cache needs the decoding layout.
-  `lora` (dsjax/lora.py): low-rank adapters on the projections it targets; every projection kernel is then frozen.
   """
   cfg: ml_collections.ConfigDict
-  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
@@ -133,7 +129,7 @@ class Transformer(nn.Module):
       kv, losses, hidden = [], [], []
       for i in range(cfg.num_layers):
         layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-        (x, new_layer_kv), (loss, layer_hidden) = block(cfg, deterministic, self.lora, name=layout.layer_name(i))(
+        (x, new_layer_kv), (loss, layer_hidden) = block(cfg, deterministic, name=layout.layer_name(i))(
             (x, layer_kv), None if mem_hidden is None else mem_hidden[i], *layer_args)
         kv.append(new_layer_kv)
         losses.append(loss)
@@ -148,7 +144,7 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: layout.STACKED})
-      (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, self.lora, name=layout.STACKED)(
+      (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, name=layout.STACKED)(
           (x, None), mem_hidden, *layer_args)
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
@@ -156,8 +152,7 @@ class Transformer(nn.Module):
       logits = embedder.decode(x)
     else:
       logits = Linear((cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), 'BTD,DV->BTV', cfg.init_std,
-                      dtype, param_dtype, preferred_element_type=jnp.float32, frozen=self.lora is not None,
-                      name='lm_head')(x)
+                      dtype, param_dtype, preferred_element_type=jnp.float32, name='lm_head')(x)
 
     new_memory = None
     if mem_hidden is not None:

@@ -1,12 +1,18 @@
-"""Training metrics that are not the loss itself: bits per byte, the unigram baseline, a JSONL log."""
+"""Training metrics: bits per byte, the unigram baseline, held-out evaluation, per-step logging (loss, tokens/s,
+MFU, divergence), a JSONL / TensorBoard log."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping
+import time
+from typing import Any, Callable, Iterable, Mapping
 
+import jax
+import ml_collections
 import numpy as np
+
+from dsjax.train import flops as flops_lib
 
 LN2 = math.log(2.0)
 
@@ -83,3 +89,57 @@ class MetricsLogger:
 
 def _plain(value: Any) -> Any:
   return value.item() if hasattr(value, 'item') else value
+
+
+def evaluate(eval_step: Callable[[Any, Any], dict[str, Any]], params: Any, batches: list[Any]) -> dict[str, float]:
+  """Held-out loss (nats per token) and bits per byte over fixed eval batches (eval_step: objective.make_eval_step)."""
+  sums = [eval_step(params, batch) for batch in batches]
+  nll, tokens, num_bytes = (float(sum(s[k] for s in sums)) for k in ('nll_sum', 'tokens', 'bytes'))
+  return {'loss': nll / max(tokens, 1.0), 'bits_per_byte': bits_per_byte(nll, num_bytes)}
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss (or gradient) stayed non-finite for more than `train.max_nonfinite_steps` consecutive steps."""
+
+
+class StepLogger:
+  """Reads each step's metrics (waiting for that step only), stops a diverged run, and every `train.log_every`
+  steps logs them with the learning rate, tokens/s and MFU since the last log (FLOPs per token from
+  dsjax.train.flops; MFU only where the device's peak is known) to `history`, the logger and the progress bar."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, learning_rate: Callable[[int], Any], logger: MetricsLogger,
+               bar: Any, say: Callable[[str], None]):
+    self.cfg, self.learning_rate, self.logger, self.bar, self.say = cfg, learning_rate, logger, bar, say
+    self.flops_per_token = flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
+    self.history: list[dict[str, Any]] = []
+    self.time, self.logged_tokens = time.time(), 0
+
+  def finish(self, step: int, device_metrics: Mapping[str, Any], tokens_through_step: int,
+             extra: Mapping[str, float] = ()) -> None:
+    """`device_metrics` of `step`, the run having fed `tokens_through_step` tokens up to it; `extra`: more fields
+    for the record (e.g. realised mixture shares)."""
+    cfg = self.cfg
+    streak = int(device_metrics['nonfinite_streak'])
+    if streak:
+      self.say(f'step {step}: non-finite loss or gradient, update skipped ({streak} in a row)')
+      if streak > cfg.train.max_nonfinite_steps:
+        raise TrainingDiverged(f'training diverged: {streak} consecutive steps up to step {step} had a non-finite '
+                               f'loss or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); '
+                               'lower optim.learning_rate or check the data')
+    if step % cfg.train.log_every and step != cfg.train.steps:
+      return
+    now = time.time()
+    tokens_per_sec = (tokens_through_step - self.logged_tokens) / max(now - self.time, 1e-9)
+    self.time, self.logged_tokens = now, tokens_through_step
+    record = {'step': step, **{k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()},
+              'learning_rate': float(self.learning_rate(step - 1)), 'tokens_per_sec': tokens_per_sec, **dict(extra)}
+    mfu = flops_lib.mfu(tokens_per_sec, self.flops_per_token, jax.device_count(), self.peak)
+    if mfu is not None:
+      record['mfu'] = mfu
+    self.history.append(record)
+    self.logger.write('train', record)
+    postfix = dict(loss=f'{record["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
+    if mfu is not None:
+      postfix['mfu'] = f'{mfu:.1%}'
+    self.bar.set_postfix(**postfix)

@@ -1,8 +1,7 @@
-"""The optax optimizer: clip_by_global_norm -> AdamW with a warmup + cosine schedule, no decay on norms/biases;
-optionally masked so only some params (LoRA adapters) train."""
+"""The optax optimizer: clip_by_global_norm -> AdamW with a warmup + cosine schedule, no decay on norms/biases."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -30,13 +29,9 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
-                   trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
-  """The training optimizer; its state mirrors the (fp32 master) params' dtype.
-
-  `trainable(params)` -> a tree of bools (e.g. dsjax.lora.trainable_mask; boxed params may be single leaves):
-  only those params are clipped and updated; the others get zero updates and no optimizer state at all.
-  """
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """The training optimizer; its state mirrors the (fp32 master) params' dtype. The train step gives it only the
+  trainable params (dsjax/train/partition.py), so frozen params have no optimizer state."""
   parts = []
   if optim_cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
@@ -48,14 +43,4 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
       weight_decay=optim_cfg.weight_decay,
       mask=weight_decay_mask,
   ))
-  optimizer = optax.chain(*parts)
-  if trainable is None:
-    return optimizer
-  return masked(optimizer, trainable)
-
-
-def masked(inner: optax.GradientTransformation, trainable: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """`inner` on the params `trainable` marks, zero updates (optax.set_to_zero, no state) for the rest."""
-  def labels(params):
-    return jax.tree_util.tree_map(lambda t: 'trainable' if t else 'frozen', trainable(params))
-  return optax.multi_transform({'trainable': inner, 'frozen': optax.set_to_zero()}, labels)
+  return optax.chain(*parts)

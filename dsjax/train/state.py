@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dsjax import quant
 from dsjax import sharding as sharding_lib
+from dsjax.train import partition
 
 
 @flax.struct.dataclass
@@ -29,18 +31,33 @@ def init_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
   return model.init({'params': rng}, tokens, positions)['params']
 
 
-def _state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+def _mask(params: Any, mask: Any) -> Any:
+  return partition.trainable_mask(params, partition.ALL) if mask is None else mask
+
+
+def _state(params: Any, optimizer: optax.GradientTransformation, mask: Any = None) -> TrainState:
+  """Step 0 around `params`: optimizer state for the trainable part (`mask`, default all) only."""
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=optimizer.init(params), nonfinite=zero)
+  trainable = partition.split(params, _mask(params, mask))[0]
+  return TrainState(step=zero, params=params, opt_state=optimizer.init(trainable), nonfinite=zero)
 
 
 def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int,
-                    mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> TrainState:
+                    mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict, *, params: Any = None,
+                    mask: Any = None) -> TrainState:
   """NamedSharding of every leaf of the train state: params and the optimizer moments follow the params' logical
-  axes through `mesh.rules` (fsdp shards `embed`, tensor shards heads/mlp/vocab); counters are replicated."""
+  axes through `mesh.rules` (fsdp shards `embed`, tensor shards heads/mlp/vocab); counters are replicated.
+  `params`: boxed abstract params when they are not the model's init (a LoRA run's int8 base); `mask`: trainable."""
   # optax maps over the boxed params, so the moments keep the params' nn.Partitioned boxes and axis names.
-  boxed = jax.eval_shape(lambda rng: _state(init_params(model, rng, seq_len), optimizer), jax.random.key(0))
+  if params is None:
+    params = jax.eval_shape(lambda rng: init_params(model, rng, seq_len), jax.random.key(0))
+  boxed = jax.eval_shape(lambda p: _state(p, optimizer, mask), params)
   return sharding_lib.logical_shardings(boxed, mesh, mesh_cfg)
+
+
+def abstract_state(params: Any, optimizer: optax.GradientTransformation, mask: Any = None) -> TrainState:
+  """The unboxed abstract state around (boxed or not) abstract params: what a checkpoint restores into."""
+  return jax.eval_shape(lambda p: _state(quant.unbox(p), optimizer, mask), params)
 
 
 def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array, seq_len: int,
@@ -51,11 +68,14 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, 
 
 
 def train_state_from_params(params: Any, optimizer: optax.GradientTransformation,
-                            shardings: TrainState | None = None) -> TrainState:
-  """A state at step 0 around existing params (e.g. an imported checkpoint), with a fresh optimizer state."""
-  return jax.jit(lambda p: _state(p, optimizer), out_shardings=shardings)(params)
+                            shardings: TrainState | None = None, mask: Any = None) -> TrainState:
+  """A state at step 0 around existing params (e.g. an imported checkpoint), with a fresh optimizer state for the
+  params `mask` marks trainable (default all)."""
+  return jax.jit(lambda p: _state(p, optimizer, mask), out_shardings=shardings)(params)
 
 
 def param_count(params: Any) -> int:
-  """Number of scalars in a (possibly abstract, possibly boxed) params tree."""
-  return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params)))
+  """Number of weights in a (possibly abstract, possibly boxed) params tree; a quantized kernel counts the weights
+  it stands for (not its bytes or scales)."""
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return sum(int(x.size) if quant.is_qtensor(x) else int(nn.meta.unbox(x).size) for x in leaves)

@@ -15,7 +15,7 @@ from dsjax.convert import hf
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax import checkpoint
-from dsjax.train import loop
+from dsjax.train import start as start_lib
 from tests.lazy import torch, transformers  # imported on first use (the `hf` extra)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -288,11 +288,11 @@ def test_train_py_starts_from_an_imported_checkpoint(tmp_path):
   hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'))
   cfg = checkpoint.load_config(str(tmp_path / 'ckpt'))
   saved = checkpoint.load_params(str(tmp_path / 'ckpt'), cfg.model)
-  for a, b in zip(jax.tree_util.tree_leaves(loop.initial_params(cfg)), jax.tree_util.tree_leaves(saved)):
+  for a, b in zip(jax.tree_util.tree_leaves(start_lib.checkpoint_params(cfg)), jax.tree_util.tree_leaves(saved)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   cfg.model.num_layers = 3
   with pytest.raises(ValueError, match='num_layers'):
-    loop.initial_params(cfg)
+    start_lib.checkpoint_params(cfg)
   result = subprocess.run(
       [sys.executable, 'train.py', f'--config={tmp_path / "ckpt" / "config.py"}', '--config.train.steps=2',
        '--config.train.batch_size=8', '--config.data.seq_len=32', '--config.data.eval_batches=1',

@@ -18,6 +18,7 @@ from dsjax.eval import completion, multiple_choice, perplexity
 from dsjax.model import Transformer
 from dsjax import checkpoint
 from dsjax.train import loop
+from dsjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MMLU_TINY = os.path.join(ROOT, 'tests', 'fixtures', 'mmlu_tiny.jsonl')
@@ -122,7 +123,7 @@ def test_malformed_record_names_file_and_line(tmp_path, line, why):
 
 def test_bits_per_byte_matches_a_hand_computation(model_and_params):
   cfg, model, params = model_and_params
-  batches = loop.load_eval_batches(cfg, TOK)
+  batches = pipeline.eval_batches(cfg.data, TOK, cfg.train.batch_size)
   result = perplexity.evaluate(cfg, params, model=model, tokenizer=TOK)
   nll = tokens = num_bytes = 0.0
   for b in batches:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import experiment
 from dsjax.data import corpus
 from dsjax.data import mixture
-from dsjax.train import loop
+from dsjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,9 +69,9 @@ def byte_unigram_nats(cfg, eval_batches):
 def test_short_run_beats_the_unigram_baseline(tmp_path):
   cfg = small_config()
   cfg.train.workdir = str(tmp_path)
-  summary = loop.train(cfg)
+  summary = experiment.train(cfg)
   from dsjax.data import tokenizer as tokenizer_lib
-  eval_batches = loop.load_eval_batches(cfg, tokenizer_lib.load_tokenizer('byte'))
+  eval_batches = pipeline.eval_batches(cfg.data, tokenizer_lib.load_tokenizer('byte'), cfg.train.batch_size)
   unigram = byte_unigram_nats(cfg, eval_batches)
   final = summary['final_eval']['loss']
   assert 3.0 < unigram < 4.0  # Python source is ~4.4-4.8 bits per byte under a unigram model
@@ -115,7 +116,7 @@ def test_every_variant_trains(overrides):
   cfg.train.log_every = 1
   cfg.train.eval_every = 1000
   cfg.train.num_samples = 0
-  summary = loop.train(cfg)
+  summary = experiment.train(cfg)
   history = summary['history']
   assert all(np.isfinite(r['loss']) for r in history)
   assert history[-1]['loss'] < history[0]['loss'] - 0.5, history
@@ -147,6 +148,7 @@ def test_default_train_py_run_beats_unigram_by_a_wide_margin(tmp_path):
   final = [r for r in records if r['split'] == 'validation'][-1]
   cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py'))
   from dsjax.data import tokenizer as tokenizer_lib
-  unigram_nats = byte_unigram_nats(cfg, loop.load_eval_batches(cfg, tokenizer_lib.load_tokenizer('byte')))
+  unigram_nats = byte_unigram_nats(
+      cfg, pipeline.eval_batches(cfg.data, tokenizer_lib.load_tokenizer("byte"), cfg.train.batch_size))
   assert final['loss'] < unigram_nats - 1.0, (final, unigram_nats)
   assert result.stdout.count('--- sample ---') == cfg.train.num_samples
