@@ -108,6 +108,13 @@ def test_merge_equals_peft_merge_and_the_adapter_logits(setup):
 
 def test_save_peft_files_and_load_round_trip(setup, tmp_path):
   cfg, params, d = setup['cfg'], setup['params'], setup['dir'] / 'adapter'
+  old_umask = os.umask(0o022)
+  try:  # the weights get the mode any new file gets (safetensors alone writes 0600), like the config beside them
+    lora.save_peft(str(tmp_path / 'modes'), params, cfg.model, SPEC)
+  finally:
+    os.umask(old_umask)
+  for name in (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):
+    assert os.stat(tmp_path / 'modes' / name).st_mode & 0o777 == 0o644, name
   with open(d / lora.ADAPTER_CONFIG) as f:
     config = json.load(f)
   assert (config['peft_type'], config['r'], config['lora_alpha'], sorted(config['target_modules'])) == (
