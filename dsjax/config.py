@@ -126,7 +126,8 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
   if a.kind == 'routed':
     routed = m.num_heads - a.num_shared_heads
     if routed < 1:
-      fail_model('attention.num_shared_heads', f'must be < {prefix}.num_heads={m.num_heads} so that some heads are routed')
+      fail_model('attention.num_shared_heads',
+                 f'must be < {prefix}.num_heads={m.num_heads} so that some heads are routed')
     if a.top_k > routed:
       fail_model('attention.top_k', f'must be <= the {routed} routed heads')
 

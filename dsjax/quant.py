@@ -158,7 +158,8 @@ def quantize_kernel(w: jax.Array, num_input_axes: int, lead: int, *, bits: int, 
 
 def int4_group_size(k: int, group_size: int, name: str = 'kernel') -> int:
   """The int4 group size of a kernel with input size `k`: `group_size` (config.quant.group_size) when it divides k,
-  else the largest even divisor of k below it, logged (once per quantized kernel). Groups are even (int4 packs rows in pairs);
+  else the largest even divisor of k below it, logged (once per quantized kernel). Groups are even (int4 packs
+  rows in pairs);
   a group size <= 0 or odd, or an odd k, raises ConfigError."""
   if group_size <= 0 or group_size % 2:
     raise config_lib.ConfigError(f'config.quant.group_size={group_size}: must be even and > 0 (int4 packs two rows '

@@ -259,7 +259,8 @@ def test_train_step_changes_only_adapters_and_lowers_the_loss(setup, base_int8):
 
   after = jax.tree_util.tree_map(np.asarray, state.params)
   (old_adapters, old_base), (new_adapters, new_base) = partition.split(before, mask), partition.split(after, mask)
-  for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_adapters), jax.tree_util.tree_leaves(new_adapters)):
+  for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_adapters),
+                              jax.tree_util.tree_leaves(new_adapters)):
     assert not np.array_equal(old, new), jax.tree_util.keystr(path)
   for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_base), jax.tree_util.tree_leaves(new_base)):
     assert old.dtype == new.dtype, jax.tree_util.keystr(path)

@@ -192,9 +192,12 @@ _OWN_RULES = (
 
 def _detect_secrets_rules(high_entropy: bool) -> list[_Rule]:
   """The regexes of detect-secrets' plugins as `_Rule`s (see `_DS_TYPES`)."""
-  from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class  # pylint: disable=g-import-not-at-top  (detect-secrets: only when scrubbing)
-  from detect_secrets.plugins.base import RegexBasedDetector  # pylint: disable=g-import-not-at-top  (detect-secrets: only when scrubbing)
-  from detect_secrets.plugins.high_entropy_strings import HighEntropyStringsPlugin  # pylint: disable=g-import-not-at-top  (detect-secrets: only when scrubbing)
+  # detect-secrets loads its plugins on import: imported only when scrubbing.
+  from detect_secrets.core.plugins.util import (  # pylint: disable=g-import-not-at-top  (scrubbing only)
+      get_mapping_from_secret_type_to_class)
+  from detect_secrets.plugins.base import RegexBasedDetector  # pylint: disable=g-import-not-at-top  (scrubbing only)
+  from detect_secrets.plugins.high_entropy_strings import (  # pylint: disable=g-import-not-at-top  (scrubbing only)
+      HighEntropyStringsPlugin)
 
   rules = []
   for secret_type, cls in sorted(get_mapping_from_secret_type_to_class().items()):

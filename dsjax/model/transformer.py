@@ -61,7 +61,8 @@ class Block(nn.Module):
     h, router_loss, new_kv = Attention(cfg, name='attention')(
         attn_norm(x), positions, segment_ids, memory, cache)
     y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, name='mlp')(RMSNorm(name='mlp_norm', **norm)(y))
+    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, name='mlp')(
+        RMSNorm(name='mlp_norm', **norm)(y))
     y = y + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
     new_mem = None

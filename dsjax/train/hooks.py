@@ -5,7 +5,8 @@ after the last step (unless preempted) `hook.on_end(run)`. A hook reads the run 
 state, mesh, logger) and writes what it produced into `run.summary`. The loop's own hooks live here (periodic eval,
 preemption, checkpoints, final eval and model export; `for_run` lists them); features bring theirs: the LoRA
 export (dsjax/lora.py), the privacy report (dsjax/privacy.py), samples (dsjax/sample/text.py), eval tasks
-(dsjax/eval/__init__.py). A hook is any object with `on_step` and `on_end` (and optionally `close`). `dsjax.experiment.train` runs the loop with all that the config asks for.
+(dsjax/eval/__init__.py). A hook is any object with `on_step` and `on_end` (and optionally `close`);
+`dsjax.experiment.train` runs the loop with all that the config asks for.
 """
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def train(cfg: ml_collections.ConfigDict, hooks: Sequence[hooks_lib.Hook] = ()) 
                      eval_tasks=None, preempted=False)
   say(start_lib.describe(cfg, mesh, state.params, mask, resume_step, step_logger.peak is not None))
   say(mixture.format_report(train_iter.components, data_summary, cfg.data.mixture_unit))
-  logger.write('data', {'step': start_step, **data_summary, 'weights': {c.name: c.weight for c in train_iter.components}})
+  logger.write('data', {'step': start_step, **data_summary,
+                        'weights': {c.name: c.weight for c in train_iter.components}})
   if len(train_iter.stages) > 1:
     say('curriculum: ' + '; '.join(f'from step {s.start + 1}: seq_len {s.seq_len}, fim_rate {s.fim_rate:g}'
                                    for s in train_iter.stages))

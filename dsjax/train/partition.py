@@ -51,7 +51,8 @@ def trainable_mask(params: Any, spec: str) -> Any:
   if not prefixes or unmatched:
     raise config_lib.ConfigError(
         f'config.train.trainable={spec!r}: ' + (f'{unmatched} match no parameter' if unmatched else 'empty') +
-        f"; expected 'auto', 'all', 'adapters' or subtree paths such as {sorted({p.rsplit('/', 1)[0] for p in paths})[:6]}")
+        f"; expected 'auto', 'all', 'adapters' or subtree paths such as "
+        f"{sorted({p.rsplit('/', 1)[0] for p in paths})[:6]}")
   return jax.tree_util.tree_map_with_path(
       lambda p, _: any(_path(p) == s or _path(p).startswith(s + '/') for s in prefixes), params, is_leaf=is_leaf)
 
