@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import lora
+from dsjax import quant
 from dsjax import sharding as sharding_lib
 from dsjax.model import Transformer
 from dsjax.train import optimizer as optimizer_lib
+from dsjax.train import partition
+from dsjax.train import start as start_lib
 from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib
 
@@ -163,3 +167,44 @@ def test_non_finite_loss_skips_the_update():
   assert int(again.nonfinite) == 2
   fine, metrics = step(state, random_batch(), jax.random.key(1))
   assert int(fine.nonfinite) == 0 and float(metrics['skipped']) == 0.0
+
+
+def test_lora_int8_base_is_sharded_like_its_float_kernel_and_steps_as_on_one_device():
+  """A LoRA run's abstract state on an fsdp x tensor mesh: the int8 QTensor values of each projection are split as
+  the float kernel's leading input / output axes are (embed over fsdp, heads / mlp over tensor); one step on the
+  mesh gives the adapters of the one-device step, and the frozen int8 base does not move."""
+  def run(cfg, devices):
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+    model = start_lib.model_for_run(cfg)
+    abstract = start_lib.abstract_params(cfg, model)
+    mask = partition.trainable_mask(abstract, partition.spec_for_run(cfg))
+    optimizer = optimizer_lib.make_optimizer(cfg.optim, 10)
+    shardings = state_lib.state_shardings(model, optimizer, SEQ, mesh, cfg.mesh, params=abstract, mask=mask)
+    params = start_lib.initial_params(cfg, model, jax.random.key(0), mesh, shardings.params)
+    state = state_lib.train_state_from_params(params, optimizer, shardings, mask)
+    batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)
+    step = jax.jit(step_lib.make_train_step(model, optimizer, cfg, mask=mask),
+                   in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None))
+    with sharding_lib.Placement.of(mesh, cfg.mesh).activate():
+      new_state, _ = step(state, sharding_lib.global_batch(random_batch(), batch_sharding), jax.random.key(1))
+    return state, new_state, shardings
+
+  def lora_cfg(**mesh):
+    cfg = tiny_cfg(**mesh)
+    cfg.lora.enabled, cfg.lora.rank, cfg.lora.base_int8, cfg.lora.dropout = True, 4, True, 0.0
+    return cfg
+
+  start, sharded, shardings = run(lora_cfg(fsdp=4, tensor=2), None)
+  q = shardings.params['layers']['attention']['q_proj']['kernel']
+  assert quant.is_qtensor(q)
+  assert q.values.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')  # [layers, D, N*H]
+  assert q.scales.spec == jax.sharding.PartitionSpec(None, None, 'tensor')
+  down = shardings.params['layers']['mlp']['down_proj']['kernel']
+  assert down.values.spec == jax.sharding.PartitionSpec(None, 'tensor', 'fsdp')  # [layers, F, D]
+  _, single, _ = run(lora_cfg(), jax.devices()[:1])
+  got, want = lora.adapters_of(sharded.params), lora.adapters_of(single.params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+  before = start.params['layers']['mlp']['up_proj']['kernel']
+  after = sharded.params['layers']['mlp']['up_proj']['kernel']
+  assert after.values.dtype == jnp.int8 and np.array_equal(np.asarray(before.values), np.asarray(after.values))
