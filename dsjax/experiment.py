@@ -39,6 +39,7 @@ def where_to_look(cfg: ml_collections.ConfigDict, summary: dict[str, Any]) -> st
   lines.append(f'  resumable state:   {os.path.join(workdir, "checkpoints")}')
   if summary.get('checkpoint'):
     ckpt = os.path.relpath(summary['checkpoint'])
+    ckpt = summary['checkpoint'] if ckpt.startswith('..') else ckpt  # outside this folder: the absolute path
     lines += ['next:', f"  python sample.py --checkpoint={ckpt} --prompt='def fibonacci(n):'",
               f'  python serve.py --checkpoint={ckpt}']
   return '\n'.join(lines)

@@ -57,6 +57,7 @@ def test_where_to_look_names_the_files_and_the_commands(tmp_path):
   summary = {'checkpoint': str(tmp_path / 'run' / 'checkpoint')}
   text = experiment.where_to_look(cfg, summary)
   ckpt = os.path.relpath(summary['checkpoint'])
+  ckpt = summary['checkpoint'] if ckpt.startswith('..') else ckpt
   assert f'python sample.py --checkpoint={ckpt}' in text and f'python serve.py --checkpoint={ckpt}' in text
   assert os.path.join(str(tmp_path / 'run'), 'metrics.jsonl') in text
   cfg.train.workdir = ''
