@@ -296,10 +296,12 @@ def test_train_py_starts_from_an_imported_checkpoint(tmp_path):
   result = subprocess.run(
       [sys.executable, 'train.py', f'--config={tmp_path / "ckpt" / "config.py"}', '--config.train.steps=2',
        '--config.train.batch_size=8', '--config.data.seq_len=32', '--config.data.eval_batches=1',
-       '--config.train.num_samples=1', '--config.sample.max_new_tokens=3', '--config.model.dtype=float32'],
+       '--config.train.num_samples=1', '--config.sample.max_new_tokens=3', '--config.model.dtype=float32',
+       f'--config.train.workdir={tmp_path / "continued"}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'final held-out loss' in result.stdout
+  assert f'initialised from {tmp_path / "ckpt"}' in result.stdout  # a new run from the checkpoint, said so
 
 
 def test_published_deepseek_coder_config_maps_onto_the_preset():

@@ -125,16 +125,18 @@ def test_every_variant_trains(overrides):
 
 
 @pytest.mark.slow  # over 30 s on 2 cores (2026-12-02)
-def test_train_py_runs_with_command_line_overrides():
+def test_train_py_runs_with_command_line_overrides(tmp_path):
   result = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/tiny.py', '--config.model.attention.kind=sparse',
+       f'--config.train.workdir={tmp_path}',
        '--config.train.steps=3', '--config.train.batch_size=8', '--config.data.seq_len=64',
        '--config.data.eval_batches=1', '--config.train.num_samples=1', '--config.sample.max_new_tokens=4',
        '--config.model.num_layers=1'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'attention=sparse' in result.stdout + result.stderr
-  assert 'final held-out loss' in result.stdout and '--- sample ---' in result.stdout
+  assert 'final held-out loss' in result.stdout and '--- sample 1/1 ---' in result.stdout
+  assert f'python sample.py --checkpoint={tmp_path}/checkpoint' in result.stdout  # the run says where it is
 
 
 @pytest.mark.slow
