@@ -153,4 +153,6 @@ def test_default_train_py_run_beats_unigram_by_a_wide_margin(tmp_path):
   unigram_nats = byte_unigram_nats(
       cfg, pipeline.eval_batches(cfg.data, tokenizer_lib.load_tokenizer("byte"), cfg.train.batch_size))
   assert final['loss'] < unigram_nats - 1.0, (final, unigram_nats)
-  assert result.stdout.count('--- sample ---') == cfg.train.num_samples
+  n = cfg.train.num_samples
+  assert all(f'--- sample {i}/{n} ---' in result.stdout for i in range(1, n + 1)), result.stdout[-2000:]
+  assert f'python sample.py --checkpoint={tmp_path}/checkpoint' in result.stdout
