@@ -187,8 +187,8 @@ def with_axis_names(t: QTensor, kernel: Any) -> QTensor:
 
 
 def names_like(like: Any, params: Any) -> Any:
-  """`params` with each QTensor given the axis names of the QTensor at its place in `like` (abstract params of the
-  same structure, e.g. the ones shardings were derived from), so that the two trees have the same structure."""
+  """`params` with each QTensor given the axis names of the QTensor at its place in `like` (abstract params or
+  their shardings, of the same structure), so that the two trees have the same structure."""
   def copy(x, y):
     return y.replace(names=x.names) if is_qtensor(x) and is_qtensor(y) else y
   return jax.tree_util.tree_map(copy, unbox(like), params, is_leaf=is_qtensor)

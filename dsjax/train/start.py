@@ -73,7 +73,7 @@ def initial_params(cfg: ml_collections.ConfigDict, model: Any, rng: jax.Array, m
   else:
     base = jax.jit(lambda r: nn.meta.unbox(state_lib.init_params(model.model, r, cfg.data.seq_len)))(rng)
   params = lora_lib.add_adapters(base, cfg.model, model.spec, rng, adapters)
-  return quant.names_like(abstract_params(cfg, model), params)  # the int8 base's axis names, as in `shardings`
+  return quant.names_like(shardings, params)  # the int8 base's axis names, as its shardings carry them
 
 
 def check(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_shards: int) -> None:
