@@ -27,12 +27,19 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'    # storage dtype of the (master) parameters
   m.remat = 'none'             # none | full | dots (save matmul outputs, recompute the rest)
   m.init_std = 0.02
+  m.qkv_bias = False           # biases on q/k/v projections (Qwen2, DeepSeek-R1-Distill-Qwen)
 
   p = m.positions = ml_collections.ConfigDict()
   p.kind = 'rope'              # rope | xl
   p.rope_theta = 10000.0
   p.rope_scaling_factor = 1.0  # linear scaling (DeepSeek-Coder uses 4.0): positions / factor
   p.mem_len = 0                # xl: number of previous hidden states kept per layer as memory
+  p.rope_scaling = 'linear'    # linear (positions / rope_scaling_factor) | yarn (DeepSeek-V2/V3; fields below)
+  p.yarn_original_max_positions = 4096  # yarn: the context the model was pretrained with
+  p.yarn_beta_fast = 32.0      # yarn: frequency ramp bounds, in rotations over the original context
+  p.yarn_beta_slow = 1.0
+  p.yarn_mscale = 1.0          # yarn: attention temperature terms (HF rope_scaling mscale, mscale_all_dim)
+  p.yarn_mscale_all_dim = 0.0
 
   a = m.attention = ml_collections.ConfigDict()
   a.kind = 'full'              # full | sparse | routed
@@ -46,6 +53,42 @@ def get_config() -> ml_collections.ConfigDict:
   a.num_shared_heads = 0       # routed: heads always active (the first ones), not routed
   a.sparse_mask = False        # routed: also apply the sparse window + global mask
   a.router_aux_weight = 0.01   # routed: weight of the load-balance loss in the training loss
+
+  # Multi-head latent attention (DeepSeek-V2 section 2.1; dsjax/model/mla.py): on when kv_lora_rank > 0. Keys and
+  # values come from a compressed latent of kv_lora_rank numbers per token plus one shared RoPE key of
+  # qk_rope_head_dim; the decode cache holds those. The attention kinds' masks (full, sparse) apply to it.
+  la = m.mla = ml_collections.ConfigDict()
+  la.kv_lora_rank = 0          # 0: standard attention (q/k/v projections)
+  la.q_lora_rank = 0           # 0: queries projected directly from the hidden state (DeepSeek-V2-Lite)
+  la.qk_nope_head_dim = 128    # per-head query/key size without position encoding
+  la.qk_rope_head_dim = 64     # per-head query size with RoPE, and the one shared RoPE key
+  la.v_head_dim = 128
+
+  # DeepSeekMoE (dsjax/model/moe.py): shared experts plus fine-grained routed experts, dropless (tokens sorted by
+  # expert, grouped matmul). On when num_experts > 0, for the layers after the first `first_dense_layers`.
+  mo = m.moe = ml_collections.ConfigDict()
+  mo.num_experts = 0           # routed experts (0: every layer has the dense mlp_dim MLP)
+  mo.num_shared_experts = 0    # always-active experts (one SwiGLU of num_shared_experts * expert_dim)
+  mo.expert_dim = 1408         # SwiGLU inner size of each expert (HF moe_intermediate_size)
+  mo.top_k = 6                 # routed experts per token
+  mo.scoring = 'softmax'       # softmax (V2) | sigmoid (V3)
+  mo.topk_method = 'greedy'    # greedy | group_limited_greedy (V2: groups by max score) | noaux_tc (V3: groups by
+                               # top-2 sum of bias-corrected scores; the bias only selects, it never weights)
+  mo.num_groups = 1            # expert groups (HF n_group) for the group-limited methods
+  mo.topk_groups = 1           # groups a token may use (HF topk_group)
+  mo.norm_topk_prob = False    # renormalise the top-k weights to sum to 1
+  mo.routed_scaling_factor = 1.0
+  mo.first_dense_layers = 0    # HF first_k_dense_replace: the first layers keep the dense MLP
+  mo.layer_freq = 1            # HF moe_layer_freq: every layer after those is MoE (the published models use 1)
+  mo.aux_loss_weight = 0.0     # sequence-wise balance loss weight (DeepSeek-V3 eq. 17-20; V2's alpha_1)
+  mo.bias_update_rate = 0.0    # auxiliary-loss-free balance (DeepSeek-V3): per step, the correction bias of an
+                               # over-loaded expert falls and an under-loaded one rises by this rate (noaux_tc)
+
+  # Multi-token prediction (DeepSeek-V3 section 2.2): modules after the stack that predict token t+1+k from the
+  # hidden state and the embedding of token t+k, sharing the embedding and the output head.
+  mt = m.mtp = ml_collections.ConfigDict()
+  mt.num_layers = 0            # HF num_nextn_predict_layers
+  mt.loss_weight = 0.3         # lambda: weight of the mean MTP loss in the training loss
 
   # ---------------------------------------------------------------- data
   d = cfg.data = ml_collections.ConfigDict()

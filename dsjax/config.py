@@ -17,6 +17,9 @@ ATTENTION_IMPLS = ('auto', 'reference', 'pallas', 'cudnn')  # see dsjax/model/di
 ATTENTION_PLATFORMS = ('', 'cpu', 'gpu', 'tpu')
 POSITION_KINDS = ('rope', 'xl')
 REMAT_POLICIES = ('none', 'full', 'dots')
+ROPE_SCALINGS = ('linear', 'yarn')
+MOE_SCORINGS = ('softmax', 'sigmoid')
+MOE_TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -89,8 +92,16 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
   for field in ('head_dim', 'dropout_rate', 'positions.mem_len', 'attention.num_global',
                 'attention.num_shared_heads', 'attention.router_aux_weight'):
     check_positive(field, allow_zero=True)
+  for field in ('positions.yarn_original_max_positions', 'positions.yarn_beta_fast', 'positions.yarn_beta_slow'):
+    check_positive(field)
+  for field in ('positions.yarn_mscale', 'positions.yarn_mscale_all_dim', 'mla.kv_lora_rank', 'mla.q_lora_rank',
+                'moe.num_experts', 'moe.num_shared_experts', 'moe.first_dense_layers', 'moe.aux_loss_weight',
+                'moe.bias_update_rate', 'mtp.num_layers', 'mtp.loss_weight'):
+    check_positive(field, allow_zero=True)
   for field, choices in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES),
                          ('positions.kind', POSITION_KINDS), ('attention.kind', ATTENTION_KINDS),
+                         ('positions.rope_scaling', ROPE_SCALINGS), ('moe.scoring', MOE_SCORINGS),
+                         ('moe.topk_method', MOE_TOPK_METHODS),
                          ('attention.impl', ATTENTION_IMPLS), ('attention.platform', ATTENTION_PLATFORMS)):
     check_choice(m, field, choices, prefix)
 
@@ -130,6 +141,54 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = 'model') -> None:
                  f'must be < {prefix}.num_heads={m.num_heads} so that some heads are routed')
     if a.top_k > routed:
       fail_model('attention.top_k', f'must be <= the {routed} routed heads')
+  _validate_mla(m, fail_model)
+  _validate_moe(m, fail_model)
+
+
+def _validate_mla(m: ml_collections.ConfigDict, fail_model) -> None:
+  la = m.mla
+  if not la.kv_lora_rank:
+    if la.q_lora_rank:
+      fail_model('mla.q_lora_rank', 'query compression is part of latent attention: set mla.kv_lora_rank too')
+    return
+  for field in ('qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'):
+    if not isinstance(la[field], int) or la[field] < 1:
+      fail_model(f'mla.{field}', 'must be > 0 with latent attention (mla.kv_lora_rank > 0)')
+  if la.qk_rope_head_dim % 2:
+    fail_model('mla.qk_rope_head_dim', 'must be even (rotary embeddings rotate pairs of dimensions)')
+  if m.positions.kind != 'rope':
+    fail_model('positions.kind', "latent attention uses decoupled RoPE: set positions.kind='rope'")
+  if m.attention.kind == 'routed':
+    fail_model('attention.kind', 'routed heads are not defined for latent attention; use full or sparse')
+  if m.qkv_bias:
+    fail_model('qkv_bias', 'latent attention has no q/k/v projections to put biases on')
+
+
+def _validate_moe(m: ml_collections.ConfigDict, fail_model) -> None:
+  mo = m.moe
+  if not mo.num_experts:
+    return
+  for field in ('expert_dim', 'top_k', 'num_groups', 'topk_groups', 'layer_freq', 'routed_scaling_factor'):
+    if not isinstance(mo[field], (int, float)) or mo[field] <= 0:
+      fail_model(f'moe.{field}', 'must be > 0 with routed experts (moe.num_experts > 0)')
+  if mo.top_k > mo.num_experts:
+    fail_model('moe.top_k', f'must be <= moe.num_experts={mo.num_experts}')
+  if mo.num_experts % mo.num_groups:
+    fail_model('moe.num_groups', f'must divide moe.num_experts={mo.num_experts}')
+  if mo.topk_groups > mo.num_groups:
+    fail_model('moe.topk_groups', f'must be <= moe.num_groups={mo.num_groups}')
+  if mo.topk_method != 'greedy' and mo.top_k > mo.topk_groups * (mo.num_experts // mo.num_groups):
+    fail_model('moe.top_k', f'must be <= the {mo.topk_groups * (mo.num_experts // mo.num_groups)} experts of '
+               'the groups a token may use (moe.topk_groups x experts per group)')
+  if mo.topk_method == 'noaux_tc' and mo.scoring != 'sigmoid':
+    fail_model('moe.topk_method', "noaux_tc (DeepSeek-V3) scores experts with moe.scoring='sigmoid'")
+  if mo.bias_update_rate and mo.topk_method != 'noaux_tc':
+    fail_model('moe.bias_update_rate', "the correction bias exists with moe.topk_method='noaux_tc' only")
+  if mo.layer_freq != 1:
+    fail_model('moe.layer_freq', 'only 1 is supported (every layer after moe.first_dense_layers is MoE, as in '
+               'every published DeepSeek-V2/V3 model)')
+  if mo.first_dense_layers >= m.num_layers:
+    fail_model('moe.first_dense_layers', f'must be < model.num_layers={m.num_layers} (else set moe.num_experts=0)')
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
