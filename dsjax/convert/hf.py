@@ -1,4 +1,4 @@
-"""Hugging Face LlamaForCausalLM / DeepSeek-Coder checkpoints <-> dsjax checkpoints.
+"""Hugging Face checkpoints (LLaMA / DeepSeek-Coder, Qwen2 / R1-Distill, DeepSeek-V2 / V3) <-> dsjax checkpoints.
 
   python -m dsjax.convert.hf import <hf_dir> <dsjax_dir> [--param_dtype=float32] [--config=configs/base.py]
   python -m dsjax.convert.hf export <dsjax_dir> <hf_dir> [--dtype=bfloat16] [--max_shard_size=5GB]
@@ -11,12 +11,11 @@ copy of the model. Export streams the other way, one output shard at a time, and
 `transformers.AutoModelForCausalLM.from_pretrained` loads; a checkpoint with dsjax's byte-level tokenizer gets a
 tokenizer.json with the same ids (`byte_tokenizer`) for `transformers.AutoTokenizer`.
 
-The tensor mapping is hand-written: it is the contract between two parameter layouts, which no library knows.
+The architectures and their tensor mappings are in dsjax/convert/architectures.py.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -38,9 +37,11 @@ from dsjax import files as files_lib
 from dsjax import sharding as sharding_lib
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax import checkpoint
+from dsjax.convert.architectures import (ARCHITECTURES, ConversionError, architecture, hf_config_from_model,
+                                         hf_tensor_names, model_config_from_hf, tensor_maps)
 
-SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM',)
-SUPPORTED_MODEL_TYPES = ('llama',)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
 ORIGINAL_CONFIG = 'hf_config.json'  # the imported config.json, kept in the dsjax checkpoint
@@ -48,133 +49,6 @@ ORIGINAL_CONFIG = 'hf_config.json'  # the imported config.json, kept in the dsja
 _IGNORED_TENSORS = re.compile(r'.*\.rotary_emb\.inv_freq$')
 _DTYPES = {'float32': np.dtype(np.float32), 'float16': np.dtype(np.float16),
            'bfloat16': np.dtype(ml_dtypes.bfloat16)}
-
-
-class ConversionError(ValueError):
-  """A checkpoint that cannot be converted; the message names the file, field or tensor."""
-
-
-# ------------------------------------------------------------------------------------------------ configs
-
-def _rope(hf: dict[str, Any]) -> tuple[float, float]:
-  """(theta, linear scaling factor) from either transformers 4 (`rope_theta`, `rope_scaling`) or 5
-  (`rope_parameters`) style config.json files."""
-  params = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or params
-  theta = float(hf.get('rope_theta') or params.get('rope_theta') or 10000.0)
-  kind = scaling.get('rope_type', scaling.get('type', 'default')) if scaling else 'default'
-  if kind == 'default':
-    return theta, 1.0
-  if kind != 'linear':
-    raise ConversionError(f"config.json: rope_scaling type {kind!r} is not supported (dsjax implements 'linear' "
-                          'position interpolation, as DeepSeek-Coder uses)')
-  return theta, float(scaling['factor'])
-
-
-def model_config_from_hf(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The dsjax `model` section for a HF LLaMA config.json (dict), starting from `base` (a model section)."""
-  architectures = hf.get('architectures') or []
-  if hf.get('model_type') not in SUPPORTED_MODEL_TYPES or not set(architectures) <= set(SUPPORTED_ARCHITECTURES):
-    raise ConversionError(f'config.json: model_type={hf.get("model_type")!r}, architectures={architectures} is not '
-                          f'supported (supported: {SUPPORTED_ARCHITECTURES}, model_type llama)')
-  for field, wanted in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False),
-                        ('pretraining_tp', 1)):
-    if field in hf and hf[field] not in (wanted, None):
-      raise ConversionError(f'config.json: {field}={hf[field]!r} is not supported (dsjax needs {wanted!r})')
-  for field in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
-    if field not in hf:
-      raise ConversionError(f'config.json: required field {field!r} is missing')
-  theta, factor = _rope(hf)
-  m = ml_collections.ConfigDict(base.to_dict())
-  heads = int(hf['num_attention_heads'])
-  head_dim = int(hf.get('head_dim') or hf['hidden_size'] // heads)
-  m.update(dict(
-      vocab_size=int(hf['vocab_size']), hidden_size=int(hf['hidden_size']), mlp_dim=int(hf['intermediate_size']),
-      num_layers=int(hf['num_hidden_layers']), num_heads=heads,
-      num_kv_heads=int(hf.get('num_key_value_heads') or heads),
-      head_dim=0 if head_dim * heads == hf['hidden_size'] else head_dim,
-      norm_eps=float(hf.get('rms_norm_eps', 1e-6)), max_positions=int(hf.get('max_position_embeddings', 4096)),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', False))))
-  m.positions.update(dict(kind='rope', rope_theta=theta, rope_scaling_factor=factor, mem_len=0))
-  m.attention.kind = 'full'
-  try:
-    config_lib.validate_model(m)
-  except config_lib.ConfigError as e:
-    raise ConversionError(f'config.json gives an impossible model: {e}') from e
-  return m
-
-
-def hf_config_from_model(m: ml_collections.ConfigDict, *, dtype: str, bos_token_id: int | None,
-                         eos_token_id: int | None, pad_token_id: int | None) -> dict[str, Any]:
-  """A LlamaForCausalLM config.json dict for a dsjax `model` section (full attention, RoPE positions only)."""
-  if m.positions.kind != 'rope' or m.attention.kind != 'full':
-    raise ConversionError(f'only full attention with RoPE exports to LlamaForCausalLM; this model has '
-                          f'model.attention.kind={m.attention.kind!r}, model.positions.kind={m.positions.kind!r}')
-  factor = float(m.positions.rope_scaling_factor)
-  scaling = None if factor == 1.0 else {'type': 'linear', 'rope_type': 'linear', 'factor': factor}
-  return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': m.vocab_size,
-      'hidden_size': m.hidden_size, 'intermediate_size': m.mlp_dim, 'num_hidden_layers': m.num_layers,
-      'num_attention_heads': m.num_heads, 'num_key_value_heads': m.num_kv_heads,
-      'head_dim': config_lib.head_dim(m), 'hidden_act': 'silu', 'rms_norm_eps': m.norm_eps,
-      'max_position_embeddings': m.max_positions, 'tie_word_embeddings': bool(m.tie_embeddings),
-      'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': m.init_std,
-      'rope_theta': float(m.positions.rope_theta), 'rope_scaling': scaling,
-      'rope_parameters': {'rope_type': 'linear' if scaling else 'default', 'rope_theta': float(m.positions.rope_theta),
-                          **({'factor': factor} if scaling else {})},
-      'bos_token_id': bos_token_id, 'eos_token_id': eos_token_id, 'pad_token_id': pad_token_id,
-      'torch_dtype': dtype, 'dtype': dtype, 'use_cache': True,
-  }
-
-
-# ------------------------------------------------------------------------------------------------ tensor map
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """One dsjax parameter and the HF tensor(s) it comes from: `hf_name` has `{i}` for per-layer tensors, which
-  dsjax stacks along a leading layer axis."""
-  path: tuple[str, ...]
-  hf_name: str
-  to_dsjax: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
-
-  @property
-  def per_layer(self) -> bool:
-    return '{i}' in self.hf_name
-
-
-def tensor_maps(m: ml_collections.ConfigDict) -> list[TensorMap]:
-  """The full mapping for a model section. HF stores Linear weights as [out, in]; dsjax kernels are [in, ...out]."""
-  d, n, k, h = m.hidden_size, m.num_heads, m.num_kv_heads, config_lib.head_dim(m)
-  same = lambda x: x
-  transpose = lambda x: x.T
-  heads_in = lambda heads: (lambda x: x.T.reshape(d, heads, h), lambda x: x.reshape(d, heads * h).T)
-  layer = 'model.layers.{i}.'
-  maps = [
-      TensorMap(('embedder', 'embedding'), 'model.embed_tokens.weight', same, same),
-      TensorMap(('layers', 'attn_norm', 'scale'), layer + 'input_layernorm.weight', same, same),
-      TensorMap(('layers', 'attention', 'q_proj', 'kernel'), layer + 'self_attn.q_proj.weight', *heads_in(n)),
-      TensorMap(('layers', 'attention', 'k_proj', 'kernel'), layer + 'self_attn.k_proj.weight', *heads_in(k)),
-      TensorMap(('layers', 'attention', 'v_proj', 'kernel'), layer + 'self_attn.v_proj.weight', *heads_in(k)),
-      TensorMap(('layers', 'attention', 'o_proj', 'kernel'), layer + 'self_attn.o_proj.weight',
-                lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T),
-      TensorMap(('layers', 'mlp_norm', 'scale'), layer + 'post_attention_layernorm.weight', same, same),
-      TensorMap(('layers', 'mlp', 'gate_proj', 'kernel'), layer + 'mlp.gate_proj.weight', transpose, transpose),
-      TensorMap(('layers', 'mlp', 'up_proj', 'kernel'), layer + 'mlp.up_proj.weight', transpose, transpose),
-      TensorMap(('layers', 'mlp', 'down_proj', 'kernel'), layer + 'mlp.down_proj.weight', transpose, transpose),
-      TensorMap(('final_norm', 'scale'), 'model.norm.weight', same, same),
-  ]
-  if not m.tie_embeddings:
-    maps.append(TensorMap(('lm_head', 'kernel'), 'lm_head.weight', transpose, transpose))
-  return maps
-
-
-def hf_tensor_names(m: ml_collections.ConfigDict) -> list[str]:
-  """Every HF tensor name the model has, in file order."""
-  names = []
-  for t in tensor_maps(m):
-    names += [t.hf_name.format(i=i) for i in range(m.num_layers)] if t.per_layer else [t.hf_name]
-  return names
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -231,19 +105,18 @@ def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, p
   expected = set(hf_tensor_names(m))
   unexpected = sorted(n for n in reader.names() - expected if not _IGNORED_TENSORS.match(n))
   if unexpected:
-    raise ConversionError(f'{reader.directory}: tensors not in a LlamaForCausalLM with this config.json: '
-                          f'{unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
+    raise ConversionError(f'{reader.directory}: tensors not in a {ARCHITECTURES[architecture(m)]} with this '
+                          f'config.json: {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
   missing = sorted(expected - reader.names())
   if missing:
     raise ConversionError(f'{reader.directory}: missing tensors {missing[:8]}{" ..." if len(missing) > 8 else ""}')
   shapes = _dsjax_shapes(m)
   params: dict[str, Any] = {}
   for t in tensor_maps(m):
-    shape = shapes[t.path]
-    layers = range(m.num_layers) if t.per_layer else [None]
-    buffer = np.empty(((m.num_layers,) if t.per_layer else ()) + shape, param_dtype)
-    for i in layers:
-      name = t.hf_name.format(i=i)
+    buffer = np.empty(shapes[t.path], param_dtype)
+    shape = buffer.shape[len(t.lead):]
+    rows = buffer.reshape(-1, *shape)  # a view: one row per HF tensor, in the order of t.names()
+    for row, name in enumerate(t.names()):
       tensor = reader.read(name)
       if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != _DTYPES['bfloat16']:
         raise ConversionError(f'tensor {name}: dtype {tensor.dtype} is not a float type (quantized checkpoints are '
@@ -255,27 +128,20 @@ def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, p
       if value.shape != shape:
         raise ConversionError(f'tensor {name}: shape {tensor.shape} does not fit config.json (expected '
                               f'{t.to_hf(np.empty(shape)).shape})')
-      if i is None:
-        buffer[...] = value
-      else:
-        buffer[i] = value
+      rows[row] = value
       del tensor, value
     node = params
     for key in t.path[:-1]:
       node = node.setdefault(key, {})
     node[t.path[-1]] = place(t.path, buffer)
-    del buffer
+    del buffer, rows
   return params
 
 
 def _dsjax_shapes(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Per-layer shape of every parameter (without the leading layer axis), from the model's abstract init."""
+  """The shape of every parameter (stacked layers and experts included), from the model's abstract init."""
   flat = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(checkpoint.abstract_params(m)))
-  shapes = {}
-  for path, leaf in flat:
-    key = tuple(p.key for p in path)
-    shapes[key] = tuple(leaf.shape[1:]) if key[0] == 'layers' else tuple(leaf.shape)
-  return shapes
+  return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -373,15 +239,18 @@ def _hf_tensors(params: dict, m: ml_collections.ConfigDict, dtype: np.dtype) -> 
     value = params
     for key in t.path:
       value = value[key]
-    if t.per_layer:
-      for i in range(m.num_layers):
-        yield t.hf_name.format(i=i), np.ascontiguousarray(t.to_hf(np.asarray(value[i]).astype(dtype)))
-    else:
-      yield t.hf_name, np.ascontiguousarray(t.to_hf(np.asarray(value).astype(dtype)))
+    names = iter(t.names())
+    if not t.per_layer:
+      yield next(names), np.ascontiguousarray(t.to_hf(np.asarray(value).astype(dtype)))
+      continue
+    for layer in range(len(t.layers)):
+      host = np.asarray(value[layer]).astype(dtype)
+      for row in (host if t.experts else [host]):
+        yield next(names), np.ascontiguousarray(t.to_hf(row))
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, max_shard_size: str = '5GB') -> None:
-  """Writes a dsjax checkpoint as a HF LlamaForCausalLM directory (config.json, safetensors, tokenizer files)."""
+  """Writes a dsjax checkpoint as a HF directory (Llama, Qwen2, DeepseekV2 or V3: see architectures.architecture) (config.json, safetensors, tokenizer files)."""
   cfg = checkpoint.load_config(ckpt_dir)
   dtype = dtype or cfg.model.param_dtype
   if dtype not in _DTYPES:
@@ -495,12 +364,7 @@ def write_byte_tokenizer(hf_dir: str, max_length: int) -> None:
 
 def _hf_tensor_bytes(m: ml_collections.ConfigDict, itemsize: int) -> dict[str, int]:
   shapes = _dsjax_shapes(m)
-  sizes = {}
-  for t in tensor_maps(m):
-    count = int(np.prod(shapes[t.path]))
-    for i in (range(m.num_layers) if t.per_layer else [None]):
-      sizes[t.hf_name.format(i=i)] = count * itemsize
-  return sizes
+  return {name: int(np.prod(shapes[t.path][len(t.lead):])) * itemsize for t in tensor_maps(m) for name in t.names()}
 
 
 def _special_token_ids(cfg: ml_collections.ConfigDict, ckpt_dir: str) -> dict[str, int | None]:

@@ -2,6 +2,7 @@
 
   cache = {'k', 'v': L arrays [B, S, K, H] (a tuple, one per layer), 'positions': [B, S] int32,
            'segment_ids': [B, S] int32 (-1: empty slot)}
+  (latent attention: 'k' holds the compressed latent [B, S, 1, kv_lora_rank], 'v' the RoPE key [B, S, 1, Hr])
 
 One array per layer, not a stacked [L, ...] one: the decoding model runs its layers unrolled (dsjax/model/layout.py)
 and each layer writes its new keys into its own array in place and reads it where it lies; a stacked array would be
@@ -40,14 +41,23 @@ def cache_length(cfg: ml_collections.ConfigDict, max_len: int, extra_slots: int 
   return min(max_len, num_global + window + extra_slots)
 
 
+def cache_token_shape(cfg: ml_collections.ConfigDict) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Per token and layer, the shapes of the cached 'k' and 'v' entries: ([K, H], [K, H]) for attention with key and
+  value heads; ([1, kv_lora_rank], [1, qk_rope_head_dim]) for latent attention, whose cache holds the compressed
+  latent and the shared RoPE key (dsjax/model/mla.py)."""
+  if cfg.mla.kv_lora_rank:
+    return (1, cfg.mla.kv_lora_rank), (1, cfg.mla.qk_rope_head_dim)
+  heads = (cfg.num_kv_heads, config_lib.head_dim(cfg))
+  return heads, heads
+
+
 def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_len: int, dtype: Any = None,
                extra_slots: int = 0) -> Cache:
   """An empty cache (every slot segment -1) for `batch_size` rows of up to max_len tokens."""
   slots = cache_length(cfg, max_len, extra_slots)
-  shape = (batch_size, slots, cfg.num_kv_heads, config_lib.head_dim(cfg))
   dtype = to_dtype(dtype or cfg.dtype)
-  per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-  return dict(k=per_layer(), v=per_layer(),
+  per_layer = lambda size: tuple(jnp.zeros((batch_size, slots, *size), dtype) for _ in range(cfg.num_layers))
+  return dict(**{name: per_layer(size) for name, size in zip(('k', 'v'), cache_token_shape(cfg))},
               positions=jnp.zeros((batch_size, slots), jnp.int32),
               segment_ids=jnp.full((batch_size, slots), -1, jnp.int32))
 

@@ -32,12 +32,24 @@ import jax
 import jax.numpy as jnp
 
 STACKED = 'layers'
+DENSE_STACKED = 'dense_layers'  # DeepSeekMoE models: the dense layers before the MoE ones (HF first_k_dense_replace)
 TRANSPOSED = 'kernel_t'  # a projection kernel in the decoding layout, [out..., in...]
 _UNSTACKED = re.compile(r'^layers_(\d+)$')
 
 # Projection kernels ([in..., out...] in the training layout) -> how many leading axes are contracted with the input.
 INPUT_AXES = {'q_proj': 1, 'k_proj': 1, 'v_proj': 1, 'o_proj': 2, 'r_proj': 1, 'gate_proj': 1, 'up_proj': 1,
-              'down_proj': 1, 'lm_head': 1}
+              'down_proj': 1, 'lm_head': 1, 'q_a_proj': 1, 'q_b_proj': 1, 'kv_a_proj_with_mqa': 1, 'kv_b_proj': 1}
+
+
+def layer_groups(is_moe: list[bool]) -> list[tuple[str, int, int, bool]]:
+  """The stacks of the training layout as (params key, first layer, end, moe) from each layer's kind: one stack
+  'layers' when all layers are alike, else 'dense_layers' for the dense prefix and 'layers' for the MoE layers."""
+  num_dense = is_moe.count(False)
+  if any(is_moe[:num_dense]):
+    raise ValueError(f'MoE layers must follow the dense ones, got {is_moe}')
+  if num_dense in (0, len(is_moe)):
+    return [(STACKED, 0, len(is_moe), num_dense == 0)]
+  return [(DENSE_STACKED, 0, num_dense, False), (STACKED, num_dense, len(is_moe), True)]
 
 
 def layer_name(index: int) -> str:
@@ -112,13 +124,19 @@ def for_decoding(params: Any) -> Any:
     return params  # also what a drafter without params (None) passes
   if STACKED not in params:
     raise ValueError(f"params hold neither 'layers' nor 'layers_0': not a Transformer's params ({sorted(params)})")
-  stacked = params[STACKED]
-  leaves = jax.tree.leaves(stacked, is_leaf=_is_box)
-  if not leaves:
-    raise ValueError("params['layers'] holds no arrays")
-  out = {k: v for k, v in params.items() if k != STACKED}
-  for i in range(_value(leaves[0]).shape[0]):
-    out[layer_name(i)] = jax.tree.map(lambda x, i=i: _take(x, i), stacked, is_leaf=_is_box)
+  out = {k: v for k, v in params.items() if k not in (STACKED, DENSE_STACKED)}
+  start = 0
+  for key in (DENSE_STACKED, STACKED):  # the dense prefix (if any) holds the first layers
+    if key not in params:
+      continue
+    stacked = params[key]
+    leaves = jax.tree.leaves(stacked, is_leaf=_is_box)
+    if not leaves:
+      raise ValueError(f"params['{key}'] holds no arrays")
+    count = _value(leaves[0]).shape[0]
+    for i in range(count):
+      out[layer_name(start + i)] = jax.tree.map(lambda x, i=i: _take(x, i), stacked, is_leaf=_is_box)
+    start += count
   return _rebuild(params, _transpose_kernels(out, to_decoding=True))
 
 
@@ -131,5 +149,8 @@ def for_training(params: Any) -> Any:
     raise ValueError(f'decoding params need layers_0 .. layers_{len(keys) - 1} without gaps, got {keys}')
   transposed = _transpose_kernels(params, to_decoding=False)
   out = {k: v for k, v in transposed.items() if k not in keys}
-  out[STACKED] = jax.tree.map(lambda *xs: _stack(list(xs)), *[transposed[k] for k in keys], is_leaf=_is_box)
+  is_moe = ['experts' in transposed[k].get('mlp', {}) for k in keys]
+  for name, start, stop, _ in layer_groups(is_moe):
+    out[name] = jax.tree.map(lambda *xs: _stack(list(xs)), *[transposed[k] for k in keys[start:stop]],
+                             is_leaf=_is_box)
   return _rebuild(params, out)

@@ -10,8 +10,10 @@ from dsjax import config as config_lib
 from dsjax.model import cache as cache_lib
 from dsjax.model import layout
 from dsjax.model import partitioning
+from dsjax.model import moe as moe_lib
 from dsjax.model.attention import Attention, LayerCache, write_to_slots
 from dsjax.model.layers import MLP, Embedder, Linear, RMSNorm, to_dtype
+from dsjax.model.mla import LatentAttention
 
 Memory = dict[str, jax.Array]  # hidden [L, B, M, D], positions [B, M] int32, segment_ids [B, M] int32
 
@@ -38,9 +40,12 @@ def init_memory(cfg: ml_collections.ConfigDict, batch_size: int, dtype: Any = No
 class Block(nn.Module):
   """x + attention(rmsnorm(x)); x + mlp(rmsnorm(x)). Called by nn.scan (stacked params: training) or once per
   layer (params in the decoding layout): ((x, this layer's cache k/v [B, S, K, H] or None), this layer's memory, ...)
-  -> ((x, cache k/v with the new tokens written in place), (router loss, new memory))."""
+  -> ((x, cache k/v with the new tokens written in place), (losses: dict of float32 scalars and the expert load,
+  new memory)). The attention is latent (dsjax/model/mla.py) when model.mla.kv_lora_rank > 0; the MLP is
+  DeepSeekMoE (dsjax/model/moe.py) when `moe`, else the dense SwiGLU of model.mlp_dim."""
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
+  moe: bool = False
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, tuple[jax.Array, jax.Array] | None], mem_hidden: jax.Array | None,
@@ -58,11 +63,17 @@ class Block(nn.Module):
     memory = None if mem_hidden is None else (attn_norm(mem_hidden), mem_pos, mem_seg)
 
     cache = None if cache_kv is None else LayerCache(*cache_kv, *cache_meta)
-    h, router_loss, new_kv = Attention(cfg, name='attention')(
-        attn_norm(x), positions, segment_ids, memory, cache)
+    attention = LatentAttention if cfg.mla.kv_lora_rank else Attention
+    h, router_loss, new_kv = attention(cfg, name='attention')(attn_norm(x), positions, segment_ids, memory, cache)
     y = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, name='mlp')(
-        RMSNorm(name='mlp_norm', **norm)(y))
+    mlp_in = RMSNorm(name='mlp_norm', **norm)(y)
+    losses = dict(router_loss=router_loss)
+    if self.moe:
+      valid = jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids > 0
+      h, moe_aux = moe_lib.MoE(cfg, name='mlp')(mlp_in, valid)
+      losses.update(moe_balance_loss=moe_aux['balance_loss'], expert_load=moe_aux['expert_load'])
+    else:
+      h = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, name='mlp')(mlp_in)
     y = y + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
     new_mem = None
@@ -70,7 +81,26 @@ class Block(nn.Module):
       m = mem_hidden.shape[1]
       new_mem = jax.lax.stop_gradient(
           jnp.concatenate([mem_hidden, x.astype(mem_hidden.dtype)], axis=1)[:, -m:])
-    return (y, new_kv), (router_loss, new_mem)
+    return (y, new_kv), (losses, new_mem)
+
+
+def moe_layers(cfg: ml_collections.ConfigDict) -> list[bool]:
+  """Per layer, whether its MLP is DeepSeekMoE: every layer after the first moe.first_dense_layers, when the model
+  has routed experts (moe.layer_freq is 1, as in every published DeepSeek-V2/V3 model)."""
+  num_dense = cfg.moe.first_dense_layers if cfg.moe.num_experts else cfg.num_layers
+  return [i >= num_dense for i in range(cfg.num_layers)]
+
+
+def layer_losses(dense: dict[str, jax.Array] | None, moe: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
+  """The model's aux losses from the per-layer ones ([L', ...] stacked per group of layers): router_loss (mean over
+  layers), moe_balance_loss (mean over MoE layers; 0 without) and expert_load [L_moe, E] (tokens per routed expert
+  per MoE layer; [0, 0] without)."""
+  router = [g['router_loss'] for g in (dense, moe) if g is not None]
+  aux = dict(router_loss=jnp.mean(jnp.concatenate(router)), moe_balance_loss=jnp.zeros((), jnp.float32),
+             expert_load=jnp.zeros((0, 0), jnp.float32))
+  if moe is not None:
+    aux.update(moe_balance_loss=jnp.mean(moe['moe_balance_loss']), expert_load=moe['expert_load'])
+  return aux
 
 
 class Transformer(nn.Module):
@@ -126,27 +156,37 @@ class Transformer(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     layer_args = (positions, row_segments, mem_pos, mem_seg, cache_meta)
+    is_moe = moe_layers(cfg)
+    group_losses = {False: None, True: None}  # per-layer losses stacked, of the dense and of the MoE layers
     if self.has_variable('params', layout.layer_name(0)):  # the decoding layout: an unrolled loop
       kv, losses, hidden = [], [], []
       for i in range(cfg.num_layers):
         layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-        (x, new_layer_kv), (loss, layer_hidden) = block(cfg, deterministic, name=layout.layer_name(i))(
+        (x, new_layer_kv), (loss, layer_hidden) = block(cfg, deterministic, is_moe[i], name=layout.layer_name(i))(
             (x, layer_kv), None if mem_hidden is None else mem_hidden[i], *layer_args)
         kv.append(new_layer_kv)
         losses.append(loss)
         hidden.append(layer_hidden)
       new_kv = None if cache_kv is None else tuple(tuple(layer[j] for layer in kv) for j in range(2))
-      router_losses = jnp.stack(losses)
+      for moe in (False, True):
+        group = [loss for loss, m in zip(losses, is_moe) if m == moe]
+        group_losses[moe] = jax.tree.map(lambda *xs: jnp.stack(xs), *group) if group else None
       new_hidden = None if mem_hidden is None else jnp.stack(hidden)
     else:
       if cache is not None:
         raise ValueError('decoding with a KV cache needs params in the decoding layout: pass '
                          'dsjax.model.layout.for_decoding(params) (Sampler and Engine convert the params they get)')
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: layout.STACKED})
-      (x, new_kv), (router_losses, new_hidden) = stack(cfg, deterministic, name=layout.STACKED)(
-          (x, None), mem_hidden, *layer_args)
+      # Layers that differ (a dense prefix before the MoE layers) scan as separate stacks.
+      hidden = []
+      for name, start, stop, moe in layout.layer_groups(is_moe):
+        stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=stop - start, metadata_params={nn.PARTITION_NAME: layout.STACKED})
+        (x, _), (group_losses[moe], group_hidden) = stack(cfg, deterministic, moe, name=name)(
+            (x, None), None if mem_hidden is None else mem_hidden[start:stop], *layer_args)
+        hidden.append(group_hidden)
+      new_kv = None
+      new_hidden = None if mem_hidden is None else jnp.concatenate(hidden)
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:
@@ -167,5 +207,5 @@ class Transformer(nn.Module):
       new_cache = dict(k=new_kv[0], v=new_kv[1], positions=written[0], segment_ids=written[1])
     # `hidden` (the final-normed states [B, T, D]) serves as a text embedding (dsjax/retrieval); jit drops it when
     # the caller does not use it.
-    return logits.astype(jnp.float32), dict(router_loss=jnp.mean(router_losses), memory=new_memory, cache=new_cache,
-                                            hidden=x)
+    return logits.astype(jnp.float32), dict(memory=new_memory, cache=new_cache, hidden=x,
+                                            **layer_losses(group_losses[False], group_losses[True]))

@@ -225,7 +225,7 @@ def test_byte_level_export_has_a_tokenizer_transformers_loads_with_dsjax_ids(tmp
 @pytest.mark.parametrize('edit, fragment', [
     (lambda c: c.update(hidden_act='gelu'), 'hidden_act'),
     (lambda c: c.update(model_type='mistral', architectures=['MistralForCausalLM']), 'model_type'),
-    (lambda c: c.update(rope_scaling={'type': 'yarn', 'factor': 2.0}, rope_parameters=None), 'yarn'),
+    (lambda c: c.update(rope_scaling={'type': 'dynamic', 'factor': 2.0}, rope_parameters=None), 'dynamic'),
     (lambda c: c.update(intermediate_size=65), 'mlp.gate_proj.weight'),
     (lambda c: c.update(dtype='bfloat16', torch_dtype='bfloat16'), 'dtype mismatch'),
     (lambda c: c.pop('num_hidden_layers'), 'num_hidden_layers'),
