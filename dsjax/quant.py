@@ -15,7 +15,7 @@ Layouts (K: product of a kernel's input axes, M: product of its output axes, L: 
   int4: values int8 [L?, K/2, M], two signed nibbles per byte (row 2i low, row 2i+1 high), in [-8, 7];
         scales [L?, K/group_size, M] bfloat16 (rounded up so |w / scale| <= 7); w ~= q * scale[group].
 Quantized: the kernels of q/k/v/o_proj, gate/up/down_proj and the (untied) lm_head. Kept in float (cast to the
-compute dtype): the token embedding (a gather; also the tied head), norms and the head router.
+compute dtype): the token embedding (a gather; also the tied head), norms, projection biases and the head router.
 """
 from __future__ import annotations
 
@@ -321,17 +321,18 @@ def int8_matmul(x: jax.Array, t: QTensor) -> jax.Array:
 
 
 def _w8a8_interceptor(next_fun, args, kwargs, context):
-  """Runs a `Linear` whose only parameter is an int8 QTensor as `int8_matmul` (other modules, and Linears with
-  more parameters, e.g. LoRA adapters, run unchanged)."""
+  """Runs a `Linear` whose parameters are an int8 QTensor (and its bias, if any) as `int8_matmul` (+ bias); other
+  modules, and Linears with more parameters, e.g. LoRA adapters, run unchanged."""
   module = context.module
   if not isinstance(module, Linear) or context.method_name != '__call__' or kwargs or len(args) != 1:
     return next_fun(*args, **kwargs)
   variables = module.variables.get('params', {})
   kernel = variables.get('kernel')
-  if set(variables) != {'kernel'} or not is_qtensor(kernel) or kernel.bits != 8:
+  if set(variables) - {'bias'} != {'kernel'} or not is_qtensor(kernel) or kernel.bits != 8:
     return next_fun(*args, **kwargs)
   out_dtype = module.preferred_element_type or module.dtype
-  return int8_matmul(args[0].astype(module.dtype), kernel).astype(out_dtype)
+  y = int8_matmul(args[0].astype(module.dtype), kernel).astype(out_dtype)
+  return y + meta.unbox(variables['bias']).astype(out_dtype) if 'bias' in variables else y
 
 
 class QuantizedModel:

@@ -17,7 +17,7 @@ from dsjax.model import attention_kernels
 from dsjax.model import dispatch
 from dsjax.model.layers import Linear, to_dtype
 from dsjax.model.masks import make_attention_mask
-from dsjax.model.positions import apply_rope, sinusoid_embedding
+from dsjax.model.positions import apply_rope, rope_kwargs, sinusoid_embedding
 from dsjax.model.routing import HeadRouter
 
 
@@ -208,14 +208,15 @@ class Attention(nn.Module):
       k_pos = jnp.concatenate([mem_pos, positions], axis=1)
       k_seg = jnp.concatenate([mem_seg, segment_ids], axis=1)
 
-    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **kw)(x)
-    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **kw)(kv_in)
-    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **kw)(kv_in)
+    qkv = dict(kw, use_bias=bool(cfg.get('qkv_bias', False)))  # Qwen2: biases on q, k, v (not o)
+    q = Linear((d, n, h), ('embed', 'heads', 'head_dim'), 'BTD,DNH->BTNH', name='q_proj', **qkv)(x)
+    k = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='k_proj', **qkv)(kv_in)
+    v = Linear((d, kh, h), ('embed', 'kv_heads', 'head_dim'), 'BSD,DKH->BSKH', name='v_proj', **qkv)(kv_in)
 
     if cfg.positions.kind not in ('rope', 'xl'):
       raise ValueError(f'model.positions.kind: unknown {cfg.positions.kind!r}, expected rope or xl')
     if cfg.positions.kind == 'rope':
-      rope = dict(theta=cfg.positions.rope_theta, scaling_factor=cfg.positions.rope_scaling_factor)
+      rope = rope_kwargs(cfg.positions)  # linear or YaRN scaling
       q, k = apply_rope(q, positions, **rope), apply_rope(k, k_pos, **rope)
     window, num_global = mask_args(a)
     gates, router_loss = None, jnp.zeros((), jnp.float32)

@@ -61,9 +61,10 @@ def project(equation: str, x: jax.Array, kernel: jax.Array, preferred_element_ty
 
 
 class Linear(nn.Module):
-  """`einsum(equation, x, kernel)` with a bias-free kernel of `shape` named `axes` (e.g. q: [D,N,H]), computed by
-  `project`. The stored kernel may be float (`kernel`, or `kernel_t` in the decoding layout) or a quantized
-  `dsjax.quant.QTensor` that multiplies by itself; adapters (dsjax/lora.py) attach from outside by interception.
+  """`einsum(equation, x, kernel)` with a kernel of `shape` named `axes` (e.g. q: [D,N,H]), computed by `project`,
+  plus `bias` (the output axes, e.g. [N,H]; zeros at init) if `use_bias`. The stored kernel may be float (`kernel`,
+  or `kernel_t` in the decoding layout) or a quantized `dsjax.quant.QTensor` that multiplies by itself; the bias
+  stays float and is the same in every layout. Adapters (dsjax/lora.py) attach from outside by interception.
   """
   shape: tuple[int, ...]
   axes: tuple[str, ...]
@@ -72,20 +73,33 @@ class Linear(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   preferred_element_type: Dtype | None = None
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., *in_axes] -> [..., *out_axes] in preferred_element_type (default: dtype)."""
     num_in = split_equation(self.equation)[3]
     if self.has_variable('params', layout.TRANSPOSED):  # the decoding layout (dsjax/model/layout.py)
       shape, axes = (*self.shape[num_in:], *self.shape[:num_in]), (*self.axes[num_in:], *self.axes[:num_in])
       kernel_t = self.param(layout.TRANSPOSED, normal_init(self.init_std, axes), shape, self.param_dtype)
-      return project(self.equation, x.astype(self.dtype), kernel_t.astype(self.dtype), self.preferred_element_type,
-                     transposed=True)
+      y = project(self.equation, x.astype(self.dtype), kernel_t.astype(self.dtype), self.preferred_element_type,
+                  transposed=True)
+      return self._add_bias(y)
     stored = self.get_variable('params', 'kernel')
     if hasattr(stored, 'project'):  # a quantized kernel (dsjax.quant.QTensor) multiplies by itself
-      return stored.project(x.astype(self.dtype), self.preferred_element_type)
+      return self._add_bias(stored.project(x.astype(self.dtype), self.preferred_element_type))
     kernel = self.param('kernel', normal_init(self.init_std, self.axes), self.shape, self.param_dtype)
-    return project(self.equation, x.astype(self.dtype), kernel.astype(self.dtype), self.preferred_element_type)
+    y = project(self.equation, x.astype(self.dtype), kernel.astype(self.dtype), self.preferred_element_type)
+    return self._add_bias(y)
+
+  def _add_bias(self, y: jax.Array) -> jax.Array:
+    """y [..., *out_axes] + bias [*out_axes] in y's dtype; y itself without `use_bias`."""
+    if not self.use_bias:
+      return y
+    num_in = split_equation(self.equation)[3]
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.axes[num_in:]),
+                      self.shape[num_in:], self.param_dtype)
+    return y + bias.astype(y.dtype)
 
 
 class RMSNorm(nn.Module):
