@@ -1,0 +1,274 @@
+"""DeepSeekMoE (DeepSeek-V2 section 2.2, DeepSeek-V3 section 2.1.2): shared experts plus fine-grained routed experts.
+
+  y = shared(x) + sum_{i in TopK(x)} g_i(x) * SwiGLU_i(x)
+
+Routing (pure functions, testable alone): router logits in float32 -> scores (softmax: V2; sigmoid: V3) ->
+selection of `top_k` experts (greedy; group_limited_greedy: V2, groups ranked by their best score; noaux_tc: V3,
+groups ranked by the sum of their two best bias-corrected scores, the correction bias selecting but never weighting)
+-> weights = the selected scores [renormalised to sum to 1] x routed_scaling_factor.
+
+Compute is dropless: the N*k (token, expert) pairs are sorted by expert, the token rows gathered, and each expert's
+contiguous block multiplied by its weights with `jax.lax.ragged_dot` (grouped matmul): no capacity, no dropped token,
+static shapes (always N*k rows).
+
+Load balance: `balance_loss` is DeepSeek-V3's complementary sequence-wise loss (eq. 17-20), and the auxiliary-loss-free
+correction bias (noaux_tc) is updated by composition: the MoE output passes through a `custom_vjp` identity whose
+backward hands the bias, as its "gradient", the batch's expert load minus its mean; dsjax/train/optimizer.py sends
+that leaf to sign() x -rate instead of AdamW, i.e. bias_i += rate * sign(mean_load - load_i) once per step.
+
+Ties in scores are broken by the lower index (jax.lax.top_k). torch.topk guarantees no order among ties (on CPU it
+picks neither the lowest nor the highest index consistently), so exact ties are where HF and dsjax may differ.
+Weights follow DeepSeek-V3 for every method (normalise if norm_topk_prob, then scale). transformers' V2 router never
+normalises, and DeepSeek's own V2 code scales only when it does not normalise; the published V2 models set
+norm_topk_prob=False, where all three agree.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsjax.model.layers import MLP, normal_init, to_dtype
+
+SCORINGS = ('softmax', 'sigmoid')
+TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
+BIAS_NAME = 'e_score_correction_bias'  # the optimizer finds the correction bias by this leaf name
+
+
+# ---------------------------------------------------------------- routing
+
+
+def expert_scores(logits_NE: jax.Array, scoring: str) -> jax.Array:
+  """Router logits [..., E] -> float32 affinity scores [..., E]: softmax over experts (V2) or sigmoid (V3)."""
+  logits_NE = logits_NE.astype(jnp.float32)
+  if scoring == 'softmax':
+    return jax.nn.softmax(logits_NE, axis=-1)
+  if scoring == 'sigmoid':
+    return jax.nn.sigmoid(logits_NE)
+  raise ValueError(f'scoring must be one of {SCORINGS}, got {scoring!r}')
+
+
+def _group_mask(choice_NE: jax.Array, num_groups: int, topk_groups: int, method: str) -> jax.Array:
+  """bool [N, E]: the experts of the `topk_groups` best groups of each token (ranked as `method` ranks them)."""
+  n, e = choice_NE.shape
+  grouped_NGS = choice_NE.reshape(n, num_groups, e // num_groups)
+  if method == 'group_limited_greedy':  # V2: a group's best expert
+    group_NG = grouped_NGS.max(axis=-1)
+  else:  # noaux_tc (V3): the sum of a group's two best (bias-corrected) scores
+    group_NG = jax.lax.top_k(grouped_NGS, min(2, e // num_groups))[0].sum(axis=-1)
+  _, chosen_NC = jax.lax.top_k(group_NG, topk_groups)  # C = topk_groups chosen groups
+  keep_NG = jnp.any(chosen_NC[:, :, None] == jnp.arange(num_groups), axis=1)
+  return jnp.repeat(keep_NG, e // num_groups, axis=-1)
+
+
+def select_experts(scores_NE: jax.Array, top_k: int, method: str = 'greedy', num_groups: int = 1,
+                   topk_groups: int = 1, bias_E: jax.Array | None = None) -> jax.Array:
+  """The `top_k` experts of each token: int32 [N, k], in decreasing order of the choice score.
+
+  Args:
+    scores_NE: float32 [N, E] affinity scores.
+    method: greedy (top_k of the scores) | group_limited_greedy (V2: only experts of the `topk_groups` groups with the
+      highest max score) | noaux_tc (V3: choice = scores + bias_E, groups ranked by the sum of their top-2 choices).
+    bias_E: float32 [E], the correction bias; used (only for the choice) by noaux_tc.
+  Ties go to the lower expert (and group) index.
+  """
+  if method not in TOPK_METHODS:
+    raise ValueError(f'topk_method must be one of {TOPK_METHODS}, got {method!r}')
+  choice_NE = scores_NE
+  if method == 'noaux_tc' and bias_E is not None:
+    choice_NE = scores_NE + bias_E.astype(jnp.float32)
+  if method != 'greedy' and topk_groups < num_groups:
+    # Masked experts get -inf (HF V2 fills 0.0: the same choice unless an allowed score underflowed to 0).
+    choice_NE = jnp.where(_group_mask(choice_NE, num_groups, topk_groups, method), choice_NE, -jnp.inf)
+  return jax.lax.top_k(choice_NE, top_k)[1].astype(jnp.int32)
+
+
+def route(scores_NE: jax.Array, top_k: int, method: str = 'greedy', num_groups: int = 1, topk_groups: int = 1,
+          bias_E: jax.Array | None = None, norm_topk_prob: bool = False,
+          routed_scaling_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """scores float32 [N, E] -> (expert indices int32 [N, k], weights float32 [N, k]).
+
+  The weights are the selected experts' scores (never the bias-corrected ones), divided by their sum (+1e-20, as
+  DeepSeek-V3) with `norm_topk_prob`, then multiplied by `routed_scaling_factor`. Gradients reach the scores through
+  the weights; the selection itself is piecewise constant.
+  """
+  idx_NK = select_experts(scores_NE, top_k, method, num_groups, topk_groups, bias_E)
+  w_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=-1)
+  if norm_topk_prob:
+    w_NK = w_NK / (w_NK.sum(axis=-1, keepdims=True) + 1e-20)
+  return idx_NK, w_NK * routed_scaling_factor
+
+
+def expert_load(idx_NK: jax.Array, valid_N: jax.Array, num_experts: int) -> jax.Array:
+  """float32 [E]: the number of valid tokens routed to each expert (sums to k x valid tokens)."""
+  weights = jnp.broadcast_to(valid_N[:, None], idx_NK.shape).astype(jnp.float32)
+  return jnp.zeros((num_experts,), jnp.float32).at[idx_NK.reshape(-1)].add(weights.reshape(-1))
+
+
+def balance_loss(scores_BTE: jax.Array, idx_BTK: jax.Array, valid_BT: jax.Array) -> jax.Array:
+  """DeepSeek-V3's sequence-wise balance loss (eq. 17-20) without its weight alpha: float32 scalar.
+
+  Per row (sequence) b, over its T_b valid tokens: f_i = E / (k T_b) * #{t: i in TopK_t} (no gradient),
+  P_i = (1 / T_b) sum_t s_it / sum_j s_jt, L_b = sum_i f_i P_i; the loss is the mean of L_b over rows with a valid
+  token. 1.0 when every row spreads its tokens evenly, up to E / k when a row sends every token to the same k experts.
+  """
+  e, k = scores_BTE.shape[-1], idx_BTK.shape[-1]
+  w_BT = valid_BT.astype(jnp.float32)
+  n_B = w_BT.sum(axis=-1)
+  normalised_BTE = scores_BTE / scores_BTE.sum(axis=-1, keepdims=True)
+  p_BE = jnp.einsum('BTE,BT->BE', normalised_BTE, w_BT) / jnp.maximum(n_B, 1.0)[:, None]
+  counts_BE = jnp.einsum('BTKE,BT->BE', jax.nn.one_hot(idx_BTK, e, dtype=jnp.float32), w_BT)
+  f_BE = jax.lax.stop_gradient(counts_BE * e / (k * jnp.maximum(n_B, 1.0))[:, None])
+  has_tokens_B = (n_B > 0).astype(jnp.float32)
+  return jnp.sum((f_BE * p_BE).sum(axis=-1) * has_tokens_B) / jnp.maximum(has_tokens_B.sum(), 1.0)
+
+
+def expert_load_stats(load: jax.Array) -> dict[str, jax.Array]:
+  """Balance statistics of an expert load [..., E] (e.g. [layers, E] from a scanned stack), each [...]:
+  max_over_mean (1 = uniform; the paper's MaxVio is this minus 1), min_over_mean, cv (std / mean) and
+  unused_fraction (share of experts that got no token)."""
+  load = jnp.asarray(load, jnp.float32)
+  mean = jnp.maximum(load.mean(axis=-1), 1e-9)
+  return {'max_over_mean': load.max(axis=-1) / mean, 'min_over_mean': load.min(axis=-1) / mean,
+          'cv': load.std(axis=-1) / mean, 'unused_fraction': (load == 0).mean(axis=-1)}
+
+
+# ---------------------------------------------------------------- dropless expert compute
+
+
+def routed_experts(x_ND: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
+                   down_EFD: jax.Array) -> jax.Array:
+  """sum_k w_NK * SwiGLU_{idx_NK}(x_ND), float32 [N, D], every (token, expert) pair computed (dropless).
+
+  The N*k pairs are sorted by expert (stable: by token within an expert), the token rows gathered in that order and
+  multiplied expert block by expert block with ragged_dot (group sizes = tokens per expert); the rows return to
+  (token, slot) order by the inverse permutation and are summed over the k slots. Matmuls run in x's dtype, the
+  down projection accumulates into float32 and the weighted sum is float32.
+  """
+  n, k = idx_NK.shape
+  e = gate_EDF.shape[0]
+  flat_M = idx_NK.reshape(-1)  # M = N*k pairs, pair m = (token m // k, slot m % k)
+  order_M = jnp.argsort(flat_M, stable=True)
+  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k, dtype=order_M.dtype))
+  group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
+  xs_MD = jnp.take(x_ND, order_M // k, axis=0)
+  gate_MF = jax.lax.ragged_dot(xs_MD, gate_EDF.astype(x_ND.dtype), group_sizes_E)
+  up_MF = jax.lax.ragged_dot(xs_MD, up_EDF.astype(x_ND.dtype), group_sizes_E)
+  h_MF = nn.silu(gate_MF) * up_MF
+  out_MD = jax.lax.ragged_dot(h_MF, down_EFD.astype(x_ND.dtype), group_sizes_E, preferred_element_type=jnp.float32)
+  out_NKD = jnp.take(out_MD, inverse_M, axis=0).reshape(n, k, -1)
+  return jnp.einsum('NKD,NK->ND', out_NKD, w_NK.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def _bias_feedback(y: jax.Array, bias_E: jax.Array, load_E: jax.Array) -> jax.Array:
+  """Identity on y. Backward: y's cotangent passes through; bias_E gets load_E - mean(load_E) as its 'gradient'.
+
+  Attached to the MoE output, not to the bias itself: the bias only feeds top_k's indices, so a cotangent reaching
+  it is a symbolic zero and JAX never calls a backward placed there."""
+  del bias_E, load_E
+  return y
+
+
+def _bias_feedback_fwd(y, bias_E, load_E):
+  return y, (bias_E, load_E)
+
+
+def _bias_feedback_bwd(res, g):
+  bias_E, load_E = res
+  return g, (load_E - load_E.mean()).astype(bias_E.dtype), jnp.zeros_like(load_E)
+
+
+_bias_feedback.defvjp(_bias_feedback_fwd, _bias_feedback_bwd)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class Router(nn.Module):
+  """x [N, D] -> (float32 scores [N, E], correction bias float32 [E] or None). Params: kernel [D, E]
+  ('embed', 'experts'), and e_score_correction_bias [E] (zeros, float32 whatever param_dtype) with `use_bias`."""
+  num_experts: int
+  scoring: str = 'softmax'
+  use_bias: bool = False
+  init_std: float = 0.02
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    kernel = self.param('kernel', normal_init(self.init_std, ('embed', 'experts')),
+                        (x_ND.shape[-1], self.num_experts), self.param_dtype)
+    # float32 logits (as HF), at full precision: the selection is a discontinuous function of them.
+    logits_NE = jnp.dot(x_ND.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    bias = None
+    if self.use_bias:
+      # float32 always: per-step increments of ~1e-3 would vanish in a bfloat16 bias.
+      bias = self.param(BIAS_NAME, nn.with_logical_partitioning(nn.initializers.zeros, ('experts',)),
+                        (self.num_experts,), jnp.float32)
+    return expert_scores(logits_NE, self.scoring), bias
+
+
+class Experts(nn.Module):
+  """E SwiGLU experts over (token, expert) rows: see `routed_experts`. Params gate_proj / up_proj [E, D, F]
+  ('experts', 'embed', 'mlp'), down_proj [E, F, D] ('experts', 'mlp', 'embed')."""
+  num_experts: int
+  hidden_size: int
+  expert_dim: int
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_ND: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    e, d, f = self.num_experts, self.hidden_size, self.expert_dim
+    in_axes, out_axes = ('experts', 'embed', 'mlp'), ('experts', 'mlp', 'embed')
+    gate = self.param('gate_proj', normal_init(self.init_std, in_axes), (e, d, f), self.param_dtype)
+    up = self.param('up_proj', normal_init(self.init_std, in_axes), (e, d, f), self.param_dtype)
+    down = self.param('down_proj', normal_init(self.init_std, out_axes), (e, f, d), self.param_dtype)
+    return routed_experts(x_ND.astype(self.dtype), idx_NK, w_NK, gate.astype(self.dtype), up.astype(self.dtype),
+                          down.astype(self.dtype))
+
+
+class MoE(nn.Module):
+  """DeepSeekMoE layer, a drop-in for the dense MLP: `cfg` is the `model` config section (hidden_size, init_std,
+  dtype, param_dtype and the `moe` fields).
+
+  __call__(x [B, T, D], valid [B, T] bool or None (all valid)) -> (y [B, T, D] in cfg.dtype, aux) with
+    aux['balance_loss']: float32 scalar, the UNWEIGHTED sequence-wise balance loss (`balance_loss`; the caller
+      multiplies by moe.aux_loss_weight), exactly 0.0 (not computed) when moe.aux_loss_weight is 0;
+    aux['expert_load']: float32 [E], valid tokens routed to each expert in this call.
+  Padding tokens (valid False) are routed and computed like any other (static shapes) but count in neither.
+  With topk_method='noaux_tc' the backward pass gives gate/e_score_correction_bias the 'gradient'
+  expert_load - mean(expert_load) (see `_bias_feedback`; the optimizer turns it into the bias update).
+  """
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    cfg, mo = self.cfg, self.cfg.moe
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    b, t, d = x_BTD.shape
+    e, k = mo.num_experts, mo.top_k
+    valid_BT = jnp.ones((b, t), bool) if valid_BT is None else valid_BT.astype(bool)
+    x_ND = x_BTD.reshape(b * t, d)
+
+    scores_NE, bias_E = Router(e, mo.scoring, mo.topk_method == 'noaux_tc', cfg.init_std, param_dtype,
+                               name='gate')(x_ND)
+    idx_NK, w_NK = route(scores_NE, k, mo.topk_method, mo.num_groups, mo.topk_groups, bias_E, mo.norm_topk_prob,
+                         mo.routed_scaling_factor)
+    y_ND = Experts(e, d, mo.expert_dim, cfg.init_std, dtype, param_dtype, name='experts')(x_ND, idx_NK, w_NK)
+    load_E = jax.lax.stop_gradient(expert_load(idx_NK, valid_BT.reshape(-1), e))
+    if bias_E is not None:
+      y_ND = _bias_feedback(y_ND, bias_E, load_E)
+    if mo.num_shared_experts > 0:
+      shared = MLP(d, mo.num_shared_experts * mo.expert_dim, cfg.init_std, dtype, param_dtype, name='shared_experts')
+      y_ND = y_ND + shared(x_ND).astype(jnp.float32)
+
+    if mo.aux_loss_weight > 0:
+      loss = balance_loss(scores_NE.reshape(b, t, e), idx_NK.reshape(b, t, k), valid_BT)
+    else:
+      loss = jnp.zeros((), jnp.float32)
+    return y_ND.reshape(b, t, d).astype(dtype), {'balance_loss': loss, 'expert_load': load_E}
