@@ -52,7 +52,7 @@ def synthetic_tokens_per_sec(cfg, steps: int) -> float:
   """Tokens/s of the jitted train step on random batches: `steps` steps dispatched back to back, waited on once."""
   mesh = sharding_lib.make_mesh(cfg.mesh)
   model = Transformer(cfg.model)
-  optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps, bias_update_rate=cfg.model.moe.bias_update_rate)
   seq = cfg.data.seq_len
   shardings = state_lib.state_shardings(model, optimizer, seq, mesh, cfg.mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh, cfg.mesh)

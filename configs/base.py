@@ -163,10 +163,11 @@ def get_config() -> ml_collections.ConfigDict:
   me = cfg.mesh = ml_collections.ConfigDict()
   me.data = -1                 # -1: all devices not used by the other axes
   me.fsdp = 1
+  me.expert = 1                # expert parallelism: routed experts split over it, tokens exchanged all-to-all
   me.tensor = 1
   # Logical parameter/activation axis -> mesh axes (None: replicated). Model code names axes, never devices.
   me.rules = (
-      ('batch', ('data', 'fsdp')),
+      ('batch', ('data', 'fsdp', 'expert')),  # the expert axis splits tokens outside the MoE layers
       ('embed', 'fsdp'),
       ('heads', 'tensor'),
       ('kv_heads', 'tensor'),
@@ -174,6 +175,9 @@ def get_config() -> ml_collections.ConfigDict:
       ('vocab', 'tensor'),
       ('head_dim', None),
       ('layers', None),
+      ('experts', 'expert'),
+      ('q_lora', None),
+      ('kv_lora', None),
   )
 
   # ---------------------------------------------------------------- sampling

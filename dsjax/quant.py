@@ -280,7 +280,7 @@ def quantize_params(params: Any, model_cfg: ml_collections.ConfigDict, quant_cfg
     w = meta.unbox(boxed)
     names = [str(getattr(p, 'key', p)) for p in path]
     if len(names) >= 2 and names[-1] == 'kernel' and names[-2] in INPUT_AXES:
-      lead = 1 if names[0] == 'layers' else 0
+      lead = 1 if names[0] in (layout.STACKED, layout.DENSE_STACKED) else 0  # stacked layers
       out[path] = with_axis_names(
           quantize_kernel(w, INPUT_AXES[names[-2]], lead, bits=bits, group_size=quant_cfg.group_size, dtype=dtype,
                           name='/'.join(names)), boxed)

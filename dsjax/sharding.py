@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding: where parameters and batches live.
 
 Model code names logical axes (`embed`, `heads`, `mlp`, ...); the config's `mesh.rules` map them to the mesh axes
-('data', 'fsdp', 'tensor'). This module is the one place that turns names into `NamedSharding`s.
+('data', 'fsdp', 'expert', 'tensor'). This module is the one place that turns names into `NamedSharding`s.
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ import numpy as np
 from dsjax import config as config_lib
 from dsjax import quant
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Sizes of ('data', 'fsdp', 'tensor'); one -1 takes the devices the others leave."""
-  sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Sizes of MESH_AXES; one -1 takes the devices the others leave. (A config written before the expert axis
+  existed has no mesh.expert: size 1.)"""
+  sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
     raise config_lib.ConfigError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
   for axis, size in zip(MESH_AXES, sizes):
@@ -42,7 +43,7 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all, across processes), sized from the config.
+  """The ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default: all, across processes), sized from the config.
 
   `jax.make_mesh` orders the devices for the physical topology (ICI rings on TPU, NVLink islands on GPU). Axes are
   `Auto`: shardings are given at the jit boundary and XLA's SPMD partitioner places the intermediates.

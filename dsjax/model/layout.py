@@ -38,7 +38,8 @@ _UNSTACKED = re.compile(r'^layers_(\d+)$')
 
 # Projection kernels ([in..., out...] in the training layout) -> how many leading axes are contracted with the input.
 INPUT_AXES = {'q_proj': 1, 'k_proj': 1, 'v_proj': 1, 'o_proj': 2, 'r_proj': 1, 'gate_proj': 1, 'up_proj': 1,
-              'down_proj': 1, 'lm_head': 1, 'q_a_proj': 1, 'q_b_proj': 1, 'kv_a_proj_with_mqa': 1, 'kv_b_proj': 1}
+              'down_proj': 1, 'lm_head': 1, 'q_a_proj': 1, 'q_b_proj': 1, 'kv_a_proj_with_mqa': 1, 'kv_b_proj': 1,
+              'eh_proj': 1}
 
 
 def layer_groups(is_moe: list[bool]) -> list[tuple[str, int, int, bool]]:

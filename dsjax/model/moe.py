@@ -24,12 +24,18 @@ norm_topk_prob=False, where all three agree.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import ml_collections
+
+from dsjax import config as config_lib
+from dsjax.model import partitioning
 
 from dsjax.model.layers import MLP, normal_init, to_dtype
 
@@ -163,6 +169,86 @@ def routed_experts(x_ND: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, gate_EDF
   return jnp.einsum('NKD,NK->ND', out_NKD, w_NK.astype(jnp.float32))
 
 
+# ---------------------------------------------------------------- expert parallelism
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPlan:
+  """How the routed experts split over the mesh in context: tokens over `batch` axes, experts over `expert` axes,
+  each expert's inner dimension over `mlp` axes."""
+  batch: tuple[str, ...]
+  expert: tuple[str, ...]
+  mlp: tuple[str, ...]
+
+
+def expert_parallel_plan(num_tokens: int, num_experts: int) -> ExpertPlan | None:
+  """The plan for the mesh and logical rules in context, or None (no mesh, or experts not split over it: XLA
+  partitions `routed_experts` like any other computation)."""
+  mesh = partitioning.context_mesh()
+  if mesh is None:
+    return None
+  expert = partitioning.mesh_axes('experts', mesh)
+  if not expert:
+    return None
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  if num_experts % size(expert):
+    raise config_lib.ConfigError(f'config.model.moe.num_experts={num_experts}: the mesh splits experts over '
+                                 f'{expert} ({size(expert)} devices, config.mesh.expert), which must divide it')
+  batch = partitioning.mesh_axes('batch', mesh)
+  if num_tokens % size(batch):
+    batch = ()  # e.g. decoding one row: every device routes the same tokens
+  return ExpertPlan(batch, expert, partitioning.mesh_axes('mlp', mesh))
+
+
+def expert_parallel(plan: ExpertPlan):
+  """`routed_experts` with experts split over `plan.expert`: per shard (`shard_map`), each device routes its tokens,
+  sends every (token, expert) pair to the device holding that expert (`all_to_all`), runs its local experts with
+  the grouped matmul and sends the results back, where the k results of a token are summed with their weights.
+
+  Dropless with static shapes: a device may receive up to all of every sender's pairs, so each send buffer has a
+  slot for each of its N*k pairs per destination (XLA:CPU has no ragged all-to-all; slots past a destination's
+  pairs carry the "no expert" id and are skipped by the grouped matmul, whose rows beyond its groups are zero).
+  Expert weights arrive gathered over the fsdp axes (their `embed` dimension) by the shard_map's input specs;
+  with the expert inner dimension split over `plan.mlp`, the partial down projections are summed there.
+  """
+  expert_axis = plan.expert if len(plan.expert) > 1 else plan.expert[0]
+  spec = lambda *dims: P(*(d or None for d in dims))
+
+  def per_shard(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
+    n, k = idx_NK.shape
+    e_local, d = gate_EDF.shape[0], x_ND.shape[-1]
+    ep = jax.lax.psum(1, expert_axis)
+    pairs = n * k
+    expert_M = idx_NK.reshape(-1)
+    order_M = jnp.argsort(expert_M, stable=True)  # pairs grouped by destination device, by expert within it
+    expert_S = expert_M[order_M]
+    dest_S = expert_S // e_local
+    counts = jnp.bincount(dest_S, length=ep)
+    slot_S = jnp.arange(pairs) - (jnp.cumsum(counts) - counts)[dest_S]
+    send_x = jnp.zeros((ep, pairs, d), x_ND.dtype).at[dest_S, slot_S].set(jnp.take(x_ND, order_M // k, axis=0))
+    send_e = jnp.full((ep, pairs), e_local, jnp.int32).at[dest_S, slot_S].set(expert_S - dest_S * e_local)
+    recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0, tiled=True).reshape(ep * pairs, d)
+    recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0, tiled=True).reshape(ep * pairs)
+    # This device's experts over the rows it received, grouped by local expert ("no expert" rows last).
+    order_R = jnp.argsort(recv_e, stable=True)
+    sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
+    xs_RD = jnp.take(recv_x, order_R, axis=0)
+    h_RF = nn.silu(jax.lax.ragged_dot(xs_RD, gate_EDF, sizes)) * jax.lax.ragged_dot(xs_RD, up_EDF, sizes)
+    out_RD = jax.lax.ragged_dot(h_RF, down_EFD, sizes, preferred_element_type=jnp.float32)
+    if plan.mlp:
+      out_RD = jax.lax.psum(out_RD, plan.mlp)
+    out_RD = jnp.zeros_like(out_RD).at[order_R].set(out_RD)
+    back = jax.lax.all_to_all(out_RD.reshape(ep, pairs, d), expert_axis, 0, 0, tiled=True)
+    out_M = jnp.zeros((pairs, d), jnp.float32).at[order_M].set(back[dest_S, slot_S])
+    return jnp.einsum('NKD,NK->ND', out_M.reshape(n, k, d), w_NK.astype(jnp.float32))
+
+  tokens = (plan.batch, None)
+  return jax.shard_map(
+      per_shard, in_specs=(spec(*tokens), spec(*tokens), spec(*tokens), spec(plan.expert, None, plan.mlp),
+                           spec(plan.expert, None, plan.mlp), spec(plan.expert, plan.mlp, None)),
+      out_specs=spec(*tokens), check_vma=False)
+
+
 @jax.custom_vjp
 def _bias_feedback(y: jax.Array, bias_E: jax.Array, load_E: jax.Array) -> jax.Array:
   """Identity on y. Backward: y's cotangent passes through; bias_E gets load_E - mean(load_E) as its 'gradient'.
@@ -228,8 +314,12 @@ class Experts(nn.Module):
     gate = self.param('gate_proj', normal_init(self.init_std, in_axes), (e, d, f), self.param_dtype)
     up = self.param('up_proj', normal_init(self.init_std, in_axes), (e, d, f), self.param_dtype)
     down = self.param('down_proj', normal_init(self.init_std, out_axes), (e, f, d), self.param_dtype)
-    return routed_experts(x_ND.astype(self.dtype), idx_NK, w_NK, gate.astype(self.dtype), up.astype(self.dtype),
-                          down.astype(self.dtype))
+    args = (x_ND.astype(self.dtype), idx_NK, w_NK, gate.astype(self.dtype), up.astype(self.dtype),
+            down.astype(self.dtype))
+    plan = expert_parallel_plan(x_ND.shape[0], e)
+    if plan is None:
+      return routed_experts(*args)
+    return expert_parallel(plan)(*args)
 
 
 class MoE(nn.Module):

@@ -21,14 +21,14 @@ from dsjax import config as config_lib
 Dims = tuple[str | None, ...]  # per array dimension: 'batch', 'heads' (query or kv heads) or None (replicated)
 
 
-def _mesh_axes(logical: str, mesh) -> tuple[str, ...]:
+def mesh_axes(logical: str, mesh) -> tuple[str, ...]:
   """The mesh axes (of size > 1) that the context's logical-axis rules map `logical` to."""
   axes = nn.logical_to_mesh_axes((logical,))[0]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def _context_mesh():
+def context_mesh():
   """The mesh in context, or None without one (or with a single device)."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or mesh.size == 1 else mesh
@@ -51,16 +51,16 @@ def shard_plan(batch_size: int, num_heads: int, num_kv_heads: int) -> ShardPlan 
   A batch the batch axes do not divide (decoding one row on a data-parallel mesh) is replicated. Heads must divide:
   raises ConfigError naming the fields otherwise.
   """
-  mesh = _context_mesh()
+  mesh = context_mesh()
   if mesh is None:
     return None
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
-  batch = _mesh_axes('batch', mesh)
-  heads, kv_heads = _mesh_axes('heads', mesh), _mesh_axes('kv_heads', mesh)
+  batch = mesh_axes('batch', mesh)
+  heads, kv_heads = mesh_axes('heads', mesh), mesh_axes('kv_heads', mesh)
   if heads != kv_heads:
     raise config_lib.ConfigError(f'config.mesh.rules: the attention kernels keep GQA groups whole, so `heads` and '
                                  f'`kv_heads` must map to the same mesh axes; got {heads} and {kv_heads}')
-  if _mesh_axes('head_dim', mesh):
+  if mesh_axes('head_dim', mesh):
     raise config_lib.ConfigError('config.mesh.rules: the attention kernels need whole heads; `head_dim` must not be '
                                  'sharded')
   for field, count in (('num_kv_heads', num_kv_heads), ('num_heads', num_heads)):
@@ -86,12 +86,12 @@ def constrain(x: jax.Array, dims: Dims) -> jax.Array:
   """x with its sharding pinned: dimension i split over the mesh axes of logical axis dims[i] in context, None
   dimensions replicated. x is left to XLA where those axes do not divide a dimension (a single decoded row; one
   example inside DP-SGD's per-example vmap, whose example axis the vmap places itself)."""
-  mesh = _context_mesh()
+  mesh = context_mesh()
   if mesh is None:
     return x
   spec = []
   for size, dim in zip(x.shape, dims):
-    axes = _mesh_axes(dim, mesh) if dim else ()
+    axes = mesh_axes(dim, mesh) if dim else ()
     if size % math.prod(mesh.shape[a] for a in axes):
       return x
     spec.append(axes or None)
@@ -101,5 +101,5 @@ def constrain(x: jax.Array, dims: Dims) -> jax.Array:
 def batch_axes() -> tuple[str, ...] | None:
   """The mesh axes the context's rules split the batch over (None without a mesh): `jax.vmap(spmd_axis_name=...)`
   of a per-example map keeps its example axis there."""
-  mesh = _context_mesh()
-  return (_mesh_axes('batch', mesh) or None) if mesh is not None else None
+  mesh = context_mesh()
+  return (mesh_axes('batch', mesh) or None) if mesh is not None else None

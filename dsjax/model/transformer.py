@@ -91,6 +91,30 @@ def moe_layers(cfg: ml_collections.ConfigDict) -> list[bool]:
   return [i >= num_dense for i in range(cfg.num_layers)]
 
 
+MTP_PREFIX = 'mtp_'  # params of multi-token-prediction depth k: 'mtp_{k-1}' (module) and 'mtp_{k-1}_norm' (its head norm)
+
+
+class MultiTokenPredictor(nn.Module):
+  """One multi-token-prediction depth (DeepSeek-V3 section 2.2): h' = Block(eh_proj([RMSNorm(emb); RMSNorm(h)])).
+  The embedding comes first in the concatenation, as in the published checkpoint's consumers (vLLM, sglang).
+  (h [B, T, D], emb [B, T, D], positions, segment_ids) -> h' [B, T, D] (before the head's norm)."""
+  cfg: ml_collections.ConfigDict
+  deterministic: bool = True
+  moe: bool = False
+
+  @nn.compact
+  def __call__(self, h: jax.Array, emb: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    cfg = self.cfg
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    joined = jnp.concatenate([RMSNorm(name='enorm', **norm)(emb), RMSNorm(name='hnorm', **norm)(h)], axis=-1)
+    x = Linear((2 * cfg.hidden_size, cfg.hidden_size), (None, 'embed'), 'BTE,ED->BTD', cfg.init_std, dtype,
+               param_dtype, name='eh_proj')(joined)
+    (x, _), _ = Block(cfg, self.deterministic, self.moe, name='block')(
+        (x, None), None, positions, segment_ids, None, None, None)
+    return x
+
+
 def layer_losses(dense: dict[str, jax.Array] | None, moe: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
   """The model's aux losses from the per-layer ones ([L', ...] stacked per group of layers): router_loss (mean over
   layers), moe_balance_loss (mean over MoE layers; 0 without) and expert_load [L_moe, E] (tokens per routed expert
@@ -109,7 +133,9 @@ class Transformer(nn.Module):
   apply({'params': p}, tokens [B, T], positions [B, T], segment_ids=None, memory=None, cache=None,
         deterministic=True)
   -> (logits float32 [B, T, V], aux dict(router_loss=float32 scalar, memory=Memory | None, cache=Cache | None,
-  hidden=the final-normed hidden states [B, T, D])).
+  hidden=the final-normed hidden states [B, T, D], moe_balance_loss, expert_load (see `layer_losses`),
+  mtp_logits=float32 [D, B, T, V] of the multi-token-prediction depths (depth k at position i predicts token
+  i + k + 1) or None (no MTP, or decoding with a cache))).
   Positions restart at 0 in each document; segment_ids None means one document per row; 0 marks padding.
   cache (decoding, dsjax/model/cache.py): the tokens attend to the cached ones and are added to the returned cache;
   with a cache, XL memory is not used (the cache holds every past token).
@@ -190,10 +216,22 @@ class Transformer(nn.Module):
 
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)
     if cfg.tie_embeddings:
-      logits = embedder.decode(x)
+      head = embedder.decode
     else:
-      logits = Linear((cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), 'BTD,DV->BTV', cfg.init_std,
-                      dtype, param_dtype, preferred_element_type=jnp.float32, name='lm_head')(x)
+      head = Linear((cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), 'BTD,DV->BTV', cfg.init_std,
+                    dtype, param_dtype, preferred_element_type=jnp.float32, name='lm_head')
+    logits = head(x)
+    mtp_logits = None
+    if cfg.mtp.num_layers and cache is None:
+      # Depth k (1-based) sees, at position i, its predecessor's state and the embedding of token i + k, and
+      # predicts token i + k + 1 (DeepSeek-V3 eq. 21-23); depth 1 starts from the final-normed main states.
+      h, depths = x, []
+      for k in range(1, cfg.mtp.num_layers + 1):
+        ahead = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # token i + k at position i (0 past the row's end)
+        h = MultiTokenPredictor(cfg, deterministic, is_moe[-1], name=f'{MTP_PREFIX}{k - 1}')(
+            h, embedder.encode(ahead), positions, row_segments)
+        depths.append(head(RMSNorm(cfg.norm_eps, dtype, param_dtype, name=f'{MTP_PREFIX}{k - 1}_norm')(h)))
+      mtp_logits = jnp.stack(depths).astype(jnp.float32)
 
     new_memory = None
     if mem_hidden is not None:
@@ -207,5 +245,5 @@ class Transformer(nn.Module):
       new_cache = dict(k=new_kv[0], v=new_kv[1], positions=written[0], segment_ids=written[1])
     # `hidden` (the final-normed states [B, T, D]) serves as a text embedding (dsjax/retrieval); jit drops it when
     # the caller does not use it.
-    return logits.astype(jnp.float32), dict(memory=new_memory, cache=new_cache, hidden=x,
+    return logits.astype(jnp.float32), dict(memory=new_memory, cache=new_cache, hidden=x, mtp_logits=mtp_logits,
                                             **layer_losses(group_losses[False], group_losses[True]))

@@ -65,7 +65,8 @@ def train(cfg: ml_collections.ConfigDict, hooks: Sequence[hooks_lib.Hook] = ()) 
   model = start_lib.model_for_run(cfg)
   abstract = start_lib.abstract_params(cfg, model)
   mask = partition.trainable_mask(abstract, partition.spec_for_run(cfg))
-  optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  optimizer = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps,
+                                           bias_update_rate=cfg.model.moe.bias_update_rate)
   learning_rate = optimizer_lib.learning_rate_schedule(cfg.optim, cfg.train.steps)
   init_rng, dropout_rng, _ = jax.random.split(jax.random.key(cfg.seed), 3)  # the third: end-of-run samples
   shardings = state_lib.state_shardings(model, optimizer, cfg.data.seq_len, mesh, cfg.mesh, params=abstract,

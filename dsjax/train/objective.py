@@ -103,15 +103,43 @@ class Objective:
     return loss, {'sums': sums, 'means': means}
 
 
+def multi_token_nll(f: Forward) -> jax.Array:
+  """Summed nll of the multi-token-prediction depths, averaged over depths (DeepSeek-V3 eq. 24-25 without lambda):
+  depth k's logits at position i predict token i + k + 1, i.e. `targets` k positions on, counted where that target
+  is a real token of the same document as position i."""
+  logits_DBTV = f.model_aux['mtp_logits']
+  seg_BT = f.batch['segment_ids']
+  total = jnp.zeros((), jnp.float32)
+  for k in range(1, logits_DBTV.shape[0] + 1):
+    nll_BT = token_nll(logits_DBTV[k - 1, :, :-k], f.batch['targets'][:, k:])[0]
+    same_document = (seg_BT[:, k:] == seg_BT[:, :-k]) & (seg_BT[:, k:] > 0)
+    total += jnp.where(same_document, nll_BT, 0.0).sum()
+  return total / logits_DBTV.shape[0]
+
+
+def _expert_imbalance(f: Forward) -> jax.Array:
+  """max / mean tokens per routed expert, averaged over the MoE layers (1 = perfectly balanced); a metric."""
+  load_LE = f.model_aux['expert_load']
+  return jnp.mean(jnp.max(load_LE, axis=-1) / jnp.maximum(jnp.mean(load_LE, axis=-1), 1e-9))
+
+
 def language_model(model: nn.Module, cfg: ml_collections.ConfigDict) -> Objective:
-  """Next-token nll, plus `train.z_loss_weight` x z-loss (log Z^2) and, for routed attention, the router's
-  load-balance loss at `model.attention.router_aux_weight`. Metrics keep these names (nll is `loss`)."""
-  router_weight = cfg.model.attention.router_aux_weight if cfg.model.attention.kind == 'routed' else 0.0
-  return Objective(model, (
-      Term('nll', 1.0, 'token', _nll),
-      Term('z_loss', float(cfg.train.z_loss_weight), 'token', _z_loss),
-      Term('router_loss', float(router_weight), 'mean', lambda f: f.model_aux['router_loss']),
-  ))
+  """Next-token nll, plus `train.z_loss_weight` x z-loss (log Z^2); for routed attention, the router's load-balance
+  loss at `model.attention.router_aux_weight`; for DeepSeekMoE, the sequence-wise balance loss at
+  `model.moe.aux_loss_weight` and the expert load imbalance (max/mean, a metric of weight 0); for multi-token
+  prediction, its nll at `model.mtp.loss_weight`. Metrics keep these names (nll is `loss`)."""
+  m = cfg.model
+  router_weight = m.attention.router_aux_weight if m.attention.kind == 'routed' else 0.0
+  terms = [Term('nll', 1.0, 'token', _nll),
+           Term('z_loss', float(cfg.train.z_loss_weight), 'token', _z_loss),
+           Term('router_loss', float(router_weight), 'mean', lambda f: f.model_aux['router_loss'])]
+  if m.moe.num_experts:
+    terms += [Term('moe_balance_loss', float(m.moe.aux_loss_weight), 'mean',
+                   lambda f: f.model_aux['moe_balance_loss']),
+              Term('expert_imbalance', 0.0, 'mean', _expert_imbalance)]
+  if m.mtp.num_layers:
+    terms.append(Term('mtp_loss', float(m.mtp.loss_weight), 'token', multi_token_nll))
+  return Objective(model, tuple(terms))
 
 
 def make_eval_step(model: nn.Module, token_bytes: jax.Array) -> Callable[[Any, Batch], dict[str, jax.Array]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -41,6 +42,13 @@ def correction_bias_labels(params: Any) -> Any:
   def label(path, _):
     return 'bias' if any(getattr(key, 'key', None) == CORRECTION_BIAS for key in path) else 'adamw'
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def without_correction_bias(grads: Any) -> Any:
+  """`grads` with the correction biases' entries zeroed: their "gradient" is an expert-load signal, not part of the
+  gradient whose norm is logged and guarded."""
+  return jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == 'bias' else g, grads,
+                      correction_bias_labels(grads))
 
 
 def has_correction_bias(params: Any) -> bool:

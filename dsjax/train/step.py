@@ -19,6 +19,7 @@ from dsjax import distill
 from dsjax import privacy
 from dsjax.train import gradients
 from dsjax.train import objective as objective_lib
+from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import partition
 from dsjax.train.state import TrainState
 
@@ -54,7 +55,7 @@ def build_train_step(loss_fn: objective_lib.LossFn, optimizer: optax.GradientTra
 
     total_tokens = jnp.maximum((batch['segment_ids'] > 0).sum().astype(jnp.float32), 1.0)
     loss = aux['sums']['nll'] / total_tokens
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(optimizer_lib.without_correction_bias(grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=partition.join(keep_old(new_trainable, trainable), frozen),
