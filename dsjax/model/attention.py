@@ -77,7 +77,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
   mask = make_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global)[:, None, None]
   scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
   probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v).reshape(b, t, n, h)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v).reshape(b, t, n, v.shape[-1])
   if gates is not None:
     out = out * gates[..., None].astype(out.dtype)
   return out
@@ -129,8 +129,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
                                gates=gates, rel=rel, scale=scale)
   if scale is not None:
     raise ValueError(f'attend: a custom scale runs on impl=reference only (the {path} path scales by 1/sqrt(H))')
-  return attention_kernels.self_attention(path, q, k, v, q_pos, q_seg, window=window, num_global=num_global,
-                                          gates=gates, platform=call.platform)
+  hv = v.shape[-1]
+  if hv != q.shape[-1]:  # the kernels take one head size: values padded with zeros (latent attention: 128 vs 192)
+    v = jnp.pad(v, ((0, 0),) * 3 + ((0, q.shape[-1] - hv),)) if hv < q.shape[-1] else None
+    if v is None:
+      raise ValueError(f'attend: value heads ({hv}) larger than query heads ({q.shape[-1]}) need impl=reference')
+  out = attention_kernels.self_attention(path, q, k, v, q_pos, q_seg, window=window, num_global=num_global,
+                                         gates=gates, platform=call.platform)
+  return out[..., :hv]
 
 
 def resolve_platform(platform: str = '') -> str:
