@@ -53,8 +53,9 @@ _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot 
 _MODEL_NAME = flags.DEFINE_string('model_name', None, 'Model id of the API (default: the checkpoint dir name).')
 _DRAIN_TIMEOUT = flags.DEFINE_float('drain_timeout', 10.0, 'On SIGTERM, seconds to finish in-flight requests.')
 _MODEL_FLAGS = cli.define_model_flags()  # --dtype, --quant, --quant_group_size, --quant_activations, --adapter
-_DRAFT = flags.DEFINE_string('draft', '', 'Speculative decoding: "lookup" (n-gram prompt lookup) or a draft model '
-                             'checkpoint sharing the tokenizer; empty: off.')
+_DRAFT = flags.DEFINE_string('draft', '', 'Speculative decoding: "lookup" (n-gram prompt lookup), "mtp" (the '
+                             "model's own multi-token-prediction depth) or a draft model checkpoint sharing the "
+                             'tokenizer; empty: off.')
 _GAMMA = flags.DEFINE_integer('gamma', 4, 'Speculative decoding: tokens drafted per target forward.')
 _RETRIEVAL_INDEX = flags.DEFINE_multi_string('retrieval_index', [], 'NAME=DIR: a retrieval index (python -m '
                                              'dsjax.retrieval build) requests may name; repeatable.')
@@ -168,7 +169,8 @@ def main(argv):
     tokenizer = tokenizer_lib.from_config(cfg.data)
     retrieval_indexes = _load_retrieval_indexes(retrieval_paths, model, params, tokenizer)
     max_len = _MAX_LEN.value or int(cfg.model.max_positions)
-    drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value)
+    drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value,
+                                       target_model=model, target_params=params)
     engine = engine_lib.Engine(model, params, num_slots=_NUM_SLOTS.value, max_len=max_len,
                                max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size, drafter=drafter,
                                gamma=_GAMMA.value, on_fatal=on_fatal)

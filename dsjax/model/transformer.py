@@ -91,6 +91,16 @@ def moe_layers(cfg: ml_collections.ConfigDict) -> list[bool]:
   return [i >= num_dense for i in range(cfg.num_layers)]
 
 
+def cache_inputs(cfg: ml_collections.ConfigDict, cache: cache_lib.Cache, positions: jax.Array,
+                 segment_ids: jax.Array) -> tuple[tuple[Any, Any], tuple[jax.Array, ...]]:
+  """The per-layer caches ((k arrays), (v arrays)) and what every layer's attention needs to write and read them:
+  (cached positions, cached segment ids, write slot [B, T], positions and segment ids once written [B, S])."""
+  cache_lib.check_cache(cfg, cache)
+  slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
+  written = (write_to_slots(cache['positions'], positions, slot), write_to_slots(cache['segment_ids'], segment_ids, slot))
+  return (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot, *written)
+
+
 MTP_PREFIX = 'mtp_'  # params of multi-token-prediction depth k: 'mtp_{k-1}' (module) and 'mtp_{k-1}_norm' (its head norm)
 
 
@@ -103,16 +113,50 @@ class MultiTokenPredictor(nn.Module):
   moe: bool = False
 
   @nn.compact
-  def __call__(self, h: jax.Array, emb: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  def __call__(self, h: jax.Array, emb: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_meta: tuple[jax.Array, ...] | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """-> (h', its block's cache k/v with the new tokens written, or None without a cache)."""
     cfg = self.cfg
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
     joined = jnp.concatenate([RMSNorm(name='enorm', **norm)(emb), RMSNorm(name='hnorm', **norm)(h)], axis=-1)
     x = Linear((2 * cfg.hidden_size, cfg.hidden_size), (None, 'embed'), 'BTE,ED->BTD', cfg.init_std, dtype,
                param_dtype, name='eh_proj')(joined)
-    (x, _), _ = Block(cfg, self.deterministic, self.moe, name='block')(
-        (x, None), None, positions, segment_ids, None, None, None)
-    return x
+    (x, new_kv), _ = Block(cfg, self.deterministic, self.moe, name='block')(
+        (x, cache_kv), None, positions, segment_ids, None, None, cache_meta)
+    return x, new_kv
+
+
+class MultiTokenDrafter(nn.Module):
+  """Decoding with the first multi-token-prediction depth (the speculative drafter `--draft=mtp`), on the
+  Transformer's own params (their 'embedder', 'mtp_0', 'mtp_0_norm' and 'lm_head'): (tokens [B, T] whose
+  embeddings enter, main-model or previous-MTP states h [B, T, D], positions, segment_ids, the depth's KV cache:
+  one layer, `cache.init_cache` of the config with num_layers=1) -> (logits float32 [B, T, V], h' [B, T, D], cache).
+  Position i takes h at i and the token at i + 1, and predicts the token at i + 2."""
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, h: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: cache_lib.Cache) -> tuple[jax.Array, jax.Array, cache_lib.Cache]:
+    cfg = self.cfg
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    one_layer = cfg.copy_and_resolve_references()
+    with one_layer.unlocked():
+      one_layer.num_layers = 1
+    cache_kv, cache_meta = cache_inputs(one_layer, cache, positions, segment_ids)
+    embedder = Embedder(cfg.vocab_size, cfg.hidden_size, cfg.init_std, dtype, param_dtype, name='embedder')
+    h, new_kv = MultiTokenPredictor(cfg, True, moe_layers(cfg)[-1], name=f'{MTP_PREFIX}0')(
+        h.astype(dtype), embedder.encode(tokens), positions, segment_ids, (cache_kv[0][0], cache_kv[1][0]),
+        cache_meta)
+    normed = RMSNorm(cfg.norm_eps, dtype, param_dtype, name=f'{MTP_PREFIX}0_norm')(h)
+    if cfg.tie_embeddings:
+      logits = embedder.decode(normed)
+    else:
+      logits = Linear((cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), 'BTD,DV->BTV', cfg.init_std, dtype,
+                      param_dtype, preferred_element_type=jnp.float32, name='lm_head')(normed)
+    new_cache = dict(k=(new_kv[0],), v=(new_kv[1],), positions=cache_meta[3], segment_ids=cache_meta[4])
+    return logits.astype(jnp.float32), h, new_cache
 
 
 def layer_losses(dense: dict[str, jax.Array] | None, moe: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
@@ -161,11 +205,8 @@ class Transformer(nn.Module):
     if cache is not None:
       if memory is not None:
         raise ValueError('pass either a KV cache or XL memory, not both')
-      cache_lib.check_cache(cfg, cache)
-      slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
-      written = (write_to_slots(cache['positions'], positions, slot),
-                 write_to_slots(cache['segment_ids'], segment_ids, slot))
-      cache_kv, cache_meta = (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot, *written)
+      cache_kv, cache_meta = cache_inputs(cfg, cache, positions, segment_ids)
+      written = cache_meta[3:]
       mem_hidden = mem_pos = mem_seg = None
     elif uses_memory(cfg):
       memory = init_memory(cfg, tokens.shape[0], dtype) if memory is None else memory
@@ -228,7 +269,7 @@ class Transformer(nn.Module):
       h, depths = x, []
       for k in range(1, cfg.mtp.num_layers + 1):
         ahead = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # token i + k at position i (0 past the row's end)
-        h = MultiTokenPredictor(cfg, deterministic, is_moe[-1], name=f'{MTP_PREFIX}{k - 1}')(
+        h, _ = MultiTokenPredictor(cfg, deterministic, is_moe[-1], name=f'{MTP_PREFIX}{k - 1}')(
             h, embedder.encode(ahead), positions, row_segments)
         depths.append(head(RMSNorm(cfg.norm_eps, dtype, param_dtype, name=f'{MTP_PREFIX}{k - 1}_norm')(h)))
       mtp_logits = jnp.stack(depths).astype(jnp.float32)

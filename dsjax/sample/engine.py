@@ -352,8 +352,8 @@ class Engine:
     """Prompt [1, P] (`length` real tokens) into slot `slot`: the target cache gets all but its last token (the
     pending one), the drafter its own state, the token buffer the prompt. Returns (cache, draft_state, tokens)."""
     lengths = length[None]
-    row = speculative.prefill_all_but_last(self.sampler, params, tokens_1P, lengths)
-    draft_row = self.drafter.init(draft_params, tokens_1P, lengths)
+    row, hidden = speculative.prefill_with_hidden(self.sampler, params, tokens_1P, lengths)
+    draft_row = self.drafter.init(draft_params, tokens_1P, lengths, hidden)
     tokens_NL = jax.lax.dynamic_update_slice(tokens_NL, tokens_1P[:, :self.max_len], (slot, jnp.int32(0)))
     return (cache_lib.insert_row(cache, row, slot), self.drafter.insert_row(draft_state, draft_row, slot), tokens_NL)
 

@@ -171,9 +171,15 @@ class Sampler:
                segment_ids_BT: jax.Array) -> tuple[jax.Array, cache_lib.Cache]:
     """Logits [B, T, V] of new tokens given the cache, and the cache with them added (segment 0: not added).
     Training-layout params are converted here (a copy of the weights): loops that call this convert once before."""
+    return self.forward_hidden(params, cache, tokens_BT, positions_BT, segment_ids_BT)[:2]
+
+  def forward_hidden(self, params: Any, cache: cache_lib.Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
+                     segment_ids_BT: jax.Array) -> tuple[jax.Array, cache_lib.Cache, jax.Array]:
+    """`forward` (traced, not jitted) plus the final-normed hidden states [B, T, D] (what a multi-token-prediction
+    drafter continues from; jit drops them where nothing reads them)."""
     params = layout.for_decoding(params)
     logits, aux = self.model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT, cache=cache)
-    return logits, aux['cache']
+    return logits, aux['cache'], aux['hidden']
 
   def prefill(self, params: Any, cache: cache_lib.Cache, tokens_BP: jax.Array,
               lengths_B: jax.Array) -> tuple[jax.Array, cache_lib.Cache]:

@@ -34,6 +34,7 @@ from dsjax.sample import sampler as sampler_lib
 from dsjax.sample.sampler import Sampler, draw, pad_prompts, probs_for, row_keys
 from dsjax import checkpoint
 from dsjax.model import Transformer
+from dsjax.model.transformer import MultiTokenDrafter
 
 _DRAFT_STREAM, _ACCEPT_STREAM, _DRAW_STREAM = 1, 2, 3
 Settings = dict[str, Any]  # temperature / top_k / top_p: [B] arrays; vocab_limit: static int or None
@@ -58,8 +59,16 @@ class Drafter(Protocol):
   def check(self, gamma: int) -> None:
     """Raises ValueError if this drafter cannot propose `gamma` tokens per round."""
 
-  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> Any:
-    """State (e.g. a prefilled KV cache) for right-padded prompts [B, P] of lengths [B]."""
+  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array,
+           target_hidden_BPD: jax.Array | None = None) -> Any:
+    """State (e.g. a prefilled KV cache) for right-padded prompts [B, P] of lengths [B]; target_hidden_BPD: the
+    target's final-normed hidden states at the prompt positions it prefilled (all but the pending token), or None
+    (an empty state for rows inserted later)."""
+
+  def observe(self, state: Any, target_hidden_BTD: jax.Array, pos_B: jax.Array, accepted_B: jax.Array,
+              active_B: jax.Array) -> Any:
+    """State after a verify forward of [pending, drafts] at positions pos_B.. (hidden states [B, gamma + 1, D])
+    that accepted accepted_B drafts per row."""
 
   def insert_row(self, state: Any, row_state: Any, index: jax.Array) -> Any:
     """`state` with its row `index` replaced by a 1-row state from `init` (continuous batching)."""
@@ -81,7 +90,17 @@ def _check_ring(sampler: Sampler, gamma: int, who: str) -> None:
 
 def prefill_all_but_last(sampler: Sampler, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array):
   """A fresh cache holding every prompt token except the last (the first pending token)."""
-  return sampler.prefill(params, sampler.init_cache(tokens_BP.shape[0]), tokens_BP, lengths_B - 1)[1]
+  return prefill_with_hidden(sampler, params, tokens_BP, lengths_B)[0]
+
+
+def prefill_with_hidden(sampler: Sampler, params: Any, tokens_BP: jax.Array,
+                        lengths_B: jax.Array) -> tuple[cache_lib.Cache, jax.Array]:
+  """(`prefill_all_but_last`'s cache, the target's final-normed hidden states [B, P, D] at the prompt positions)."""
+  positions = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1], dtype=jnp.int32), tokens_BP.shape)
+  segment_ids = (positions < lengths_B[:, None] - 1).astype(jnp.int32)
+  _, cache, hidden = sampler.forward_hidden(params, sampler.init_cache(tokens_BP.shape[0]), tokens_BP, positions,
+                                            segment_ids)
+  return cache, hidden
 
 
 def _rows(tokens_BL: jax.Array, index_B: jax.Array) -> jax.Array:
@@ -101,8 +120,12 @@ class ModelDrafter:
   def check(self, gamma: int) -> None:
     _check_ring(self.sampler, gamma, 'ModelDrafter')
 
-  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> cache_lib.Cache:
+  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array,
+           target_hidden_BPD: jax.Array | None = None) -> cache_lib.Cache:
     return prefill_all_but_last(self.sampler, params, tokens_BP, lengths_B)
+
+  def observe(self, state, target_hidden_BTD, pos_B, accepted_B, active_B):
+    return state  # re-synced from the committed tokens at the next proposal
 
   def insert_row(self, state: cache_lib.Cache, row_state: cache_lib.Cache, index: jax.Array) -> cache_lib.Cache:
     return cache_lib.insert_row(state, row_state, index)
@@ -141,6 +164,103 @@ class ModelDrafter:
     if q.shape[-1] > vocab_size:
       raise ValueError(f'the draft model has {q.shape[-1]} logits, more than the target\'s {vocab_size}')
     return drafts, q, cache
+
+
+class MtpDrafter:
+  """Drafts with the target's own multi-token-prediction depth (DeepSeek-V3 section 2.2; `--draft=mtp`): the draft
+  after the pending token comes from the target's hidden state at the position before it and the pending token's
+  embedding, run through the MTP module with its own one-layer KV cache; later drafts chain the MTP's output state in
+  place of the target's (as vLLM/sglang do), so only the first draft of a round sees exact inputs.
+
+  State: the MTP cache (every committed position but the last, re-synced each round), plus the target states of the
+  positions it has not yet fed to the MTP (`observe` hands over each verify forward's; `init` the prefill's).
+  Params: the target's (its 'embedder', 'mtp_0', 'mtp_0_norm' and 'lm_head' are read)."""
+
+  def __init__(self, model: Transformer, params: Any, *, max_len: int, gamma: int):
+    cfg = model.cfg
+    if not cfg.mtp.num_layers:
+      raise ValueError('--draft=mtp needs a model with multi-token prediction (model.mtp.num_layers > 0); this one '
+                       'has none')
+    # The MTP cache: the target's positions (max_len), with room for gamma + 1 drafts a ring may take back.
+    self.sampler, self.gamma = Sampler(model, max_len=max_len, extra_slots=gamma + 1), int(gamma)
+    self.model = MultiTokenDrafter(cfg)
+    self.one_layer = cfg.copy_and_resolve_references()
+    with self.one_layer.unlocked():
+      self.one_layer.num_layers = 1
+    # All of the target's params (the module reads its embedder, MTP depth and head): the same arrays as the
+    # target's when those are in the decoding layout already (cli.load_model converts once), so no copy.
+    self.params = layout.for_decoding(params)
+
+  def check(self, gamma: int) -> None:
+    if gamma != self.gamma:
+      raise ValueError(f'MtpDrafter was built for gamma={self.gamma}, asked for {gamma}')
+    _check_ring(self.sampler, gamma, 'MtpDrafter')
+
+  def _init_cache(self, batch: int) -> cache_lib.Cache:
+    return cache_lib.init_cache(self.one_layer, batch, self.sampler.max_len, extra_slots=self.sampler.extra_slots)
+
+  def init(self, params, tokens_BP, lengths_B, target_hidden_BPD=None):
+    cfg = self.sampler.model.cfg
+    B, P = tokens_BP.shape
+    if target_hidden_BPD is None:
+      target_hidden_BPD = jnp.zeros((B, P, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    # Position j takes the target's state at j and token j + 1: the prompt's positions before the last state.
+    following = jnp.pad(tokens_BP[:, 1:], ((0, 0), (0, 1)))
+    segment_ids = (positions < lengths_B[:, None] - 2).astype(jnp.int32)
+    _, _, cache = self.model.apply({'params': params}, following, target_hidden_BPD, positions, segment_ids,
+                                   self._init_cache(B))
+    last = jnp.maximum(lengths_B - 2, 0)
+    hidden = jnp.zeros((B, self.gamma + 1, cfg.hidden_size), target_hidden_BPD.dtype)
+    hidden = hidden.at[:, 0].set(jnp.take_along_axis(target_hidden_BPD, last[:, None, None], axis=1)[:, 0])
+    return dict(cache=cache, hidden=hidden, start=last.astype(jnp.int32),
+                count=(lengths_B >= 2).astype(jnp.int32))
+
+  def insert_row(self, state, row_state, index):
+    return jax.tree.map(lambda value, new: jax.lax.dynamic_update_slice_in_dim(value, new.astype(value.dtype), index,
+                                                                               0), state, row_state)
+
+  def observe(self, state, target_hidden_BTD, pos_B, accepted_B, active_B):
+    keep = lambda new, old: jnp.where(active_B.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return dict(cache=state['cache'], hidden=keep(target_hidden_BTD.astype(state['hidden'].dtype), state['hidden']),
+                start=keep(pos_B, state['start']), count=keep(accepted_B + 1, state['count']))
+
+  def propose(self, params, state, tokens_BL, lengths_B, active_B, keys_B, settings, *, gamma, vocab_size,
+              all_greedy):
+    """Feeds the target states not yet seen (each with the committed token after it), then chains gamma - 1 steps
+    on the MTP's own states."""
+    apply = lambda *args: self.model.apply({'params': params}, *args)
+    max_len = self.sampler.max_len
+    pos_B = lengths_B - 1
+    fits = lambda positions: active_B[:, None] & (positions < max_len)
+    start_B, count_B = state['start'], state['count']
+    cache = cache_lib.truncate(state['cache'], start_B)
+    positions = start_B[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)
+    following = jnp.take_along_axis(tokens_BL, jnp.minimum(positions + 1, tokens_BL.shape[1] - 1), axis=1)
+    segment_ids = (fits(positions) & (jnp.arange(gamma + 1) < count_B[:, None])).astype(jnp.int32)
+    logits, h, cache = apply(following, state['hidden'], positions, segment_ids, cache)
+    last = jnp.maximum(count_B - 1, 0)[:, None]
+    last_BV = jnp.take_along_axis(logits, last[..., None], axis=1)[:, 0]
+    h_BD = jnp.take_along_axis(h, last[..., None], axis=1)[:, 0]
+
+    def propose_one(last_BV, i):
+      q_BV = probs_for(last_BV, settings, all_greedy)
+      if all_greedy:
+        return jnp.argmax(q_BV, axis=-1).astype(jnp.int32), q_BV
+      return draw(q_BV, keys_B, pos_B + 1 + i), q_BV
+
+    def step(carry, i):
+      cache, last_BV, h_BD = carry
+      d_B, q_BV = propose_one(last_BV, i)
+      position = (pos_B + i)[:, None]  # draft i + 1 (the token at pos + 1 + i) enters at pos + i
+      logits, h, cache = apply(d_B[:, None], h_BD[:, None], position, fits(position).astype(jnp.int32), cache)
+      return (cache, logits[:, 0], h[:, 0]), (d_B, q_BV)
+
+    (cache, last_BV, _), (d_GB, q_GBV) = jax.lax.scan(step, (cache, last_BV, h_BD), jnp.arange(gamma - 1))
+    d_B, q_BV = propose_one(last_BV, gamma - 1)
+    drafts = jnp.concatenate([d_GB, d_B[None]], axis=0).T
+    q = jnp.concatenate([q_GBV, q_BV[None]], axis=0).transpose(1, 0, 2)
+    return drafts, q, dict(state, cache=cache)
 
 
 def prompt_lookup(tokens_BL: jax.Array, lengths_B: jax.Array, gamma: int, ngram_max: int,
@@ -184,8 +304,12 @@ class PromptLookupDrafter:
   def check(self, gamma: int) -> None:
     pass
 
-  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array) -> None:
+  def init(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array,
+           target_hidden_BPD: jax.Array | None = None) -> None:
     return None
+
+  def observe(self, state, target_hidden_BTD, pos_B, accepted_B, active_B):
+    return state
 
   def insert_row(self, state: None, row_state: None, index: jax.Array) -> None:
     return None
@@ -206,13 +330,13 @@ def _verify(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_B, po
   """One target forward of [pending, drafts] per row, the accept/reject rule and the extra token.
 
   Returns (cache truncated to each row's committed tokens but the new pending one, accepted counts int32 [B],
-  new pending tokens int32 [B]). Inactive rows write nothing and accept 0; positions >= max_len are not written.
+  new pending tokens int32 [B], the target's hidden states [B, G + 1, D]). Inactive rows write nothing and accept 0; positions >= max_len are not written.
   """
   B, G = drafts_BG.shape
   tokens = jnp.concatenate([pending_B[:, None], drafts_BG], axis=1)
   positions = pos_B[:, None] + jnp.arange(G + 1, dtype=jnp.int32)
   segment_ids = (active_B[:, None] & (positions < sampler.max_len)).astype(jnp.int32)
-  logits, cache = sampler.forward(params, cache, tokens, positions, segment_ids)
+  logits, cache, hidden = sampler.forward_hidden(params, cache, tokens, positions, segment_ids)
   if all_greedy:  # p and q are one-hot: d is accepted iff it is the target's argmax, which is also the next token
     targets = jnp.argmax(sampler_lib.masked_logits(logits, settings['vocab_limit']), axis=-1).astype(jnp.int32)
     accepted = drafts_BG == targets[:, :G]
@@ -221,7 +345,7 @@ def _verify(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_B, po
   else:
     n_acc, next_B = _accept(logits, positions, drafts_BG, q_BGV, active_B, accept_keys_B, draw_keys_B, settings)
   cache = cache_lib.truncate(cache, pos_B + 1 + n_acc)
-  return cache, n_acc, next_B
+  return cache, n_acc, next_B, hidden
 
 
 def _accept(logits_BTV, positions_BT, drafts_BG, q_BGV, active_B, accept_keys_B, draw_keys_B, settings):
@@ -263,8 +387,9 @@ def speculative_round(sampler: Sampler, drafter: Drafter, params: Any, draft_par
   drafts, q, draft_state = drafter.propose(draft_params, draft_state, tokens_BL, lengths_B, active_B, draft_keys,
                                            settings, gamma=gamma, vocab_size=sampler.model.cfg.vocab_size,
                                            all_greedy=all_greedy)
-  cache, n_acc, next_B = _verify(sampler, params, cache, _rows(tokens_BL, lengths_B - 1), lengths_B - 1, drafts,
-                                 q, active_B, accept_keys, draw_keys, settings, all_greedy)
+  cache, n_acc, next_B, hidden = _verify(sampler, params, cache, _rows(tokens_BL, lengths_B - 1), lengths_B - 1,
+                                         drafts, q, active_B, accept_keys, draw_keys, settings, all_greedy)
+  draft_state = drafter.observe(draft_state, hidden, lengths_B - 1, n_acc, active_B)
   committed = committed_tokens(drafts, n_acc, next_B)
   index = lengths_B[:, None] + jnp.arange(gamma + 1)
   index = jnp.where(active_B[:, None] & (jnp.arange(gamma + 1) <= n_acc[:, None]), index, tokens_BL.shape[1])
@@ -294,8 +419,8 @@ def _generate_loop(sampler: Sampler, drafter: Drafter, params, draft_params, tok
   prompts_BP = tokens_BL[:, :prompt_width]
   # Once per call, before the loop (no-ops for params in the decoding layout).
   params, draft_params = layout.for_decoding(params), layout.for_decoding(draft_params)
-  cache = prefill_all_but_last(sampler, params, prompts_BP, lengths_B)
-  draft_state = drafter.init(draft_params, prompts_BP, lengths_B)
+  cache, hidden = prefill_with_hidden(sampler, params, prompts_BP, lengths_B)
+  draft_state = drafter.init(draft_params, prompts_BP, lengths_B, hidden)
   slots = jnp.arange(gamma + 1)[None]
 
   def cond(carry):
@@ -363,17 +488,23 @@ def speculative_generate(target_sampler: Sampler, target_params: Any, drafter: D
   return results, stats
 
 
-def make_drafter(draft: str, target_cfg: Any, *, max_len: int, gamma: int) -> Drafter | None:
-  """The drafter a command line names: '' (none), 'lookup' (PromptLookupDrafter) or a dsjax checkpoint directory
-  of a draft model (ModelDrafter; its vocabulary must fit in the target's `target_cfg.vocab_size`)."""
+def make_drafter(draft: str, target_cfg: Any, *, max_len: int, gamma: int, target_model: Transformer | None = None,
+                 target_params: Any = None) -> Drafter | None:
+  """The drafter a command line names: '' (none), 'lookup' (PromptLookupDrafter), 'mtp' (MtpDrafter: the target's
+  own multi-token-prediction depth; needs target_model and target_params) or a dsjax checkpoint directory of a
+  draft model (ModelDrafter; its vocabulary must fit in the target's `target_cfg.vocab_size`)."""
   if not draft:
     return None
   if gamma < 1:
     raise ValueError(f'gamma={gamma}: need at least 1')
   if draft == 'lookup':
     return PromptLookupDrafter()
+  if draft == 'mtp':
+    if target_model is None or target_params is None:
+      raise ValueError("draft='mtp' drafts with the target's own params: pass target_model and target_params")
+    return MtpDrafter(target_model, target_params, max_len=max_len, gamma=gamma)
   if not os.path.isdir(draft):
-    raise FileNotFoundError(f'draft model checkpoint not found: {draft} (or use "lookup")')
+    raise FileNotFoundError(f'draft model checkpoint not found: {draft} (or use "lookup" or "mtp")')
   cfg = checkpoint.load_config(draft)
   if cfg.model.vocab_size > target_cfg.vocab_size:
     raise ValueError(f'draft model {draft}: vocab_size {cfg.model.vocab_size} exceeds the target\'s '

@@ -20,13 +20,14 @@ ALPHA = 1e-3  # chi-square significance level: a correct sampler fails with prob
 
 
 def tiny_model(kind: str = 'full', *, vocab: int = 40, seed: int = 1, std: float = 0.5, layers: int = 2,
-               num_global: int = 1):
+               num_global: int = 1, mtp: bool = False):
   cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny.py')).model
   cfg.unlock()
   cfg.update(dict(vocab_size=vocab, hidden_size=32, num_layers=layers, num_heads=4, num_kv_heads=2, mlp_dim=48))
   cfg.attention.kind = kind
   cfg.attention.window = 3
   cfg.attention.num_global = num_global
+  cfg.mtp.num_layers = int(mtp)  # a multi-token-prediction depth: the MtpDrafter's
   model = Transformer(cfg)
   shapes = helpers.init_shapes(model, jnp.zeros((1, 8), jnp.int32), jnp.arange(8, dtype=jnp.int32)[None])
   return model, helpers.random_like(shapes, seed=seed, std=std)
@@ -37,7 +38,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 8], [5, 6, 5, 6, 5, 6, 5]]
 
 @pytest.mark.parametrize('kind', ['full', 'sparse'])
 def test_greedy_speculative_equals_plain_greedy(kind):
-  model, params = tiny_model(kind)
+  model, params = tiny_model(kind, mtp=True)
   draft_model, draft_params = tiny_model(kind, seed=7, layers=1)
   target = sampler_lib.Sampler(model, max_len=24, extra_slots=GAMMA + 1)
   plain = lambda stops: target.generate(params, PROMPTS, jax.random.key(0), max_new_tokens=14, temperature=0.0,
@@ -50,6 +51,7 @@ def test_greedy_speculative_equals_plain_greedy(kind):
       'other model': speculative.ModelDrafter(sampler_lib.Sampler(draft_model, max_len=24, extra_slots=GAMMA + 1),
                                               draft_params),
   }
+  drafters['mtp'] = speculative.MtpDrafter(model, params, max_len=24, gamma=GAMMA)
   if kind == 'full':  # the target as its own drafter accepts (nearly) everything
     drafters['self'] = speculative.ModelDrafter(target, params)
   for name, drafter in drafters.items():
@@ -121,14 +123,15 @@ def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
                                       dict(temperature=0.8, top_k=6, top_p=0.9)])
 def test_speculative_samples_follow_the_target_distribution(settings):
   vocab, rows, prompt = 8, 4000, [1, 2, 3, 1, 2]
-  model, params = tiny_model(vocab=vocab, seed=1, std=0.6)
+  model, params = tiny_model(vocab=vocab, seed=1, std=0.6, mtp=True)
   draft_model, draft_params = tiny_model(vocab=vocab, seed=5, std=0.6, layers=1)
   p = joint_distribution(model, params, prompt, vocab, settings)
   q = joint_distribution(draft_model, draft_params, prompt, vocab, settings)
   keys = jax.random.split(jax.random.key(1234), rows)
   target = sampler_lib.Sampler(model, max_len=10)
   drafters = [speculative.ModelDrafter(sampler_lib.Sampler(draft_model, max_len=10), draft_params),
-              speculative.PromptLookupDrafter()]  # proposes 3, 1 after "... 1 2"
+              speculative.PromptLookupDrafter(),  # proposes 3, 1 after "... 1 2"
+              speculative.MtpDrafter(model, params, max_len=10, gamma=2)]
   for drafter in drafters:
     got, stats = speculative.speculative_generate(target, params, drafter, [prompt] * rows, keys,
                                                   max_new_tokens=2, gamma=2, **settings)
