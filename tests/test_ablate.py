@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from dsjax import ablate
@@ -137,7 +138,7 @@ def test_only_and_host_split_pick_runs():
 
 
 def test_shipped_studies_load_and_validate(tmp_path):
-  expected = {'attention_kinds': 4, 'sparse_window': 9, 'routing_k': 6, 'positions': 4}
+  expected = {'attention_kinds': 4, 'sparse_window': 9, 'routing_k': 6, 'positions': 4, 'moe': 5}
   for name, count in expected.items():
     path = os.path.join(ROOT, 'configs', 'ablations', f'{name}.py')
     study = ablate.load_study(path)
@@ -145,3 +146,33 @@ def test_shipped_studies_load_and_validate(tmp_path):
     assert study.name == name and len(configs) == count
     assert all(cfg.train.steps == 300 and cfg.model.hidden_size == 256 for _, _, cfg in configs)
     config_lib.load_config(path)  # get_config() still works for train.py
+
+
+def test_moe_study_runs_and_each_balance_mode_does_its_job(tmp_path):
+  """configs/ablations/moe.py: the dense run and the MoE runs have equal active parameters; at the smallest settings
+  (2 layers: one dense, one MoE) the correction-bias and balance-loss runs train, the bias moves by the update rate
+  only where it is on, and only the aux-loss run's loss carries the balance term."""
+  study = ablate.load_study(os.path.join(ROOT, 'configs', 'ablations', 'moe.py'))
+  configs = {name: cfg for name, _, cfg in ablate.run_configs(study, str(tmp_path))}
+  mo = configs['moe-8_bias'].model.moe
+  assert (mo.top_k + mo.num_shared_experts) * mo.expert_dim == configs['dense'].model.mlp_dim
+  assert configs['dense'].model.moe.num_experts == 0 and configs['moe-16_bias'].model.moe.num_experts == 16
+
+  workdir = str(tmp_path / 'study')
+  small = {**SMALL, 'model.num_layers': 2, 'model.moe.expert_dim': 16}
+  out = ablate.run_study(study, workdir, overrides=small, only=['moe-8_bias', 'moe-8_aux'])
+  assert out['ran'] == ['moe-8_bias', 'moe-8_aux']
+  for record in out['records']:
+    run_dir = os.path.join(workdir, record['run'])
+    assert math.isfinite(record['final_loss']) and record['steps'] == 4
+    train = [r for r in map(json.loads, open(os.path.join(run_dir, 'metrics.jsonl'))) if r['split'] == 'train']
+    assert all(r['expert_imbalance'] >= 1.0 for r in train)
+    aux = record['run'].endswith('aux')
+    assert all((r['moe_balance_loss'] > 0) == aux for r in train)  # ~1 when balanced; not computed at weight 0
+    path = os.path.join(run_dir, 'checkpoint')
+    bias = np.asarray(checkpoint.load_params(path, checkpoint.load_config(path).model)
+                      ['layers']['mlp']['gate']['e_score_correction_bias'])
+    if aux:
+      assert not bias.any()  # bias_update_rate 0: frozen at its init
+    else:  # +-rate per step (0 only for an expert exactly at the mean load)
+      assert bias.any() and np.abs(bias).max() <= 4 * 0.001 + 1e-7
