@@ -19,7 +19,7 @@ import numpy as np
 
 from dsjax import config as config_lib
 from dsjax.model import layout
-from dsjax.model.transformer import moe_layers
+from dsjax.model.transformer import MTP_PREFIX, moe_layers
 
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'deepseek_v2': 'DeepseekV2ForCausalLM',
                  'deepseek_v3': 'DeepseekV3ForCausalLM'}
@@ -89,6 +89,8 @@ def model_config_from_hf(hf: dict[str, Any], base: ml_collections.ConfigDict) ->
   m.mtp.num_layers = 0
   if model_type in ('deepseek_v2', 'deepseek_v3'):
     _deepseek(hf, m, v3=model_type == 'deepseek_v3')
+    if model_type == 'deepseek_v3':  # import_hf keeps them only if the checkpoint holds their weights
+      m.mtp.num_layers = int(hf.get('num_nextn_predict_layers') or 0)
   try:
     config_lib.validate_model(m)
   except config_lib.ConfigError as e:
@@ -216,16 +218,13 @@ class TensorMap:
 
   def names(self) -> list[str]:
     """The HF tensor names, in the order of the stacked dsjax parameter."""
-    if not self.per_layer:
-      return [self.hf_name]
-    return [self.hf_name.format(i=i, e=e) for i in self.layers for e in (range(self.experts) or [0])]
+    return [self.hf_name.format(i=i, e=e) for i in (self.layers if self.per_layer else [None])
+            for e in (range(self.experts) if self.experts else [None])]
 
   @property
   def lead(self) -> tuple[int, ...]:
-    """The stacked axes in front of each tensor's dsjax shape: (layers[, experts])."""
-    if not self.per_layer:
-      return ()
-    return (len(self.layers),) + ((self.experts,) if self.experts else ())
+    """The stacked axes in front of each tensor's dsjax shape: ([layers][, experts])."""
+    return ((len(self.layers),) if self.per_layer else ()) + ((self.experts,) if self.experts else ())
 
 
 def _interleaved_to_half(size: int) -> np.ndarray:
@@ -235,40 +234,68 @@ def _interleaved_to_half(size: int) -> np.ndarray:
 
 
 def tensor_maps(m: ml_collections.ConfigDict) -> list[TensorMap]:
-  """The full mapping for a model section. HF stores Linear weights as [out, in]; dsjax kernels are [in, ...out]."""
-  d, n, k, h = m.hidden_size, m.num_heads, m.num_kv_heads, config_lib.head_dim(m)
+  """The full mapping for a model section. HF stores Linear weights as [out, in]; dsjax kernels are [in, ...out].
+  Multi-token-prediction depths are the layers after the last decoder layer, as DeepSeek-V3's checkpoint stores
+  them (`model.layers.61.*`: enorm, hnorm, eh_proj, shared_head.norm, a decoder layer, and copies of the embedding
+  and the head, written on export and checked against the main ones on import)."""
   same = lambda x: x
   transpose = lambda x: x.T
   maps = [TensorMap(('embedder', 'embedding'), 'model.embed_tokens.weight', same, same)]
   for stack, start, stop, moe in layout.layer_groups(moe_layers(m)):
-    layers = tuple(range(start, stop))
-
-    def per_layer(path, hf_name, to_dsjax, to_hf, experts=0, stack=stack, layers=layers):
+    def per_layer(path, hf_name, to_dsjax, to_hf, experts=0, stack=stack, layers=tuple(range(start, stop))):
       return TensorMap((stack, *path), 'model.layers.{i}.' + hf_name, to_dsjax, to_hf, layers, experts)
-
-    maps += [per_layer(('attn_norm', 'scale'), 'input_layernorm.weight', same, same),
-             per_layer(('mlp_norm', 'scale'), 'post_attention_layernorm.weight', same, same)]
-    if m.mla.kv_lora_rank:
-      maps += _latent_attention_maps(m, per_layer)
-    else:
-      heads_in = lambda heads: (lambda x: x.T.reshape(d, heads, h), lambda x: x.reshape(d, heads * h).T)
-      maps += [per_layer(('attention', 'q_proj', 'kernel'), 'self_attn.q_proj.weight', *heads_in(n)),
-               per_layer(('attention', 'k_proj', 'kernel'), 'self_attn.k_proj.weight', *heads_in(k)),
-               per_layer(('attention', 'v_proj', 'kernel'), 'self_attn.v_proj.weight', *heads_in(k)),
-               per_layer(('attention', 'o_proj', 'kernel'), 'self_attn.o_proj.weight',
-                         lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T)]
-      if m.qkv_bias:
-        maps += [per_layer(('attention', f'{name}_proj', 'bias'), f'self_attn.{name}_proj.bias',
-                           lambda x, heads=heads: x.reshape(heads, h), lambda x: x.reshape(-1))
-                 for name, heads in (('q', n), ('k', k), ('v', k))]
-    if moe:
-      maps += _moe_maps(m, per_layer)
-    else:
-      maps += [per_layer(('mlp', f'{name}_proj', 'kernel'), f'mlp.{name}_proj.weight', transpose, transpose)
-               for name in ('gate', 'up', 'down')]
+    maps += _decoder_layer_maps(m, per_layer, moe)
   maps.append(TensorMap(('final_norm', 'scale'), 'model.norm.weight', same, same))
   if not m.tie_embeddings:
     maps.append(TensorMap(('lm_head', 'kernel'), 'lm_head.weight', transpose, transpose))
+  for depth in range(m.mtp.num_layers):
+    prefix, module = f'model.layers.{m.num_layers + depth}.', f'{MTP_PREFIX}{depth}'
+
+    def in_depth(path, hf_name, to_dsjax, to_hf, experts=0, prefix=prefix, module=module):
+      return TensorMap((module, 'block', *path), prefix + hf_name, to_dsjax, to_hf, (), experts)
+    maps += [TensorMap((module, 'enorm', 'scale'), prefix + 'enorm.weight', same, same),
+             TensorMap((module, 'hnorm', 'scale'), prefix + 'hnorm.weight', same, same),
+             TensorMap((module, 'eh_proj', 'kernel'), prefix + 'eh_proj.weight', transpose, transpose),
+             TensorMap((f'{module}_norm', 'scale'), prefix + 'shared_head.norm.weight', same, same),
+             *_decoder_layer_maps(m, in_depth, moe_layers(m)[-1])]
+  return maps
+
+
+def mtp_shared_copies(m: ml_collections.ConfigDict) -> dict[str, str]:
+  """HF names of the MTP layers' copies of shared tensors -> the main tensor they copy."""
+  copies = {}
+  for depth in range(m.mtp.num_layers):
+    prefix = f'model.layers.{m.num_layers + depth}.'
+    copies[prefix + 'embed_tokens.weight'] = 'model.embed_tokens.weight'
+    copies[prefix + 'shared_head.head.weight'] = 'model.embed_tokens.weight' if m.tie_embeddings else 'lm_head.weight'
+  return copies
+
+
+def _decoder_layer_maps(m: ml_collections.ConfigDict, per_layer, moe: bool) -> list[TensorMap]:
+  """One decoder layer's maps (norms, attention, dense MLP or MoE), placed by `per_layer(path, hf_name, ...)`."""
+  d, n, k, h = m.hidden_size, m.num_heads, m.num_kv_heads, config_lib.head_dim(m)
+  same = lambda x: x
+  transpose = lambda x: x.T
+  maps = [per_layer(('attn_norm', 'scale'), 'input_layernorm.weight', same, same),
+          per_layer(('mlp_norm', 'scale'), 'post_attention_layernorm.weight', same, same)]
+  if m.mla.kv_lora_rank:
+    maps += _latent_attention_maps(m, per_layer)
+  else:
+    heads_in = lambda heads: (lambda x: x.T.reshape(d, heads, h), lambda x: x.reshape(d, heads * h).T)
+    maps += [per_layer(('attention', 'q_proj', 'kernel'), 'self_attn.q_proj.weight', *heads_in(n)),
+             per_layer(('attention', 'k_proj', 'kernel'), 'self_attn.k_proj.weight', *heads_in(k)),
+             per_layer(('attention', 'v_proj', 'kernel'), 'self_attn.v_proj.weight', *heads_in(k)),
+             per_layer(('attention', 'o_proj', 'kernel'), 'self_attn.o_proj.weight',
+                       lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T)]
+    if m.qkv_bias:
+      maps += [per_layer(('attention', f'{name}_proj', 'bias'), f'self_attn.{name}_proj.bias',
+                         lambda x, heads=heads: x.reshape(heads, h), lambda x: x.reshape(-1))
+               for name, heads in (('q', n), ('k', k), ('v', k))]
+  if moe:
+    maps += _moe_maps(m, per_layer)
+  else:
+    maps += [per_layer(('mlp', f'{name}_proj', 'kernel'), f'mlp.{name}_proj.weight', transpose, transpose)
+             for name in ('gate', 'up', 'down')]
   return maps
 
 
@@ -321,5 +348,5 @@ def _moe_maps(m: ml_collections.ConfigDict, per_layer) -> list[TensorMap]:
 
 
 def hf_tensor_names(m: ml_collections.ConfigDict) -> list[str]:
-  """Every HF tensor name the model has, in the order of `tensor_maps`."""
-  return [name for t in tensor_maps(m) for name in t.names()]
+  """Every HF tensor name the model has: those of `tensor_maps` in order, then the MTP layers' shared copies."""
+  return [name for t in tensor_maps(m) for name in t.names()] + list(mtp_shared_copies(m))

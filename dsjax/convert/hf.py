@@ -38,7 +38,7 @@ from dsjax import sharding as sharding_lib
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax import checkpoint
 from dsjax.convert.architectures import (ARCHITECTURES, ConversionError, architecture, hf_config_from_model,
-                                         hf_tensor_names, model_config_from_hf, tensor_maps)
+                                         hf_tensor_names, model_config_from_hf, mtp_shared_copies, tensor_maps)
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
@@ -135,6 +135,10 @@ def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, p
       node = node.setdefault(key, {})
     node[t.path[-1]] = place(t.path, buffer)
     del buffer, rows
+  for copy, main in mtp_shared_copies(m).items():  # the MTP layers' copies of the embedding and head
+    if not np.array_equal(reader.read(copy), reader.read(main)):
+      raise ConversionError(f'tensor {copy}: differs from {main}, which dsjax shares with the multi-token-prediction '
+                            'layer (DeepSeek-V3 stores the same tensor twice)')
   return params
 
 
@@ -167,8 +171,14 @@ def import_hf(hf_dir: str, out_dir: str, *, base_config: str | None = None, para
   if param_dtype not in _DTYPES:
     raise ConversionError(f'param_dtype={param_dtype!r}: expected one of {sorted(_DTYPES)}')
   cfg = config_lib.load_config(base_config or default_base_config())
+  reader = SafetensorsReader(hf_dir)
   with cfg.unlocked():
     cfg.model = model_config_from_hf(hf, cfg.model)
+    mtp_weights = f'model.layers.{cfg.model.num_layers}.eh_proj.weight'
+    if cfg.model.mtp.num_layers and mtp_weights not in reader.names():
+      print(f'note: config.json declares {cfg.model.mtp.num_layers} multi-token-prediction layer(s), but {hf_dir} '
+            f'holds no {mtp_weights} (transformers does not save them): imported without MTP', file=sys.stderr)
+      cfg.model.mtp.num_layers = 0
     cfg.model.param_dtype = param_dtype
     if mesh_cfg is not None:
       cfg.mesh = mesh_cfg
@@ -190,7 +200,7 @@ def import_hf(hf_dir: str, out_dir: str, *, base_config: str | None = None, para
       sharding = sharding[key]
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-  params = read_hf_params(SafetensorsReader(hf_dir), cfg.model, param_dtype=_DTYPES[param_dtype],
+  params = read_hf_params(reader, cfg.model, param_dtype=_DTYPES[param_dtype],
                           declared_dtype=_declared_dtype(hf), place=place)
   checkpoint.save_model(out_dir, cfg, params, tokenizer_files)
   shutil.copyfile(config_path, os.path.join(out_dir, ORIGINAL_CONFIG))
@@ -240,13 +250,17 @@ def _hf_tensors(params: dict, m: ml_collections.ConfigDict, dtype: np.dtype) -> 
     for key in t.path:
       value = value[key]
     names = iter(t.names())
-    if not t.per_layer:
-      yield next(names), np.ascontiguousarray(t.to_hf(np.asarray(value).astype(dtype)))
-      continue
-    for layer in range(len(t.layers)):
-      host = np.asarray(value[layer]).astype(dtype)
+    for layer in (range(len(t.layers)) if t.per_layer else [None]):  # one layer at a time on the host
+      host = np.asarray(value if layer is None else value[layer]).astype(dtype)
       for row in (host if t.experts else [host]):
         yield next(names), np.ascontiguousarray(t.to_hf(row))
+  by_name = {t.hf_name: t for t in tensor_maps(m)}
+  for copy, main in mtp_shared_copies(m).items():
+    t = by_name[main]
+    value = params
+    for key in t.path:
+      value = value[key]
+    yield copy, np.ascontiguousarray(t.to_hf(np.asarray(value).astype(dtype)))
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, max_shard_size: str = '5GB') -> None:
@@ -364,7 +378,9 @@ def write_byte_tokenizer(hf_dir: str, max_length: int) -> None:
 
 def _hf_tensor_bytes(m: ml_collections.ConfigDict, itemsize: int) -> dict[str, int]:
   shapes = _dsjax_shapes(m)
-  return {name: int(np.prod(shapes[t.path][len(t.lead):])) * itemsize for t in tensor_maps(m) for name in t.names()}
+  sizes = {name: int(np.prod(shapes[t.path][len(t.lead):])) * itemsize for t in tensor_maps(m) for name in t.names()}
+  sizes.update({copy: sizes[main] for copy, main in mtp_shared_copies(m).items()})
+  return sizes
 
 
 def _special_token_ids(cfg: ml_collections.ConfigDict, ckpt_dir: str) -> dict[str, int | None]:
