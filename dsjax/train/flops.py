@@ -34,21 +34,46 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 
 
+def _attention_matmul_params(m: ml_collections.ConfigDict) -> int:
+  """Per layer: q, k, v, o projections (or latent attention's q / q_a + q_b, kv_a, kv_b, o) and the routed-attention
+  router [D, N - shared]."""
+  d, n = m.hidden_size, m.num_heads
+  la = m.mla
+  if la.kv_lora_rank:
+    qk, r = la.qk_nope_head_dim + la.qk_rope_head_dim, la.kv_lora_rank
+    q = d * la.q_lora_rank + la.q_lora_rank * n * qk if la.q_lora_rank else d * n * qk
+    return q + d * (r + la.qk_rope_head_dim) + r * n * (la.qk_nope_head_dim + la.v_head_dim) + n * la.v_head_dim * d
+  kh, h = m.num_kv_heads, config_lib.head_dim(m)
+  router = d * (n - m.attention.num_shared_heads) if m.attention.kind == 'routed' else 0
+  return d * n * h * 2 + d * kh * h * 2 + router
+
+
+def _mlp_matmul_params(m: ml_collections.ConfigDict, moe: bool) -> int:
+  """Per layer: the dense SwiGLU, or an MoE layer's router [D, E] plus the top_k routed and the shared experts a
+  token runs through (the experts it is not routed to cost it nothing)."""
+  d, mo = m.hidden_size, m.moe
+  if not moe:
+    return 3 * d * m.mlp_dim
+  return d * mo.num_experts + 3 * d * mo.expert_dim * (mo.top_k + mo.num_shared_experts)
+
+
 def matmul_params_per_token(model_cfg: ml_collections.ConfigDict) -> int:
   """Weights every token is multiplied by in one forward pass: the FLOP-carrying part of the parameter count.
 
-  Per layer: q, k, v, o projections, SwiGLU gate/up/down, and the routed-attention router [D, N - shared];
-  plus the vocabulary projection D*V, which a tied model still computes with the embedding matrix. Not
-  counted: the embedding lookup (a gather), norm scales, XL's u/v biases, and XL's r_proj, which projects the
-  S distance encodings once per layer and step for the whole batch rather than once per token (per token
-  that is under 1/batch of q_proj's cost).
+  Per layer: the attention projections and the MLP (dense, or the active experts of an MoE layer); plus the
+  vocabulary projection D*V, which a tied model still computes with the embedding matrix; plus, per
+  multi-token-prediction depth, its eh_proj [2D, D], one more layer and another vocabulary projection. Not counted:
+  the embedding lookup (a gather), norm scales, XL's u/v biases, and XL's r_proj, which projects the S distance
+  encodings once per layer and step for the whole batch rather than once per token (per token that is under
+  1/batch of q_proj's cost).
   """
   m = model_cfg
-  d, n, kh, h = m.hidden_size, m.num_heads, m.num_kv_heads, config_lib.head_dim(m)
-  attention = d * n * h * 2 + d * kh * h * 2  # q and o; k and v
-  mlp = 3 * d * m.mlp_dim
-  router = d * (n - m.attention.num_shared_heads) if m.attention.kind == 'routed' else 0
-  return m.num_layers * (attention + mlp + router) + d * m.vocab_size
+  d = m.hidden_size
+  is_moe = [bool(m.moe.num_experts) and i >= m.moe.first_dense_layers for i in range(m.num_layers)]
+  layers = sum(_attention_matmul_params(m) + _mlp_matmul_params(m, moe) for moe in is_moe)
+  mtp = m.mtp.num_layers * (2 * d * d + _attention_matmul_params(m) + _mlp_matmul_params(m, is_moe[-1])
+                            + d * m.vocab_size)
+  return layers + d * m.vocab_size + mtp
 
 
 def _sum_min(count: int, cap: int) -> int:
@@ -80,13 +105,18 @@ def attention_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int
   Forward per layer and query: 2 FLOPs * head_dim * visible keys for each product, QK^T and PV, and for XL
   also the relative-position product (q + v) . r[distance], which is QK^T-sized; backward is twice the
   forward. Active heads are num_heads, or top_k + num_shared_heads for routed attention (the routed kernel
-  skips unselected heads). XL memory keys are not counted.
+  skips unselected heads). Latent attention's products run over qk_nope + qk_rope and v_head_dim dimensions.
+  XL memory keys are not counted.
   """
   m = model_cfg
   a = m.attention
   heads = a.top_k + a.num_shared_heads if a.kind == 'routed' else m.num_heads
-  products = 3 if m.positions.kind == 'xl' else 2
-  forward = products * 2 * m.num_layers * heads * config_lib.head_dim(m) * mean_visible_keys(a, seq_len)
+  if m.mla.kv_lora_rank:  # scores over qk_nope + qk_rope dims, values of v_head_dim
+    per_head = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim
+  else:
+    per_head = (3 if m.positions.kind == 'xl' else 2) * config_lib.head_dim(m)
+  layers = m.num_layers + m.mtp.num_layers  # each multi-token-prediction depth attends too
+  forward = 2 * layers * heads * per_head * mean_visible_keys(a, seq_len)
   return 3 * forward
 
 

@@ -145,3 +145,20 @@ def test_peak_flops_override_wins():
 def test_mfu():
   assert flops.mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
   assert flops.mfu(1000.0, 1e9, 2, None) is None
+
+
+def test_latent_attention_moe_and_mtp_count_the_active_weights():
+  """MLA projections; MoE layers count the router and the top_k + shared experts, not every expert; each MTP depth
+  adds eh_proj, a layer and a head. Hand count for a small V3-shaped config."""
+  cfg = tiny_config('full', num_kv_heads=4)
+  cfg.mla.update(dict(kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5))
+  cfg.moe.update(dict(num_experts=8, num_shared_experts=1, expert_dim=16, top_k=2, first_dense_layers=1,
+                      scoring='sigmoid', topk_method='noaux_tc', num_groups=4, topk_groups=2))
+  cfg.mtp.num_layers = 1
+  attention = 32 * 12 + 12 * 4 * 10 + 32 * (8 + 4) + 8 * 4 * (6 + 5) + 4 * 5 * 32
+  dense, moe = 3 * 32 * 48, 32 * 8 + 3 * 32 * 16 * (2 + 1)
+  mtp = 2 * 32 * 32 + attention + moe + HEAD
+  assert flops.matmul_params_per_token(cfg) == (attention + dense) + (attention + moe) + HEAD + mtp
+  # Attention products: 3 attending layers (2 + the MTP depth), 4 heads, (6 + 4) + 5 dims per head.
+  visible = flops.mean_visible_keys(cfg.attention, 16)
+  assert flops.attention_flops_per_token(cfg, 16) == pytest.approx(3 * 2 * 3 * 4 * 15 * visible)
