@@ -105,8 +105,17 @@ def describe(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params: An
              resume_step: int | None, mfu_known: bool) -> str:
   """The run's opening lines: model, data per step, mesh, what trains, where it started from."""
   num_params = state_lib.param_count(params)
-  lines = [f'model: {num_params:,} parameters; attention={cfg.model.attention.kind}, '
-           f'positions={cfg.model.positions.kind}; {cfg.train.batch_size * cfg.data.seq_len:,} tokens per step; mesh '
+  m = cfg.model
+  architecture = ''
+  if m.mla.kv_lora_rank:
+    architecture += f', latent attention (rank {m.mla.kv_lora_rank})'
+  if m.moe.num_experts:
+    architecture += (f', MoE {m.moe.num_experts} experts top-{m.moe.top_k} + {m.moe.num_shared_experts} shared '
+                     f'({m.moe.scoring}, {m.moe.topk_method})')
+  if m.mtp.num_layers:
+    architecture += f', {m.mtp.num_layers} MTP depth(s)'
+  lines = [f'model: {num_params:,} parameters; attention={m.attention.kind}, positions={m.positions.kind}'
+           f'{architecture}; {cfg.train.batch_size * cfg.data.seq_len:,} tokens per step; mesh '
            f'{dict(mesh.shape)} over {jax.process_count()} process(es)']
   trainable = state_lib.param_count(partition.split(params, mask)[0])
   if trainable != num_params:
