@@ -105,12 +105,14 @@ def placed(fn: Callable[..., Any], placement: Placement | None) -> Callable[...,
 def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
   """NamedSharding per leaf of any tree whose leaves are boxed with logical axis names (params, optimizer moments);
   unboxed leaves (step counters, scalars) are replicated; a quantized kernel (dsjax.quant.QTensor) gets one sharding
-  per array from its axis names. Returns a tree shaped like the unboxed tree."""
+  per array from its axis names. A box around no array (optax's MaskedNode: the state a masked-out transform keeps
+  for a param, e.g. AdamW's for an MoE correction bias) stays that empty node. Returns a tree shaped like the unboxed
+  tree, exactly (a checkpoint restore maps over both)."""
   def spec(x):
     if quant.is_qtensor(x):
       return x.partition_specs()
     if isinstance(x, nn.Partitioned):
-      return x.get_partition_spec()
+      return x.get_partition_spec() if jax.tree_util.tree_leaves(x.value) else x.value
     return jax.sharding.PartitionSpec() if hasattr(x, 'shape') else None
   specs = jax.tree_util.tree_map(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))

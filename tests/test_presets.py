@@ -308,12 +308,9 @@ def v3_plan(cfg, latent_ranks_over_fsdp=False, **sizes):
 
 
 def per_device_bytes(shardings, abstract, itemsize=None) -> int:
-  """Bytes one device holds of `abstract` (a tree of ShapeDtypeStructs) placed by `shardings` (a prefix tree of
-  NamedShardings: optax's empty MaskedNodes have a sharding and no arrays). Asserts that every sharded dimension
-  splits evenly. `itemsize` overrides the dtypes (2: bf16 weights)."""
+  """Bytes one device holds of `abstract` (a tree of ShapeDtypeStructs) placed by `shardings` (the same tree of
+  NamedShardings). Asserts that every sharded dimension splits evenly. `itemsize` overrides the dtypes (2: bf16)."""
   def leaf_bytes(sharding, x):
-    if not hasattr(x, 'shape'):
-      return 0
     for dim, axes in zip(x.shape, sharding.spec):
       axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       split = math.prod(sharding.mesh.shape[a] for a in axes)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -17,6 +18,8 @@ from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.model import Transformer
 from dsjax import checkpoint
+from dsjax.train import hooks as hooks_lib
+from dsjax.train import loop
 from dsjax.train import optimizer as optimizer_lib
 from dsjax.train import state as state_lib
 from dsjax.train import train_checkpoint
@@ -217,3 +220,66 @@ def test_rerunning_a_finished_run_resumes_at_its_end(tmp_path):
   assert again['final_eval'] == first['final_eval']
   for a, b in zip(jax.tree_util.tree_leaves(again['params']), jax.tree_util.tree_leaves(first['params'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class SigtermAfter(hooks_lib.Hook):
+  """Sends this process a SIGTERM after step `step`: the run's Preemption hook stops it after the next step, which the
+  Checkpointing hook saves (what a preempted VM sees, without a subprocess)."""
+
+  def __init__(self, step: int):
+    self.step = step
+
+  def on_step(self, run, step):
+    if step == self.step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def tiny_moe_resume_config(workdir):
+  """configs/tiny_moe.py shrunk to seconds: MLA (query compression), a dense layer then a DeepSeekMoE layer (8
+  experts, group-limited sigmoid routing, correction bias updated every step, balance loss), one MTP depth,
+  dropout."""
+  cfg = config_lib.load_config(os.path.join(ROOT, 'configs', 'tiny_moe.py'))
+  m = cfg.model
+  m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim, m.dropout_rate = 32, 2, 2, 2, 64, 0.1
+  m.mla.update(dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8))
+  m.moe.expert_dim = 16
+  m.moe.bias_update_rate = 0.01
+  cfg.data.seq_len, cfg.data.eval_batches = 32, 1
+  t = cfg.train
+  t.steps, t.eval_every, t.log_every, t.checkpoint_every, t.num_samples = 5, 2, 1, 0, 0
+  t.progress_bar, t.tensorboard, t.workdir = False, False, workdir
+  return cfg
+
+
+@pytest.mark.slow  # ~45-55 s on 2 shared cores (three runs, each compiling the MLA + MoE + MTP step)
+def test_moe_mla_mtp_run_resumes_exactly(tmp_path):
+  """A tiny_moe run preempted (SIGTERM) after step 3 of 5 and resumed equals the uninterrupted run: every step's loss,
+  the held-out loss and the final params bit for bit, the MoE correction biases (moved by the bias update, not by
+  AdamW) and the MTP depth included."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('the SIGTERM handler is installed from the main thread only')
+  straight_dir, interrupted_dir = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  straight = loop.train(tiny_moe_resume_config(straight_dir))
+  stopped = loop.train(tiny_moe_resume_config(interrupted_dir), hooks=[SigtermAfter(2)])
+  assert stopped['preempted'] and stopped['final_eval'] is None
+  cfg = tiny_moe_resume_config(interrupted_dir)
+  checkpointer = train_checkpoint.TrainCheckpointer(os.path.join(interrupted_dir, 'checkpoints'), cfg.train)
+  assert checkpointer.latest_step() == 3
+  checkpointer.close()
+  bias_at_stop = np.asarray(stopped['params']['layers']['mlp']['gate']['e_score_correction_bias'])
+  assert bias_at_stop.any() and 'mtp_0' in stopped['params']  # the bias has moved: restoring it matters
+  resumed = loop.train(cfg)
+  assert resumed['start_step'] == 3
+  want, got = records(straight_dir, 'train'), records(interrupted_dir, 'train')
+  assert sorted(got) == sorted(want) == list(range(1, 6))
+  for step in want:  # same data, dropout masks, routing and updates: bit-identical losses and balance terms
+    for key in ('loss', 'moe_balance_loss', 'expert_imbalance'):
+      assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
+  assert records(interrupted_dir, 'validation')[5]['loss'] == records(straight_dir, 'validation')[5]['loss']
+  flat_want = jax.tree_util.tree_leaves_with_path(straight['params'])
+  flat_got = dict(jax.tree_util.tree_leaves_with_path(resumed['params']))
+  assert len(flat_got) == len(flat_want)
+  for path, value in flat_want:
+    np.testing.assert_array_equal(np.asarray(flat_got[path]), np.asarray(value), err_msg=jax.tree_util.keystr(path))
+  bias = np.asarray(resumed['params']['layers']['mlp']['gate']['e_score_correction_bias'])
+  assert not np.array_equal(bias, bias_at_stop)  # it kept moving after the resume
