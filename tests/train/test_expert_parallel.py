@@ -50,3 +50,15 @@ def test_expert_parallel_program_exchanges_tokens_all_to_all():
   compiled = compile_step(moe_cfg(data=2, expert=4), random_batch())[0]
   hlo = compiled.as_text()
   assert 'all-to-all' in hlo
+
+
+@pytest.mark.slow  # ~40 s on 2 busy cores
+def test_expert_parallel_step_lowers_for_tpu_with_the_kernels():
+  """Cross-lowered for TPU on this CPU machine (nothing runs): the (data 2, expert 4) train step with the Pallas
+  attention kernels (Mosaic, inside shard_map) and the all-to-all expert exchange."""
+  from tests.train.test_sharded_kernels import lowered_step
+  cfg = moe_cfg(data=2, expert=4)
+  cfg.model.attention.impl = 'pallas'
+  cfg.model.attention.platform = 'tpu'
+  text = lowered_step(cfg, platform='tpu').as_text()
+  assert 'all_to_all' in text and 'tpu_custom_call' in text
