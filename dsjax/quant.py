@@ -14,14 +14,23 @@ Layouts (K: product of a kernel's input axes, M: product of its output axes, L: 
   int8: values int8 [L?, K, M] in [-127, 127], scales [L?, 1, M] float32; w ~= q * scale.
   int4: values int8 [L?, K/2, M], two signed nibbles per byte (row 2i low, row 2i+1 high), in [-8, 7];
         scales [L?, K/group_size, M] bfloat16 (rounded up so |w / scale| <= 7); w ~= q * scale[group].
-Quantized: the kernels of q/k/v/o_proj, gate/up/down_proj and the (untied) lm_head. Kept in float (cast to the
-compute dtype): the token embedding (a gather; also the tied head), norms, projection biases and the head router.
+Quantized: the kernels of every projection in `INPUT_AXES` (q/k/v/o_proj, the latent-attention projections
+q_a/q_b/kv_a_proj_with_mqa/kv_b_proj, gate/up/down_proj of dense MLPs and shared experts, the MTP eh_proj and the
+untied lm_head), and the routed experts' gate_proj / up_proj [E, D, F] and down_proj [E, F, D] (`EXPERT_WEIGHTS`:
+most of a DeepSeekMoE model's bytes), quantized per expert with a leading [E] axis after the layers one, i.e.
+values [L?, E, K, M] and scales [L?, E, groups, M]. Kept in float (cast to the compute dtype): the token embedding (a
+gather; also the tied head), norms, projection biases, the head router and the MoE router ('gate': it selects experts,
+a discontinuous function of its logits).
+
+Routed experts multiply through `QTensor.ragged_dot` (dsjax/model/moe.py `grouped_matmul`): int8 as one grouped
+matmul of x by the int8 values in the compute dtype, each row then scaled by its expert's per-channel scales (no
+dequantized copy of the experts); int4 dequantizes all experts' weights, then one grouped matmul.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import flax
@@ -41,6 +50,9 @@ MODES = ('none', 'int8', 'int4')
 # Kernels that are quantized -> how many leading axes of the (per-layer) kernel are contracted with the input: every
 # projection but Transformer-XL's r_proj (applied to a handful of distance embeddings, not worth it).
 INPUT_AXES = {name: axes for name, axes in layout.INPUT_AXES.items() if name != 'r_proj'}
+# The routed experts' raw params (dsjax/model/moe.py Experts): [E, in, out], one input axis.
+EXPERTS = 'experts'
+EXPERT_WEIGHTS = ('gate_proj', 'up_proj', 'down_proj')
 # A quantized matmul with at most this many rows of x (decode steps, verification chunks) runs chunk by chunk on
 # CPU (`chunked_matmul`); more rows (prefill) amortize one dequantized copy of the weight over the rows.
 CHUNKED_MAX_ROWS = 64
@@ -92,6 +104,37 @@ class QTensor(flax.struct.PyTreeNode, meta.AxisMetadata):
     else:
       y = jnp.dot(x_RK.astype(self.dtype), dequantize(self).reshape(k, m), preferred_element_type=jnp.float32)
     return y.astype(preferred_element_type or self.dtype).reshape(*lead, *self.shape[n_in:])
+
+  def ragged_dot(self, x_MK: jax.Array, group_sizes_E: jax.Array, preferred_element_type: Any = None,
+                 shard: jax.Array | None = None) -> jax.Array:
+    """Grouped matmul of routed experts (values [E, K, M]): rows of x [M_rows, K] sorted by expert, the first
+    group_sizes_E[0] rows times expert 0's kernel, and so on; rows past the groups give zeros. Returns
+    [M_rows, M] in preferred_element_type (default: the compute dtype). `shard` (for randomness) is unused.
+
+    int8: `jax.lax.ragged_dot` of x with the int8 values in the compute dtype, accumulated in float32, then each row
+    scaled by the per-channel scales of its row's expert: a scale per (expert, output channel) commutes with the
+    contraction, so no dequantized copy of the experts is written. int4: scales change along K (groups), so they do
+    not commute; all experts are dequantized (one [E, K, M] copy in the compute dtype, per call), then one ragged_dot.
+    """
+    del shard
+    dtype = jnp.dtype(self.dtype)
+    x_MK = x_MK.astype(dtype)
+    if self.bits == 8:
+      y = jax.lax.ragged_dot(x_MK, self.values.astype(dtype), group_sizes_E, preferred_element_type=jnp.float32)
+      # The expert of each row (rows past the groups get the last expert: their y is zero anyway).
+      expert_M = jnp.repeat(jnp.arange(group_sizes_E.shape[0]), group_sizes_E, total_repeat_length=x_MK.shape[0])
+      y = y * jnp.take(self.scales[:, 0, :], expert_M, axis=0).astype(jnp.float32)
+    else:
+      y = jax.lax.ragged_dot(x_MK, dequantize_matrix(self), group_sizes_E, preferred_element_type=jnp.float32)
+    return y.astype(preferred_element_type or dtype)
+
+  def shard_map_specs(self, spec: jax.sharding.PartitionSpec) -> QTensor:
+    """in_specs for `jax.shard_map` of a QTensor of routed experts whose float weight [E, K, M] has mesh-axis
+    `spec`: values split like the weight; scales split over E and M alike, and over K only for int4 groups (int8 has
+    one scale row, the same for every K shard: each shard's partial sum is scaled alike)."""
+    values = jax.sharding.PartitionSpec(*spec)
+    scales = jax.sharding.PartitionSpec(spec[0], spec[1] if self.bits == 4 else None, spec[2])
+    return self.replace(values=values, scales=scales)
 
   def replace_boxed(self, val: Any) -> Any:
     return val
@@ -196,12 +239,19 @@ def names_like(like: Any, params: Any) -> Any:
 
 def dequantize(t: QTensor, dtype: Any = None) -> jax.Array:
   """QTensor -> [*lead, *shape] in `dtype` (default: its compute dtype)."""
+  w = dequantize_matrix(t, dtype)
+  return w.reshape(*w.shape[:-2], *t.shape)
+
+
+def dequantize_matrix(t: QTensor, dtype: Any = None) -> jax.Array:
+  """QTensor -> [*lead, K, M] in `dtype` (default: its compute dtype), from its arrays alone (so also for the
+  shard of a QTensor that a shard_map hands a device: values and scales split alike along K or M)."""
   dtype = jnp.dtype(dtype or t.dtype)
   q = t.values if t.bits == 8 else unpack_int4(t.values)
   *lead, k, m = q.shape
   groups = t.scales.shape[-2]
   w = q.astype(dtype).reshape(*lead, groups, k // groups, m) * t.scales.astype(dtype)[..., None, :]
-  return w.reshape(*lead, *t.shape)
+  return w.reshape(*lead, k, m)
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -258,6 +308,21 @@ def _check(quant_cfg: ml_collections.ConfigDict) -> None:
                                  f'matmuls), not {quant_cfg.mode!r}')
 
 
+def quantized_layout(names: Sequence[str]) -> tuple[int, int] | None:
+  """(input axes, leading axes) of the param at the dict-key path `names` (from the params' root, training layout)
+  when `quantize_params` quantizes it, else None. Quantized: a 'kernel' of a module in INPUT_AXES, and the routed
+  experts' EXPERT_WEIGHTS; the leading axes are the stacked layers' (under 'layers' / 'dense_layers') and, for
+  experts, the experts axis."""
+  if len(names) < 2:
+    return None
+  stacked = 1 if names[0] in (layout.STACKED, layout.DENSE_STACKED) else 0
+  if names[-1] == 'kernel' and names[-2] in INPUT_AXES:
+    return INPUT_AXES[names[-2]], stacked
+  if names[-2] == EXPERTS and names[-1] in EXPERT_WEIGHTS:
+    return 1, stacked + 1
+  return None
+
+
 def quantize_params(params: Any, model_cfg: ml_collections.ConfigDict, quant_cfg: ml_collections.ConfigDict) -> Any:
   """Float params (boxed or not) -> params with QTensor kernels (see module docstring); mode 'none': unchanged.
 
@@ -279,11 +344,11 @@ def quantize_params(params: Any, model_cfg: ml_collections.ConfigDict, quant_cfg
   for path, boxed in flat.items():
     w = meta.unbox(boxed)
     names = [str(getattr(p, 'key', p)) for p in path]
-    if len(names) >= 2 and names[-1] == 'kernel' and names[-2] in INPUT_AXES:
-      lead = 1 if names[0] in (layout.STACKED, layout.DENSE_STACKED) else 0  # stacked layers
+    where = quantized_layout(names)
+    if where is not None:
       out[path] = with_axis_names(
-          quantize_kernel(w, INPUT_AXES[names[-2]], lead, bits=bits, group_size=quant_cfg.group_size, dtype=dtype,
-                          name='/'.join(names)), boxed)
+          quantize_kernel(w, *where, bits=bits, group_size=quant_cfg.group_size, dtype=dtype, name='/'.join(names)),
+          boxed)
     elif jnp.issubdtype(w.dtype, jnp.floating):
       out[path] = w.astype(dtype)
     else:

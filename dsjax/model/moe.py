@@ -144,27 +144,56 @@ def expert_load_stats(load: jax.Array) -> dict[str, jax.Array]:
 
 # ---------------------------------------------------------------- dropless expert compute
 
+# A routed experts' weight is a float array [E, K, M] or a *grouped weight*: a pytree (e.g. dsjax.quant.QTensor, or
+# dsjax/lora.py's adapted weight) with
+#   ragged_dot(x [R, K], group_sizes [E], preferred_element_type=None, shard=None) -> [R, M]  (what jax.lax.ragged_dot
+#     computes with the float weight; `shard`: an int32 index that differs between the shards of an expert_parallel
+#     shard_map that receive different rows, None outside one; for randomness)
+#   shard_map_specs(spec) -> the same pytree with a PartitionSpec per array, for a weight split like `spec`
+# and whose first leaf leads with the experts axis. No module of the model knows the concrete types.
 
-def routed_experts(x_ND: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
-                   down_EFD: jax.Array) -> jax.Array:
+
+def num_experts_of(w: Any) -> int:
+  """The experts (leading axis) of a routed experts' weight: a float array or a grouped weight."""
+  return jax.tree_util.tree_leaves(w)[0].shape[0]
+
+
+def grouped_matmul(x_RK: jax.Array, w: Any, group_sizes_E: jax.Array, preferred_element_type: Any = None,
+                   shard: jax.Array | None = None) -> jax.Array:
+  """Rows of x [R, K] sorted by expert times their expert's weight (w [E, K, M] or a grouped weight) -> [R, M]: the
+  first group_sizes_E[0] rows by expert 0, and so on; rows past the groups give zeros. In x's dtype unless
+  preferred_element_type."""
+  if hasattr(w, 'ragged_dot'):
+    return w.ragged_dot(x_RK, group_sizes_E, preferred_element_type=preferred_element_type or x_RK.dtype,
+                        shard=shard)
+  return jax.lax.ragged_dot(x_RK, w.astype(x_RK.dtype), group_sizes_E, preferred_element_type=preferred_element_type)
+
+
+def _shard_specs(w: Any, spec: P) -> Any:
+  return w.shard_map_specs(spec) if hasattr(w, 'shard_map_specs') else spec
+
+
+def routed_experts(x_ND: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, gate_EDF: Any, up_EDF: Any,
+                   down_EFD: Any) -> jax.Array:
   """sum_k w_NK * SwiGLU_{idx_NK}(x_ND), float32 [N, D], every (token, expert) pair computed (dropless).
 
   The N*k pairs are sorted by expert (stable: by token within an expert), the token rows gathered in that order and
   multiplied expert block by expert block with ragged_dot (group sizes = tokens per expert); the rows return to
   (token, slot) order by the inverse permutation and are summed over the k slots. Matmuls run in x's dtype, the
-  down projection accumulates into float32 and the weighted sum is float32.
+  down projection accumulates into float32 and the weighted sum is float32. The weights are float arrays or grouped
+  weights (see `grouped_matmul`: quantized experts, LoRA-adapted experts).
   """
   n, k = idx_NK.shape
-  e = gate_EDF.shape[0]
+  e = num_experts_of(gate_EDF)
   flat_M = idx_NK.reshape(-1)  # M = N*k pairs, pair m = (token m // k, slot m % k)
   order_M = jnp.argsort(flat_M, stable=True)
   inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k, dtype=order_M.dtype))
   group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
   xs_MD = jnp.take(x_ND, order_M // k, axis=0)
-  gate_MF = jax.lax.ragged_dot(xs_MD, gate_EDF.astype(x_ND.dtype), group_sizes_E)
-  up_MF = jax.lax.ragged_dot(xs_MD, up_EDF.astype(x_ND.dtype), group_sizes_E)
+  gate_MF = grouped_matmul(xs_MD, gate_EDF, group_sizes_E)
+  up_MF = grouped_matmul(xs_MD, up_EDF, group_sizes_E)
   h_MF = nn.silu(gate_MF) * up_MF
-  out_MD = jax.lax.ragged_dot(h_MF, down_EFD.astype(x_ND.dtype), group_sizes_E, preferred_element_type=jnp.float32)
+  out_MD = grouped_matmul(h_MF, down_EFD, group_sizes_E, preferred_element_type=jnp.float32)
   out_NKD = jnp.take(out_MD, inverse_M, axis=0).reshape(n, k, -1)
   return jnp.einsum('NKD,NK->ND', out_NKD, w_NK.astype(jnp.float32))
 
@@ -216,7 +245,9 @@ def expert_parallel(plan: ExpertPlan):
 
   def per_shard(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
     n, k = idx_NK.shape
-    e_local, d = gate_EDF.shape[0], x_ND.shape[-1]
+    e_local, d = num_experts_of(gate_EDF), x_ND.shape[-1]
+    # Shards that receive different rows (not the mlp ones: they hold slices of the same experts for the same rows).
+    shard = jax.lax.axis_index(plan.batch + plan.expert)
     ep = jax.lax.psum(1, expert_axis)
     pairs = n * k
     expert_M = idx_NK.reshape(-1)
@@ -233,8 +264,9 @@ def expert_parallel(plan: ExpertPlan):
     order_R = jnp.argsort(recv_e, stable=True)
     sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
     xs_RD = jnp.take(recv_x, order_R, axis=0)
-    h_RF = nn.silu(jax.lax.ragged_dot(xs_RD, gate_EDF, sizes)) * jax.lax.ragged_dot(xs_RD, up_EDF, sizes)
-    out_RD = jax.lax.ragged_dot(h_RF, down_EFD, sizes, preferred_element_type=jnp.float32)
+    h_RF = (nn.silu(grouped_matmul(xs_RD, gate_EDF, sizes, shard=shard))
+            * grouped_matmul(xs_RD, up_EDF, sizes, shard=shard))
+    out_RD = grouped_matmul(h_RF, down_EFD, sizes, preferred_element_type=jnp.float32, shard=shard)
     if plan.mlp:
       out_RD = jax.lax.psum(out_RD, plan.mlp)
     out_RD = jnp.zeros_like(out_RD).at[order_R].set(out_RD)
@@ -243,10 +275,15 @@ def expert_parallel(plan: ExpertPlan):
     return jnp.einsum('NKD,NK->ND', out_M.reshape(n, k, d), w_NK.astype(jnp.float32))
 
   tokens = (plan.batch, None)
-  return jax.shard_map(
-      per_shard, in_specs=(spec(*tokens), spec(*tokens), spec(*tokens), spec(plan.expert, None, plan.mlp),
-                           spec(plan.expert, None, plan.mlp), spec(plan.expert, plan.mlp, None)),
-      out_specs=spec(*tokens), check_vma=False)
+  inner, outer = spec(plan.expert, None, plan.mlp), spec(plan.expert, plan.mlp, None)
+
+  def run(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
+    # Grouped weights (quantized, adapted) bring a spec per array; float weights one spec.
+    in_specs = (spec(*tokens), spec(*tokens), spec(*tokens), _shard_specs(gate_EDF, inner),
+                _shard_specs(up_EDF, inner), _shard_specs(down_EFD, outer))
+    return jax.shard_map(per_shard, in_specs=in_specs, out_specs=spec(*tokens), check_vma=False)(
+        x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD)
+  return run
 
 
 @jax.custom_vjp
@@ -299,7 +336,8 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
   """E SwiGLU experts over (token, expert) rows: see `routed_experts`. Params gate_proj / up_proj [E, D, F]
-  ('experts', 'embed', 'mlp'), down_proj [E, F, D] ('experts', 'mlp', 'embed')."""
+  ('experts', 'embed', 'mlp'), down_proj [E, F, D] ('experts', 'mlp', 'embed'); a stored param may be a grouped
+  weight (see `grouped_matmul`: e.g. an int8 / int4 dsjax.quant.QTensor), which multiplies by itself."""
   num_experts: int
   hidden_size: int
   expert_dim: int
@@ -307,15 +345,26 @@ class Experts(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def weight(self, name: str) -> Any:
+    """The weight `name` (gate_proj | up_proj [E, D, F], down_proj [E, F, D]) as the grouped matmul takes it: a float
+    array in the compute dtype, or the stored grouped weight as it is. The one place the experts' weights are read:
+    adapters (dsjax/lora.py) intercept this method and return the weight wrapped with theirs."""
+    e, d, f = self.num_experts, self.hidden_size, self.expert_dim
+    if name == 'down_proj':
+      shape, axes = (e, f, d), ('experts', 'mlp', 'embed')
+    else:
+      shape, axes = (e, d, f), ('experts', 'embed', 'mlp')
+    if self.has_variable('params', name):
+      stored = self.get_variable('params', name)
+      if hasattr(stored, 'ragged_dot'):
+        return stored
+    return self.param(name, normal_init(self.init_std, axes), shape, self.param_dtype).astype(self.dtype)
+
   @nn.compact
   def __call__(self, x_ND: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
-    e, d, f = self.num_experts, self.hidden_size, self.expert_dim
-    in_axes, out_axes = ('experts', 'embed', 'mlp'), ('experts', 'mlp', 'embed')
-    gate = self.param('gate_proj', normal_init(self.init_std, in_axes), (e, d, f), self.param_dtype)
-    up = self.param('up_proj', normal_init(self.init_std, in_axes), (e, d, f), self.param_dtype)
-    down = self.param('down_proj', normal_init(self.init_std, out_axes), (e, f, d), self.param_dtype)
-    args = (x_ND.astype(self.dtype), idx_NK, w_NK, gate.astype(self.dtype), up.astype(self.dtype),
-            down.astype(self.dtype))
+    e = self.num_experts
+    args = (x_ND.astype(self.dtype), idx_NK, w_NK, self.weight('gate_proj'), self.weight('up_proj'),
+            self.weight('down_proj'))
     plan = expert_parallel_plan(x_ND.shape[0], e)
     if plan is None:
       return routed_experts(*args)
