@@ -7,9 +7,11 @@ Import reads `config.json`, the safetensors weights (one file or shards listed i
 and the tokenizer files, and writes a dsjax checkpoint (dsjax.checkpoint) that `train.py` and the sampler
 load directly. Tensors are read one at a time (memory-mapped by safetensors) into one stacked [layers, ...] buffer
 per parameter, which is then placed on the mesh shard by shard and dropped, so host memory never holds a second
-copy of the model. Export streams the other way, one output shard at a time, and writes a directory that
-`transformers.AutoModelForCausalLM.from_pretrained` loads; a checkpoint with dsjax's byte-level tokenizer gets a
-tokenizer.json with the same ids (`byte_tokenizer`) for `transformers.AutoTokenizer`.
+copy of the model. Block-quantized fp8 weights (DeepSeek-V3/R1 as published: `<name>_scale_inv` block scales,
+config.json quantization_config) are dequantized on the way. Export streams the other way, one output shard at a
+time, and writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads; a checkpoint with
+dsjax's byte-level tokenizer gets a tokenizer.json with the same ids (`byte_tokenizer`) for
+`transformers.AutoTokenizer`.
 
 The architectures and their tensor mappings are in dsjax/convert/architectures.py.
 """
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,6 +52,13 @@ ORIGINAL_CONFIG = 'hf_config.json'  # the imported config.json, kept in the dsja
 _IGNORED_TENSORS = re.compile(r'.*\.rotary_emb\.inv_freq$')
 _DTYPES = {'float32': np.dtype(np.float32), 'float16': np.dtype(np.float16),
            'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+# Router tensors transformers keeps in float32 whatever the model's dtype (DeepseekV2/V3 _keep_in_fp32_modules_strict);
+# DeepSeek-V3's published bfloat16/fp8 checkpoint stores e_score_correction_bias in float32 too.
+_FLOAT32_TENSORS = re.compile(r'.*\.mlp\.gate\.(weight|e_score_correction_bias)$')
+# fp8 dtypes safetensors' numpy reader cannot return (it asks numpy, not ml_dtypes, for them): read from the raw bytes.
+_FP8_DTYPES = {'F8_E4M3': np.dtype(ml_dtypes.float8_e4m3fn), 'F8_E5M2': np.dtype(ml_dtypes.float8_e5m2)}
+SCALE_SUFFIX = '_scale_inv'  # <weight>_scale_inv: the float32 block scales of an fp8 <weight>
+DEFAULT_FP8_BLOCK = (128, 128)  # DeepSeek-V3's, and transformers' FineGrainedFP8Config default
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -56,11 +66,15 @@ _DTYPES = {'float32': np.dtype(np.float32), 'float16': np.dtype(np.float16),
 class SafetensorsReader:
   """Tensor name -> file over one `model.safetensors` or the shards of `model.safetensors.index.json`.
 
-  `read` copies one tensor into host memory; nothing else of the files stays resident.
+  `read` copies one tensor into host memory; nothing else of the files stays resident. Block-quantized fp8 weights
+  (DeepSeek-V3/R1 as published: a float8_e4m3fn `<name>` and a float32 `<name>_scale_inv` with one scale per block of
+  `weight_block_size` [rows, columns]) read as their float32 dequantization, and `names` leaves their scales out.
+  `weight_block_size` None: config.json's quantization_config.weight_block_size, else 128 x 128.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, weight_block_size: tuple[int, int] | None = None):
     self.directory = directory
+    self.weight_block_size = tuple(weight_block_size) if weight_block_size else _fp8_block_size(directory)
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
       with open(index_path) as f:
@@ -82,15 +96,95 @@ class SafetensorsReader:
       raise ConversionError(f'{directory}: missing weight shard(s) {missing} listed in {INDEX_FILE}')
 
   def names(self) -> set[str]:
-    return set(self.files)
+    """The tensor names, less the `_scale_inv` of each weight in the files (`read` folds them into the weight)."""
+    return {n for n in self.files if not (n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in self.files)}
+
+  def dequantized(self, name: str) -> bool:
+    """Whether `read(name)` dequantizes an fp8 weight with its `_scale_inv`."""
+    return name + SCALE_SUFFIX in self.files
 
   def read(self, name: str) -> np.ndarray:
+    """The tensor as stored, or (`dequantized`) the float32 product of an fp8 weight and its block scales."""
+    tensor = self._read_stored(name)
+    scale_name = name + SCALE_SUFFIX
+    if tensor.dtype in _FP8_DTYPES.values():
+      if scale_name not in self.files:
+        raise ConversionError(f'tensor {name}: stored as {tensor.dtype} without the {scale_name} that dequantizes it')
+      return dequantize_fp8_blocks(tensor, self._read_stored(scale_name), self.weight_block_size, name)
+    if scale_name in self.files:
+      raise ConversionError(f'tensor {name}: has block scales {scale_name} but is stored as {tensor.dtype}, not fp8')
+    return tensor
+
+  def _read_stored(self, name: str) -> np.ndarray:
     if name not in self.files:
       raise ConversionError(f'{self.directory}: tensor {name!r} is missing')
+    path = os.path.join(self.directory, self.files[name])
     # A fresh handle per tensor: an open handle keeps every page it has read resident, which would grow to the
     # whole file (measured: RSS += the bytes read until the handle closes); reopening only re-reads the header.
-    with safe_open(os.path.join(self.directory, self.files[name]), framework='numpy') as f:
-      return f.get_tensor(name)
+    with safe_open(path, framework='numpy') as f:
+      stored = f.get_slice(name).get_dtype()
+      if stored not in _FP8_DTYPES:
+        return f.get_tensor(name)
+    return _read_raw(path, name, _FP8_DTYPES[stored])
+
+
+def _read_raw(path: str, name: str, dtype: np.dtype) -> np.ndarray:
+  """One tensor of a safetensors file, from its bytes: an 8-byte little-endian header size, the JSON header
+  ({name: {dtype, shape, data_offsets: [begin, end)}}, offsets counted from the end of the header), the data."""
+  with open(path, 'rb') as f:
+    (header_size,) = struct.unpack('<Q', f.read(8))
+    entry = json.loads(f.read(header_size))[name]
+    begin, end = entry['data_offsets']
+    shape = tuple(entry['shape'])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize:
+      raise ConversionError(f'{path}: tensor {name} has {end - begin} bytes, not the {np.prod(shape)} x '
+                            f'{dtype.itemsize} its shape {list(shape)} needs')
+    f.seek(8 + header_size + begin)
+    data = f.read(end - begin)
+  return np.frombuffer(data, dtype).reshape(shape)  # one-byte types: no byte order
+
+
+def _fp8_block_size(directory: str) -> tuple[int, int]:
+  """[rows, columns] of the fp8 weight blocks config.json's quantization_config gives (128 x 128 without one);
+  a quantization dsjax cannot read raises."""
+  config_path = os.path.join(directory, 'config.json')
+  quantization = None
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      quantization = json.load(f).get('quantization_config')
+  if not quantization:
+    return DEFAULT_FP8_BLOCK
+  method = quantization.get('quant_method')
+  if method != 'fp8':
+    raise ConversionError(f'config.json: quantization_config quant_method={method!r} is not supported (dsjax reads '
+                          "float checkpoints and DeepSeek-V3's block-wise fp8, quant_method 'fp8')")
+  block = quantization.get('weight_block_size', list(DEFAULT_FP8_BLOCK))
+  if (not isinstance(block, (list, tuple)) or len(block) != 2
+      or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+    raise ConversionError(f'config.json: quantization_config weight_block_size={block!r}: expected [rows, columns] '
+                          '(per-tensor fp8 scales are not supported)')
+  return int(block[0]), int(block[1])
+
+
+def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
+                          name: str = 'weight') -> np.ndarray:
+  """float32 [rows, cols]: each block[0] x block[1] block of the fp8 `weight` times its entry of `scale_inv`
+  [ceil(rows / block[0]), ceil(cols / block[1])]; the blocks at the right and bottom edges may be smaller. This is
+  DeepSeek-V3's inference/kernel.py weight_dequant (what inference/fp8_cast_bf16.py applies), before its bf16 cast."""
+  if weight.ndim != 2:
+    raise ConversionError(f'tensor {name}: an fp8 weight of shape {weight.shape}; block scales need a matrix')
+  (rows, cols), (block_rows, block_cols) = weight.shape, block
+  grid = (-(-rows // block_rows), -(-cols // block_cols))
+  if scale_inv.shape != grid:
+    raise ConversionError(f'tensor {name}{SCALE_SUFFIX}: shape {scale_inv.shape}, but a {rows} x {cols} weight in '
+                          f'{block_rows} x {block_cols} blocks (config.json quantization_config.weight_block_size) '
+                          f'has {grid} of them')
+  out = np.empty((rows, cols), np.float32)
+  for i in range(grid[0]):  # one band of blocks at a time: no full-size copy of the scales
+    band = slice(i * block_rows, (i + 1) * block_rows)
+    col_scales = np.repeat(scale_inv[i].astype(np.float32), block_cols)[:cols]
+    out[band] = weight[band].astype(np.float32) * col_scales
+  return out
 
 
 def _declared_dtype(hf: dict[str, Any]) -> np.dtype | None:
@@ -117,13 +211,9 @@ def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, p
     shape = buffer.shape[len(t.lead):]
     rows = buffer.reshape(-1, *shape)  # a view: one row per HF tensor, in the order of t.names()
     for row, name in enumerate(t.names()):
-      tensor = reader.read(name)
-      if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != _DTYPES['bfloat16']:
-        raise ConversionError(f'tensor {name}: dtype {tensor.dtype} is not a float type (quantized checkpoints are '
-                              'not supported)')
-      if declared_dtype is not None and tensor.dtype != declared_dtype:
-        raise ConversionError(f'tensor {name}: dtype mismatch, stored as {tensor.dtype} but config.json declares '
-                              f'{declared_dtype}')
+      tensor = reader.read(name)  # fp8 weights come dequantized, in float32: no dtype of the file to check
+      if not reader.dequantized(name):
+        _check_dtype(name, tensor.dtype, declared_dtype)
       value = t.to_dsjax(tensor)
       if value.shape != shape:
         raise ConversionError(f'tensor {name}: shape {tensor.shape} does not fit config.json (expected '
@@ -140,6 +230,17 @@ def read_hf_params(reader: SafetensorsReader, m: ml_collections.ConfigDict, *, p
       raise ConversionError(f'tensor {copy}: differs from {main}, which dsjax shares with the multi-token-prediction '
                             'layer (DeepSeek-V3 stores the same tensor twice)')
   return params
+
+
+def _check_dtype(name: str, dtype: np.dtype, declared_dtype: np.dtype | None) -> None:
+  """A stored tensor's dtype must be a float type and config.json's, or float32 for a router tensor."""
+  if not np.issubdtype(dtype, np.floating) and dtype != _DTYPES['bfloat16']:
+    raise ConversionError(f'tensor {name}: dtype {dtype} is not a float type (of quantized checkpoints dsjax reads '
+                          f'only block-wise fp8 weights with {SCALE_SUFFIX} scales)')
+  if declared_dtype is not None and dtype != declared_dtype and not (
+      dtype == np.float32 and _FLOAT32_TENSORS.match(name)):
+    raise ConversionError(f'tensor {name}: dtype mismatch, stored as {dtype} but config.json declares '
+                          f'{declared_dtype}')
 
 
 def _dsjax_shapes(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], tuple[int, ...]]:
