@@ -176,8 +176,8 @@ def get_config() -> ml_collections.ConfigDict:
       ('head_dim', None),
       ('layers', None),
       ('experts', 'expert'),
-      ('q_lora', None),
-      ('kv_lora', None),
+      ('q_lora', 'fsdp'),        # latent ranks: q_b_proj / kv_b_proj split over fsdp (q_a / kv_a_proj keep embed
+      ('kv_lora', 'fsdp'),       # there: a mesh axis serves one dimension of a parameter, the first rule that fits)
   )
 
   # ---------------------------------------------------------------- sampling
