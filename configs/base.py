@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   p.yarn_original_max_positions = 4096  # yarn: the context the model was pretrained with
   p.yarn_beta_fast = 32.0      # yarn: frequency ramp bounds, in rotations over the original context
   p.yarn_beta_slow = 1.0
-  p.yarn_mscale = 1.0          # yarn: attention temperature terms (HF rope_scaling mscale, mscale_all_dim)
+  p.yarn_mscale = 0.0          # yarn: attention temperature terms (HF rope_scaling mscale, mscale_all_dim; 0: unset)
   p.yarn_mscale_all_dim = 0.0
 
   a = m.attention = ml_collections.ConfigDict()
@@ -194,7 +194,7 @@ def get_config() -> ml_collections.ConfigDict:
   lo.rank = 16
   lo.alpha = 32.0              # adapter output scaled by alpha / rank
   lo.dropout = 0.1             # on the adapter's input
-  lo.targets = ('q_proj', 'v_proj')  # any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+  lo.targets = ('q_proj', 'v_proj')  # lora.ALL_TARGETS, e.g. kv_b_proj, gate_proj (MLP/shared experts), experts.up_proj
   lo.base_int8 = False         # keep the frozen base weights in int8 (QLoRA-style memory saving)
   lo.adapter = ''              # a PEFT adapter directory to start from (serve.py --adapter=DIR serves one)
 

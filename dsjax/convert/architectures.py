@@ -45,16 +45,23 @@ def _rope(hf: dict[str, Any], positions: ml_collections.ConfigDict) -> None:
   if kind not in ('linear', 'yarn'):
     raise ConversionError(f"config.json: rope_scaling type {kind!r} is not supported (dsjax implements 'linear' "
                           "position interpolation, as DeepSeek-Coder uses, and 'yarn', as DeepSeek-V2/V3 use)")
-  positions.rope_scaling, positions.rope_scaling_factor = kind, float(scaling['factor'])
+  factor = scaling.get('factor')
+  original = scaling.get('original_max_position_embeddings')
+  if factor is None and kind == 'yarn' and original and hf.get('max_position_embeddings'):
+    factor = hf['max_position_embeddings'] / original  # as transformers derives it
+  if factor is None:
+    raise ConversionError(f'config.json: rope_scaling {kind!r} without a factor')
+  positions.rope_scaling, positions.rope_scaling_factor = kind, float(factor)
   if kind == 'yarn':
     for field in ('truncate', 'attention_factor'):
       if scaling.get(field) not in (None, True if field == 'truncate' else None):
         raise ConversionError(f'config.json: rope_scaling {field}={scaling[field]!r} is not supported')
-    positions.yarn_original_max_positions = int(scaling.get('original_max_position_embeddings')
-                                                or hf.get('max_position_embeddings', 4096))
-    for source, field in _YARN_FIELDS.items():
-      if source != 'original_max_position_embeddings' and scaling.get(source) is not None:
-        positions[field] = float(scaling[source])
+    positions.yarn_original_max_positions = int(original or hf.get('max_position_embeddings', 4096))
+    # transformers' defaults for absent fields (mscale 0 = unset), not the base config's values
+    defaults = {'beta_fast': 32.0, 'beta_slow': 1.0, 'mscale': 0.0, 'mscale_all_dim': 0.0}
+    for source, default in defaults.items():
+      value = scaling.get(source)
+      positions[_YARN_FIELDS[source]] = float(default if value is None else value)
 
 
 def model_config_from_hf(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -99,6 +106,9 @@ def model_config_from_hf(hf: dict[str, Any], base: ml_collections.ConfigDict) ->
 
 
 def _deepseek(hf: dict[str, Any], m: ml_collections.ConfigDict, v3: bool) -> None:
+  if v3 and hf.get('rope_interleave', True) is False:
+    raise ConversionError('config.json: rope_interleave=false is not supported (dsjax reorders the interleaved RoPE '
+                          'dimensions of DeepSeek checkpoints on import)')
   m.head_dim = 0
   m.num_kv_heads = m.num_heads  # latent attention: every head has its own key and value
   m.mla.update(dict(kv_lora_rank=int(hf['kv_lora_rank']), q_lora_rank=int(hf.get('q_lora_rank') or 0),
@@ -123,6 +133,9 @@ def _deepseek(hf: dict[str, Any], m: ml_collections.ConfigDict, v3: bool) -> Non
     if v3:  # transformers' DeepseekV3 always routes by sigmoid scores, group-limited, with the correction bias
       m.moe.update(dict(scoring='sigmoid', topk_method='noaux_tc'))
     else:
+      if m.moe.norm_topk_prob:
+        raise ConversionError("config.json: norm_topk_prob=true is not supported for DeepseekV2 (transformers' V2 "
+                              "router never renormalises the top-k weights, so the checkpoint's meaning is ambiguous)")
       method = hf.get('topk_method') or 'greedy'
       if method not in ('greedy', 'group_limited_greedy'):
         raise ConversionError(f'config.json: topk_method={method!r} is not supported for DeepseekV2 (greedy, '
@@ -163,6 +176,9 @@ def hf_config_from_model(m: ml_collections.ConfigDict, *, dtype: str, bos_token_
     raise ConversionError(f'only full attention with RoPE exports to Hugging Face; this model has '
                           f'model.attention.kind={m.attention.kind!r}, model.positions.kind={m.positions.kind!r}')
   model_type = architecture(m)
+  if model_type == 'deepseek_v2' and m.moe.num_experts and m.moe.norm_topk_prob:
+    raise ConversionError('model.moe.norm_topk_prob=True with softmax routing has no DeepseekV2 equivalent in '
+                          'transformers (its V2 router never renormalises)')
   scaling, parameters = _hf_rope(m)
   hf = {
       'architectures': [ARCHITECTURES[model_type]], 'model_type': model_type, 'vocab_size': m.vocab_size,
@@ -185,7 +201,7 @@ def hf_config_from_model(m: ml_collections.ConfigDict, *, dtype: str, bos_token_
               qk_rope_head_dim=la.qk_rope_head_dim, v_head_dim=la.v_head_dim, head_dim=la.qk_rope_head_dim,
               qk_head_dim=la.qk_nope_head_dim + la.qk_rope_head_dim, rope_interleave=True)
     if mo.num_experts:
-      hf.update(n_routed_experts=mo.num_experts, n_shared_experts=mo.num_shared_experts or None,
+      hf.update(n_routed_experts=mo.num_experts, n_shared_experts=mo.num_shared_experts,
                 moe_intermediate_size=mo.expert_dim, num_experts_per_tok=mo.top_k, n_group=mo.num_groups,
                 topk_group=mo.topk_groups, norm_topk_prob=bool(mo.norm_topk_prob),
                 routed_scaling_factor=float(mo.routed_scaling_factor), first_k_dense_replace=mo.first_dense_layers,

@@ -36,6 +36,9 @@ VARIANTS = {
     'v2_yarn': ('deepseek_v2', dict(_MLA, q_lora_rank=24, rope_parameters=_YARN)),
     'v3': ('deepseek_v3', dict(_MLA, num_hidden_layers=3, q_lora_rank=24, n_group=4, topk_group=2,
                                norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # mscale_all_dim without mscale: absent YaRN fields take transformers' defaults, not dsjax's base config values.
+    'v2_yarn_partial': ('deepseek_v2', dict(_MLA, q_lora_rank=None, rope_parameters=dict(
+        rope_type='yarn', rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, mscale_all_dim=0.7))),
     'qwen2_untied': ('qwen2', dict(_QWEN2, tie_word_embeddings=False)),
     'qwen2_tied': ('qwen2', dict(_QWEN2, tie_word_embeddings=True)),
 }
@@ -83,7 +86,8 @@ def legacy_rope_scaling(directory):
     json.dump(config, f)
 
 
-@pytest.mark.parametrize('variant', [*VARIANTS, 'v2_yarn_legacy_config'])
+@pytest.mark.parametrize('variant', [*(v if v != 'v2_yarn_partial' else pytest.param(v, marks=pytest.mark.slow)
+                                      for v in VARIANTS), 'v2_yarn_legacy_config'])
 def test_imported_logits_match_transformers(variant, tmp_path):
   legacy = variant == 'v2_yarn_legacy_config'
   variant = 'v2_yarn' if legacy else variant
@@ -394,3 +398,17 @@ def test_transformers_bfloat16_checkpoint_keeps_float32_router(tmp_path):
   tokens = tokens_for('v3')
   np.testing.assert_allclose(dsjax_logits(cfg, params, tokens), hf_logits(model.float(), tokens), atol=ATOL,
                              rtol=ATOL)
+
+
+@pytest.mark.parametrize('variant, edit, fragment', [
+    ('v2_greedy', dict(norm_topk_prob=True), 'norm_topk_prob'),  # transformers' V2 router ignores it
+    ('v3', dict(rope_interleave=False), 'rope_interleave'),
+])
+def test_deepseek_configs_dsjax_cannot_match_name_the_field(variant, edit, fragment, tmp_path):
+  make_model(variant, tmp_path / 'hf')
+  path = tmp_path / 'hf' / 'config.json'
+  config = json.loads(path.read_text())
+  config.update(edit)
+  path.write_text(json.dumps(config))
+  with pytest.raises(hf.ConversionError, match=fragment):
+    hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'))
