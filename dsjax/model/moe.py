@@ -169,7 +169,8 @@ def grouped_matmul(x_RK: jax.Array, w: Any, group_sizes_E: jax.Array, preferred_
   return jax.lax.ragged_dot(x_RK, w.astype(x_RK.dtype), group_sizes_E, preferred_element_type=preferred_element_type)
 
 
-def _shard_specs(w: Any, spec: P) -> Any:
+def shard_map_specs_of(w: Any, spec: P) -> Any:
+  """shard_map in_specs of a routed experts' weight split like `spec` ([E, K, M]): `spec` for a float array."""
   return w.shard_map_specs(spec) if hasattr(w, 'shard_map_specs') else spec
 
 
@@ -279,8 +280,8 @@ def expert_parallel(plan: ExpertPlan):
 
   def run(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
     # Grouped weights (quantized, adapted) bring a spec per array; float weights one spec.
-    in_specs = (spec(*tokens), spec(*tokens), spec(*tokens), _shard_specs(gate_EDF, inner),
-                _shard_specs(up_EDF, inner), _shard_specs(down_EFD, outer))
+    in_specs = (spec(*tokens), spec(*tokens), spec(*tokens), shard_map_specs_of(gate_EDF, inner),
+                shard_map_specs_of(up_EDF, inner), shard_map_specs_of(down_EFD, outer))
     return jax.shard_map(per_shard, in_specs=in_specs, out_specs=spec(*tokens), check_vma=False)(
         x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD)
   return run
