@@ -44,6 +44,8 @@ def deepseek_v2_config(*, vocab_size: int, hidden_size: int, num_layers: int, nu
                     routed_scaling_factor=routed_scaling_factor, first_dense_layers=first_dense_layers, layer_freq=1,
                     aux_loss_weight=aux_loss_weight, bias_update_rate=bias_update_rate))
   m.mtp.num_layers = mtp_layers
+  # LoRA's usual q/v pair, in latent attention: the query and the key/value up-projections.
+  cfg.lora.targets = ('q_b_proj' if q_lora_rank else 'q_proj', 'kv_b_proj')
   # Pretraining ran at 4096 tokens (YaRN's original context); the 128K context comes from the long-context stage.
   cfg.data.seq_len = seq_len
   return cfg

@@ -33,4 +33,5 @@ def get_config() -> ml_collections.ConfigDict:
   mo.bias_update_rate = 0.001
   m.mtp.num_layers = 1
   m.mtp.loss_weight = 0.3
+  cfg.lora.targets = ('q_b_proj', 'kv_b_proj')  # LoRA's usual q/v pair, in latent attention
   return cfg

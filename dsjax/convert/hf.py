@@ -275,6 +275,8 @@ def import_hf(hf_dir: str, out_dir: str, *, base_config: str | None = None, para
   reader = SafetensorsReader(hf_dir)
   with cfg.unlocked():
     cfg.model = model_config_from_hf(hf, cfg.model)
+    if cfg.model.mla.kv_lora_rank:  # LoRA's usual q/v pair, in latent attention
+      cfg.lora.targets = ('q_b_proj' if cfg.model.mla.q_lora_rank else 'q_proj', 'kv_b_proj')
     mtp_weights = f'model.layers.{cfg.model.num_layers}.eh_proj.weight'
     if cfg.model.mtp.num_layers and mtp_weights not in reader.names():
       print(f'note: config.json declares {cfg.model.mtp.num_layers} multi-token-prediction layer(s), but {hf_dir} '
