@@ -43,7 +43,8 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default: all, across processes), sized from the config.
+  """The ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default: all, across processes), sized from the
+  config.
 
   `jax.make_mesh` orders the devices for the physical topology (ICI rings on TPU, NVLink islands on GPU). Axes are
   `Auto`: shardings are given at the jit boundary and XLA's SPMD partitioner places the intermediates.

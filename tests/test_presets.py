@@ -347,8 +347,8 @@ def test_deepseek_v3_serving_plan_fits_80gb_per_device_on_256_devices():
 def test_deepseek_v3_training_state_fits_80gb_per_device_on_256_devices(plan):
   """The train state (fp32 master params + AdamW's two fp32 moments = 12 bytes per parameter; the correction biases
   4) per device, from the PartitionSpecs dsjax's logical rules give on an abstract 256-device mesh: within 1% of the
-  share the plan allows (`ideal_share`; 5% with tensor parallelism), and under 80 GB with one fp32 gradient per parameter on top (what a step
-  holds besides activations)."""
+  share the plan allows (`ideal_share`; 5% with tensor parallelism), and under 80 GB with one fp32 gradient per
+  parameter on top (what a step holds besides activations)."""
   cfg, model, optimizer, params, abstract = v3_abstract_train_state()
   mesh, mesh_cfg = v3_plan(cfg, **plan)
   shardings = state_lib.state_shardings(model, optimizer, 8, mesh, mesh_cfg, params=params)

@@ -367,7 +367,8 @@ def _hf_tensors(params: dict, m: ml_collections.ConfigDict, dtype: np.dtype) -> 
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, max_shard_size: str = '5GB') -> None:
-  """Writes a dsjax checkpoint as a HF directory (Llama, Qwen2, DeepseekV2 or V3: see architectures.architecture) (config.json, safetensors, tokenizer files)."""
+  """Writes a dsjax checkpoint as a HF directory (config.json, safetensors, tokenizer files) of the architecture
+  `architectures.architecture` names: Llama, Qwen2, DeepseekV2 or DeepseekV3."""
   cfg = checkpoint.load_config(ckpt_dir)
   dtype = dtype or cfg.model.param_dtype
   if dtype not in _DTYPES:

@@ -97,11 +97,13 @@ def cache_inputs(cfg: ml_collections.ConfigDict, cache: cache_lib.Cache, positio
   (cached positions, cached segment ids, write slot [B, T], positions and segment ids once written [B, S])."""
   cache_lib.check_cache(cfg, cache)
   slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
-  written = (write_to_slots(cache['positions'], positions, slot), write_to_slots(cache['segment_ids'], segment_ids, slot))
+  written = (write_to_slots(cache['positions'], positions, slot),
+             write_to_slots(cache['segment_ids'], segment_ids, slot))
   return (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot, *written)
 
 
-MTP_PREFIX = 'mtp_'  # params of multi-token-prediction depth k: 'mtp_{k-1}' (module) and 'mtp_{k-1}_norm' (its head norm)
+# Params of multi-token-prediction depth k: 'mtp_{k-1}' (the module) and 'mtp_{k-1}_norm' (its head's norm).
+MTP_PREFIX = 'mtp_'
 
 
 class MultiTokenPredictor(nn.Module):

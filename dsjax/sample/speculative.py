@@ -330,7 +330,8 @@ def _verify(sampler: Sampler, params: Any, cache: cache_lib.Cache, pending_B, po
   """One target forward of [pending, drafts] per row, the accept/reject rule and the extra token.
 
   Returns (cache truncated to each row's committed tokens but the new pending one, accepted counts int32 [B],
-  new pending tokens int32 [B], the target's hidden states [B, G + 1, D]). Inactive rows write nothing and accept 0; positions >= max_len are not written.
+  new pending tokens int32 [B], the target's hidden states [B, G + 1, D]). Inactive rows write nothing and accept 0;
+  positions >= max_len are not written.
   """
   B, G = drafts_BG.shape
   tokens = jnp.concatenate([pending_B[:, None], drafts_BG], axis=1)
