@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax.model import positions as positions_lib
-from dsjax.model.attention import FEW_QUERIES, LayerCache, attend, attends_in_place, mask_args, write_to_slots
+from dsjax.model.attention import LayerCache, attend, attends_in_place, mask_args, write_to_slots
 from dsjax.model.layers import Linear, RMSNorm, to_dtype
 from dsjax.model.masks import make_attention_mask
 
@@ -65,12 +65,6 @@ def latent_attention(q_latent: jax.Array, q_rope: jax.Array, latent: jax.Array, 
     visible key return zeros.
   """
   f32 = jnp.float32
-  if q_latent.shape[1] <= FEW_QUERIES:  # decode steps: reduce over the cache where it lies (see few_query_attention)
-    scores = (jnp.sum(q_latent[:, :, None].astype(f32) * latent[:, None, :, None, :].astype(f32), axis=-1)
-              + jnp.sum(q_rope[:, :, None].astype(f32) * k_rope[:, None, :, None, :].astype(f32), axis=-1))
-    scores = jnp.where(mask[..., None], scores * scale, jnp.finfo(f32).min)  # [B, T, S, N]
-    probs = jnp.where(mask[..., None], jax.nn.softmax(scores, axis=2), 0.0)
-    return jnp.sum(probs[..., None] * latent[:, None, :, None, :].astype(f32), axis=2)
   scores = (jnp.einsum('BTNR,BSR->BTNS', q_latent, latent, preferred_element_type=f32)
             + jnp.einsum('BTNH,BSH->BTNS', q_rope, k_rope, preferred_element_type=f32))
   scores = jnp.where(mask[:, :, None], scores * scale, jnp.finfo(f32).min)
