@@ -470,8 +470,7 @@ def test_deepseek_v3_sized_layer_by_eval_shape():
 
 
 def test_batch_sharded_over_devices_matches_one_device():
-  if jax.device_count() < 8:
-    pytest.skip('needs the 8 fake CPU devices of tests/conftest.py')
+  assert jax.device_count() >= 8, 'needs the 8 fake CPU devices of tests/conftest.py'
   cfg = moe_config(aux_loss_weight=0.01, **METHODS['v3_noaux_tc'])
   params = random_params(cfg, seed=20)
   x = jax.random.normal(jax.random.key(21), (8, 4, D))

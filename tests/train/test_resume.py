@@ -256,8 +256,7 @@ def test_moe_mla_mtp_run_resumes_exactly(tmp_path):
   """A tiny_moe run preempted (SIGTERM) after step 3 of 5 and resumed equals the uninterrupted run: every step's loss,
   the held-out loss and the final params bit for bit, the MoE correction biases (moved by the bias update, not by
   AdamW) and the MTP depth included."""
-  if threading.current_thread() is not threading.main_thread():
-    pytest.skip('the SIGTERM handler is installed from the main thread only')
+  assert threading.current_thread() is threading.main_thread(), 'the SIGTERM handler is installed from the main thread'
   straight_dir, interrupted_dir = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   straight = loop.train(tiny_moe_resume_config(straight_dir))
   stopped = loop.train(tiny_moe_resume_config(interrupted_dir), hooks=[SigtermAfter(2)])
