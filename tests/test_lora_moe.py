@@ -6,7 +6,6 @@ import json
 import logging
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +26,7 @@ from dsjax.train import state as state_lib
 from dsjax.train import step as step_lib
 from tests.model import helpers
 from tests.lazy import peft, torch, transformers  # imported on first use (the `hf` extra)
+from tests.test_lora import base_params, random_adapters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT = ('q_a_proj', 'q_b_proj', 'kv_a_proj_with_mqa', 'kv_b_proj', 'o_proj')
@@ -55,17 +55,6 @@ def moe_config(v2=False):
     m.mtp.num_layers = 0
   cfg.data.seq_len = 16
   return cfg
-
-
-def base_params(model_cfg, seed=0):
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return helpers.random_like(helpers.init_shapes(Transformer(model_cfg), tokens, tokens), seed=seed)
-
-
-def random_adapters(model_cfg, spec, seed=1, std=0.1):
-  """Non-zero A and B (a fresh adapter has B = 0, which would hide layout mistakes)."""
-  shapes = lora.adapters_of(nn.meta.unbox(lora.abstract_params(model_cfg, spec)))
-  return helpers.random_like(shapes, seed=seed, std=std)
 
 
 def logits_of(model_cfg, params, tokens=TOKENS, spec=None):
