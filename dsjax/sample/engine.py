@@ -90,7 +90,8 @@ class Request:
   finish_reason: str | None = None
   error: BaseException | None = None
   submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
-  first_token_at: float | None = None
+  first_token_at: float | None = None  # time.perf_counter() of the first new token
+  finished_at: float | None = None  # time.perf_counter() when it finished
   _events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue, repr=False)
   _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
   _cancelled: bool = False
@@ -134,6 +135,7 @@ class Request:
     if self._done.is_set():
       return
     self.finish_reason, self.error = reason, error
+    self.finished_at = time.perf_counter()
     self._done.set()
     self._events.put(None)
     self._notify(None)
@@ -209,6 +211,9 @@ class Engine:
     self.proposed = self.accepted = 0  # speculative drafts proposed / accepted (row rounds * gamma / accepted)
     self.restarts = 0  # device-state rebuilds after failures
     self.failed_requests = 0  # requests finished with 'error'
+    self.finished_requests = 0  # requests done, for any reason
+    self.prompt_tokens = 0  # prompt tokens of admitted requests
+    self.generated_tokens = 0  # tokens handed to requests
     self._failures = 0  # failures since the last good step
     self._last_step_at: float | None = None  # time.monotonic() of the last completed step
     self._busy_since: float | None = None  # time.monotonic() when the device call in flight started
@@ -288,7 +293,8 @@ class Engine:
     with self._lock:
       return dict(active=sum(slot is not None for slot in self._slots), pending=len(self._pending), steps=self.steps,
                   proposed=self.proposed, accepted=self.accepted, restarts=self.restarts,
-                  failed_requests=self.failed_requests)
+                  failed_requests=self.failed_requests, finished_requests=self.finished_requests,
+                  prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens)
 
   def health(self, stall_timeout: float | None = None) -> dict[str, Any]:
     """The engine's state for a health check: `ok` is False once the engine thread has ended (failed or shut down)
@@ -387,6 +393,7 @@ class Engine:
               self._slots[slot] = request
               admitted.append((slot, request))
         for request in expired:
+          self.finished_requests += 1
           request._finish('timeout')
         for slot, request in admitted:
           self._guarded(self._admit, slot, request)
@@ -402,6 +409,7 @@ class Engine:
       self._pending.clear()
       self._slots = [None] * self.num_slots
     for request in leftovers:
+      self.finished_requests += 1
       request._finish('error' if self._error is not None else 'cancelled', self._error)
     if self._error is not None and self.on_fatal is not None:
       self.on_fatal(self._error)
@@ -469,6 +477,7 @@ class Engine:
       self._free(slot, 'cancelled')
       return
     length = len(request.prompt_ids)
+    self.prompt_tokens += length
     tokens = np.zeros((1, bucket(length, self.max_len)), np.int32)
     tokens[0, :length] = request.prompt_ids
     if self.drafter is None:
@@ -517,6 +526,7 @@ class Engine:
       self._free(slot, 'stop')
     else:
       request._emit(token)
+      self.generated_tokens += 1
       if len(request.tokens) >= request.max_new_tokens or self._pos[slot] >= self.max_len:
         self._free(slot, 'length')
     return self._slots[slot] is request
@@ -525,6 +535,7 @@ class Engine:
     request = self._slots[slot]
     with self._lock:
       self._slots[slot] = None
+      self.finished_requests += 1
     request._finish(reason, error)
 
   def _fail(self, slot: int, error: BaseException) -> None:
