@@ -15,6 +15,7 @@ import ml_collections
 from dsjax import config as config_lib
 from dsjax.model import attention_kernels
 from dsjax.model import dispatch
+from dsjax.model import pages as pages_lib
 from dsjax.model.layers import Linear, to_dtype
 from dsjax.model.masks import make_attention_mask
 from dsjax.model.positions import apply_rope, rope_kwargs, sinusoid_embedding
@@ -35,6 +36,24 @@ class LayerCache(NamedTuple):
   write_slot: jax.Array   # [B, T] int32 slot of each new token; S (out of range) for tokens not kept
   written_positions: jax.Array    # [B, S] positions once this call's tokens are written (shared by all layers)
   written_segment_ids: jax.Array  # [B, S]
+  # A paged cache (dsjax/model/pages.py): k/v are this layer's page pools [K, P, bs, H] and each row reads its
+  # blocks through this table [B, M] (S = M * bs logical slots, slot = position).
+  block_table: jax.Array | None = None
+
+  def store(self, pool_or_cache: jax.Array, new_BTKH: jax.Array) -> jax.Array:
+    """This layer's k or v storage with the new tokens written at write_slot."""
+    if self.block_table is None:
+      return write_to_slots(pool_or_cache, new_BTKH, self.write_slot)
+    return pages_lib.write_pages(pool_or_cache, new_BTKH, self.block_table, self.write_slot)
+
+  def view(self, stored: jax.Array) -> jax.Array:
+    """[B, S, K, H]: the rows' keys or values as a contiguous cache (a paged cache's blocks gathered)."""
+    return stored if self.block_table is None else pages_lib.gather_pages(stored, self.block_table)
+
+  def in_place(self, cfg: ml_collections.ConfigDict, num_new: int) -> bool:
+    """Whether this call's tokens may attend to the cache with themselves written (see attends_in_place; a paged
+    cache is a full cache)."""
+    return self.block_table is not None or attends_in_place(cfg, self.k.shape[1], num_new)
 
 
 class RelativeBias(NamedTuple):
@@ -236,20 +255,20 @@ class Attention(nn.Module):
 
     new_kv = out = None
     if cache is not None:
-      new_kv = tuple(write_to_slots(c, t, cache.write_slot) for c, t in ((cache.k, k), (cache.v, v)))
+      new_kv = (cache.store(cache.k, k), cache.store(cache.v, v))
       # Decoding one token, or a short chunk (speculative verification): its tokens are in the updated cache and
       # the keys they displaced from a ring are out of their windows, so it attends to the updated cache itself (no
       # copy of the cache per step). Otherwise to the cache as it was (before this call's write), then this call's
       # tokens: exact even when they wrap a ring.
-      in_place = attends_in_place(cfg, cache.k.shape[1], x.shape[1])
+      in_place = cache.in_place(cfg, x.shape[1])
       if path != 'reference':  # the kernels take stacked [L, ...] caches and an index: this layer's as [1, ...]
-        stacked = lambda kv: tuple(t[None] for t in kv)
+        stacked = lambda kv: tuple(cache.view(t)[None] for t in kv)
         out = attention_kernels.cached_attention(
             q, k, v, positions, segment_ids, (*stacked((cache.k, cache.v)), cache.positions, cache.segment_ids),
             (*stacked(new_kv), cache.written_positions, cache.written_segment_ids) if in_place else None,
             jnp.int32(0), window=window, num_global=num_global, gates=gates, platform=call.platform)
       elif in_place:
-        k, v = (t.astype(k.dtype) for t in new_kv)
+        k, v = (cache.view(t).astype(k.dtype) for t in new_kv)
         k_pos, k_seg = cache.written_positions, cache.written_segment_ids
       else:
         k = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)

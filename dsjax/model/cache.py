@@ -17,6 +17,12 @@ window. (Transformer-XL keeps a full cache: its relative-position term must see 
 tokens.) A chunk of several tokens attends to the cache as it was plus the chunk, so a chunk longer than the
 window is exact too, and a single token, or a chunk whose writes displace no key its queries can see (always with a
 full cache), attends to the cache with itself written (see Attention).
+
+A paged cache (serving: dsjax/sample/paged_engine.py) keeps every request's keys in shared page pools
+(dsjax/model/pages.py) and gives the model, per call, the same dict plus 'block_table' [B, M]:
+  {'k', 'v': L pools [K, P, bs, H], 'block_table': [B, M] int32, 'positions', 'segment_ids': [B, M * bs]}
+Its rows are full caches addressed through the table (logical slot = position, never a ring: a sparse model's
+bound comes from freeing the blocks that left the window), so writes, truncation and masks work as for a full cache.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import config as config_lib
+from dsjax.model import pages as pages_lib
 from dsjax.model.attention import mask_args, uses_ring
 from dsjax.model.layers import to_dtype
 
@@ -62,9 +69,34 @@ def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_len: int, dt
               segment_ids=jnp.full((batch_size, slots), -1, jnp.int32))
 
 
+def init_pages(cfg: ml_collections.ConfigDict, num_pages: int, block_size: int, dtype: Any = None) -> Cache:
+  """Empty page pools {'k', 'v': L arrays [K, num_pages, block_size, H]} for a paged cache (page 0 is the null
+  page: allocate pages 1..num_pages - 1)."""
+  dtype = to_dtype(dtype or cfg.dtype)
+  return {name: tuple(pages_lib.init_pool(num_pages, block_size, size, dtype) for _ in range(cfg.num_layers))
+          for name, size in zip(('k', 'v'), cache_token_shape(cfg))}
+
+
+def paged_cache(pools: Cache, block_table_BM: jax.Array, lengths_B: jax.Array) -> Cache:
+  """The cache the model reads for rows whose first lengths_B tokens are in the pools at the blocks block_table_BM
+  [B, M] gives: positions 0 .. M * bs - 1 per row, segment 1 where a token is held (position < length, in an
+  allocated block), -1 elsewhere."""
+  block_size = pools['k'][0].shape[2]
+  B, M = block_table_BM.shape
+  positions = jnp.broadcast_to(jnp.arange(M * block_size, dtype=jnp.int32), (B, M * block_size))
+  held = (positions < lengths_B[:, None]) & (jnp.repeat(block_table_BM, block_size, axis=1) != pages_lib.NULL_PAGE)
+  return dict(k=pools['k'], v=pools['v'], block_table=block_table_BM.astype(jnp.int32), positions=positions,
+              segment_ids=jnp.where(held, 1, -1).astype(jnp.int32))
+
+
+def is_paged(cache: Cache) -> bool:
+  return 'block_table' in cache
+
+
 def check_cache(cfg: ml_collections.ConfigDict, cache: Cache) -> None:
-  """ValueError unless `cache` has the structure `init_cache` gives for the model config `cfg` (shapes aside)."""
-  if not isinstance(cache, dict) or set(cache) != {'k', 'v', 'positions', 'segment_ids'}:
+  """ValueError unless `cache` has the structure `init_cache` (or `paged_cache`) gives for the model config `cfg`
+  (shapes aside)."""
+  if not isinstance(cache, dict) or set(cache) - {'block_table'} != {'k', 'v', 'positions', 'segment_ids'}:
     raise ValueError(f'a KV cache is a dict with k, v, positions and segment_ids (dsjax.model.cache.init_cache), '
                      f'got {type(cache).__name__} {sorted(cache) if isinstance(cache, dict) else ""}')
   for name in ('k', 'v'):
@@ -81,7 +113,7 @@ def write_slots(cfg: ml_collections.ConfigDict, cache: Cache, positions: jax.Arr
   of the same call overwrites in a ring."""
   slots = cache['segment_ids'].shape[1]
   valid = segment_ids > 0
-  if not uses_ring(cfg):
+  if not uses_ring(cfg) or is_paged(cache):
     keep = valid & (positions < slots)
     return jnp.where(keep, positions, slots).astype(jnp.int32)
   # Ring of R = S - num_global slots; a full-length cache is the ring that never wraps (slot = position).

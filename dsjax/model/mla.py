@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax.model import positions as positions_lib
-from dsjax.model.attention import LayerCache, attend, attends_in_place, mask_args, write_to_slots
+from dsjax.model.attention import LayerCache, attend, mask_args
 from dsjax.model.layers import Linear, RMSNorm, to_dtype
 from dsjax.model.masks import make_attention_mask
 
@@ -127,10 +127,10 @@ class LatentAttention(nn.Module):
       return o_proj(out), no_router_loss, None
 
     # Decoding: write c and k_r into the cache, then attend in the absorbed form.
-    new_latent = write_to_slots(cache.k, latent[:, :, None], cache.write_slot)
-    new_rope = write_to_slots(cache.v, k_rope, cache.write_slot)
-    if attends_in_place(cfg, cache.k.shape[1], x.shape[1]):
-      keys, ropes = new_latent[:, :, 0], new_rope[:, :, 0]
+    new_latent = cache.store(cache.k, latent[:, :, None])
+    new_rope = cache.store(cache.v, k_rope)
+    if cache.in_place(cfg, x.shape[1]):
+      keys, ropes = cache.view(new_latent)[:, :, 0], cache.view(new_rope)[:, :, 0]
       k_pos, k_seg = cache.written_positions, cache.written_segment_ids
     else:  # the cache as it was, then this call's tokens (exact when they wrap a ring)
       keys = jnp.concatenate([cache.k[:, :, 0].astype(latent.dtype), latent], axis=1)

@@ -99,7 +99,8 @@ def cache_inputs(cfg: ml_collections.ConfigDict, cache: cache_lib.Cache, positio
   slot = cache_lib.write_slots(cfg, cache, positions, segment_ids)
   written = (write_to_slots(cache['positions'], positions, slot),
              write_to_slots(cache['segment_ids'], segment_ids, slot))
-  return (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot, *written)
+  paged = (cache['block_table'],) if cache_lib.is_paged(cache) else ()
+  return (cache['k'], cache['v']), (cache['positions'], cache['segment_ids'], slot, *written, *paged)
 
 
 # Params of multi-token-prediction depth k: 'mtp_{k-1}' (the module) and 'mtp_{k-1}_norm' (its head's norm).
@@ -285,7 +286,7 @@ class Transformer(nn.Module):
           segment_ids=jax.lax.stop_gradient(jnp.concatenate([mem_seg, segment_ids], axis=1)[:, -m:]))
     new_cache = None
     if cache is not None:
-      new_cache = dict(k=new_kv[0], v=new_kv[1], positions=written[0], segment_ids=written[1])
+      new_cache = dict(cache, k=new_kv[0], v=new_kv[1], positions=written[0], segment_ids=written[1])
     # `hidden` (the final-normed states [B, T, D]) serves as a text embedding (dsjax/retrieval); jit drops it when
     # the caller does not use it.
     return logits.astype(jnp.float32), dict(memory=new_memory, cache=new_cache, hidden=x, mtp_logits=mtp_logits,

@@ -200,7 +200,10 @@ class Engine:
       self._init_draft_state = jit(drafter.init)
     self._slots: list[Request | None] = [None] * n
     self._init_device_state()
+    self._start()
 
+  def _start(self) -> None:
+    """Host-side state shared by the engines, then the engine thread."""
     self._pending: collections.deque[Request] = collections.deque()
     self._lock = threading.Condition()
     self._ids = itertools.count()
