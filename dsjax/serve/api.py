@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with stream=true as server-sent events),
-GET /v1/models, GET /health. Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+GET /v1/models, GET /health, GET /metrics (Prometheus, dsjax/serve/metrics.py). Errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}}.
 Sampling: temperature, top_p, top_k (an extension), seed, stop (strings), max_tokens; n must be 1.
 Request bodies are the pydantic models CompletionRequest and ChatRequest: unknown fields are ignored (as OpenAI
 does), a wrong type or value is a 400 naming the field, another model's name a 404 (code model_not_found).
@@ -38,6 +39,7 @@ from dsjax.retrieval import prompt as prompt_lib
 from dsjax.sample import engine as engine_lib
 from dsjax.serve.chat import ChatFormatter
 from dsjax.serve import limits as limits_lib
+from dsjax.serve import metrics as metrics_lib
 from dsjax.serve.errors import APIError, error_response, validation_error
 from dsjax.serve.safety import OutputFilter, SafetyConfig
 
@@ -186,10 +188,11 @@ class TextStream:
 class _Gate:
   """Pure ASGI middleware (starlette's BaseHTTPMiddleware hides client disconnects from the endpoint): gives each
   request its id (the client's X-Request-Id when it is a plain token, else a new one) in scope['state'] and on the
-  response, and answers 401 for /v1 paths without the API key."""
+  response, answers 401 for /v1 paths without the API key, and counts the responses of the generation endpoints
+  (metrics.HTTP_ENDPOINTS) by status, a request that raised as 500."""
 
-  def __init__(self, app: Any, api_key: str):
-    self.app, self.api_key = app, api_key
+  def __init__(self, app: Any, api_key: str, metrics: metrics_lib.ServeMetrics | None = None):
+    self.app, self.api_key, self.metrics = app, api_key, metrics
 
   async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
     if scope['type'] != 'http':
@@ -198,10 +201,16 @@ class _Gate:
     given = headers.get('x-request-id', '')
     rid = given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(12)
     scope.setdefault('state', {})['request_id'] = rid
+    counted = self.metrics is not None and scope['path'] in metrics_lib.HTTP_ENDPOINTS
+    started = False
 
     async def send_with_id(message: dict) -> None:
+      nonlocal started
       if message['type'] == 'http.response.start':
         starlette_datastructures.MutableHeaders(scope=message).append('X-Request-Id', rid)
+        if counted and not started:
+          self.metrics.count_http(scope['path'], message['status'])
+        started = True
       await send(message)
 
     if self.api_key and scope['path'].startswith('/v1'):
@@ -212,7 +221,12 @@ class _Gate:
         return await response(scope, receive, send_with_id)
       if not hmac.compare_digest(token.encode(), self.api_key.encode()):
         return await error_response(401, 'invalid API key', code='invalid_api_key')(scope, receive, send_with_id)
-    await self.app(scope, receive, send_with_id)
+    try:
+      await self.app(scope, receive, send_with_id)
+    except Exception:
+      if counted and not started:  # starlette's outermost middleware answers it with a 500
+        self.metrics.count_http(scope['path'], 500)
+      raise
 
 
 def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_key: str = '',
@@ -231,6 +245,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
   max_len = int(max_len or engine.max_len)
   chat = ChatFormatter(tokenizer, chat_template)
   created = int(time.time())
+  metrics = metrics_lib.ServeMetrics(engine)
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
@@ -239,6 +254,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
       await asyncio.to_thread(engine.shutdown, cancel=True, timeout=5.0)
 
   api = fastapi.FastAPI(title='dsjax', lifespan=lifespan)
+  api.state.metrics = metrics
 
   @api.exception_handler(APIError)
   async def _api_error(request: fastapi.Request, e: APIError):
@@ -257,7 +273,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
   def request_id(request: fastapi.Request) -> str:
     return getattr(request.state, 'request_id', '-')
 
-  api.add_middleware(_Gate, api_key=api_key)
+  api.add_middleware(_Gate, api_key=api_key, metrics=metrics)
 
   async def read_body(request: fastapi.Request, schema: type[RequestBody]) -> Any:
     """The body as `schema`: 4xx naming the field past the limits or for what the schema refuses, 404 for another
@@ -308,7 +324,17 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     """Submits and answers: a JSON response, or an SSE stream of chunks in `kind`'s shape."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[int | None] = asyncio.Queue()
-    request = submit(prompt, params, lambda _, token: loop.call_soon_threadsafe(events.put_nowait, token))
+
+    def on_token(finished: engine_lib.Request, token: int | None) -> None:
+      """From the engine thread. The one place that sees every request end (streamed or not, whatever the reason):
+      its latencies are recorded before the end reaches the endpoint, so a response implies they are in /metrics."""
+      try:
+        if token is None:
+          metrics.observe_finished(finished)
+      finally:  # a metrics bug must not leave the endpoint waiting for the end
+        loop.call_soon_threadsafe(events.put_nowait, token)
+
+    request = submit(prompt, params, on_token)
     started = time.perf_counter()
     rid = f'{"chatcmpl" if kind == "chat" else "cmpl"}-{request_id(http_request)}'
     text = TextStream(tokenizer, params.stop)
@@ -500,5 +526,13 @@ def create_app(engine: engine_lib.Engine, tokenizer: Any, model_name: str, api_k
     state = engine.health(stall_timeout)
     body = {'status': 'ok' if state['ok'] else 'error', **engine.stats(), **state}
     return responses.JSONResponse(body, 200 if state['ok'] else 503)
+
+  @api.get('/metrics')
+  async def prometheus_metrics():
+    """Prometheus text exposition (dsjax/serve/metrics.py). Like /health it is outside /v1, so it needs no API key:
+    scrapers and probes run without the app's credentials, and it holds aggregate counts and latencies only (no
+    prompts, outputs or request ids). Keep the port private (the default bind is 127.0.0.1) if even that matters."""
+    body, content_type = metrics.render()
+    return responses.Response(body, headers={'Content-Type': content_type})
 
   return api
