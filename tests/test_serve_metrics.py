@@ -110,7 +110,7 @@ def test_metrics_count_what_was_served(engine):
     assert value(samples, 'dsjax_http_requests_total', endpoint=endpoint, status='200') == count
   assert value(samples, 'dsjax_http_requests_total', endpoint='/v1/completions', status='401') == 1
   assert value(samples, 'dsjax_http_requests_total', endpoint='/v1/completions', status='400') == 1
-  assert not names(samples) & {'dsjax_kv_blocks_total', 'dsjax_prefix_cache_hit_rate', 'dsjax_preemptions_total'}
+  assert not names(samples) & {'dsjax_kv_blocks', 'dsjax_prefix_cache_hit_rate', 'dsjax_preemptions_total'}
 
 
 class FakeEngine:
@@ -141,7 +141,7 @@ def test_engine_stats_become_gauges_and_counters():
               'dsjax_requests_finished_total': 7, 'dsjax_requests_failed_total': 1, 'dsjax_prompt_tokens_total': 90,
               'dsjax_generation_tokens_total': 0, 'dsjax_speculative_proposed_total': 12,
               'dsjax_speculative_accepted_total': 9, 'dsjax_engine_restarts_total': 0,
-              'dsjax_kv_blocks_total': 64, 'dsjax_kv_blocks_used': 20, 'dsjax_kv_blocks_free': 44,
+              'dsjax_kv_blocks': 64, 'dsjax_kv_blocks_used': 20, 'dsjax_kv_blocks_free': 44,
               'dsjax_kv_blocks_cached': 6, 'dsjax_prefix_cache_queried_tokens_total': 400,
               'dsjax_prefix_cache_hit_tokens_total': 100, 'dsjax_prefix_cache_hit_rate': 0.25,
               'dsjax_preemptions_total': 2}

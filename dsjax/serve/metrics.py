@@ -31,7 +31,7 @@ HTTP_ENDPOINTS = ('/v1/completions', '/v1/chat/completions')  # the paths dsjax_
 GAUGES = (
     ('pending', 'dsjax_queue_depth', 'Requests waiting for a decode slot.'),
     ('active', 'dsjax_running_requests', 'Requests in decode slots.'),
-    ('kv_blocks_total', 'dsjax_kv_blocks_total', 'KV cache blocks in the pool (paged engine).'),
+    ('kv_blocks_total', 'dsjax_kv_blocks', 'KV cache blocks in the pool (paged engine).'),
     ('kv_blocks_used', 'dsjax_kv_blocks_used', 'KV cache blocks held by running requests (paged engine).'),
     ('kv_blocks_free', 'dsjax_kv_blocks_free', 'KV cache blocks free to allocate (paged engine).'),
     ('kv_blocks_cached', 'dsjax_kv_blocks_cached', 'KV cache blocks kept for prefix reuse (paged engine).'),
