@@ -403,9 +403,16 @@ class Engine:
         if self._has_active():
           self._guarded(self._step)
     except BaseException as e:  # pylint: disable=broad-except
-      logging.exception('engine thread failed')
-      with self._lock:
-        self._error = e
+      self._thread_failed(e)
+    self._wind_down()
+
+  def _thread_failed(self, error: BaseException) -> None:
+    logging.exception('engine thread failed')
+    with self._lock:
+      self._error = error
+
+  def _wind_down(self) -> None:
+    """(The engine thread's last act.) Finishes every queued and running request, then reports a fatal error."""
     with self._lock:
       self._closing = True
       leftovers = list(self._pending) + [r for r in self._slots if r is not None]
