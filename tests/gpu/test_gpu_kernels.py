@@ -16,6 +16,7 @@ import pytest
 from dsjax import sharding as sharding_lib
 from dsjax.model import Transformer
 from dsjax.model import attention_kernels
+from dsjax.model import paged_attention
 from dsjax.sample import sampler as sampler_lib
 from pallas_kernels.routed_attention import routed_attention, routed_attention_reference
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference, sparse_decode_attention
@@ -137,3 +138,25 @@ def test_sampler_with_kernels_matches_reference(kind):
   outputs = {impl: sampler_lib.Sampler(Transformer(c), max_len=64, placement=placement).generate(
       params, prompts, jax.random.key(0), max_new_tokens=12) for impl, c in cfg.items()}
   assert outputs['auto'] == outputs['reference']
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.bfloat16, BF16_TOL), (jnp.float32, 1e-2)])
+def test_compiled_paged_decode_kernel_matches_reference(dtype, tol):
+  """JAX's Triton paged kernel (dsjax.model.paged_attention, path 'pallas') against the gather reference over a
+  shuffled page pool: rows of different lengths (one empty, one on a partial page), GQA 4. float32 gets 1e-2:
+  Triton's dot runs float32 in TF32 at default precision."""
+  B, N, K, H, bs, M = 6, 16, 4, 128, 16, 256
+  P = 1 + B * M
+  keys = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(keys[0], (B, N, H), dtype)
+  k_pages, v_pages = (jax.random.normal(key, (K, P, bs, H), dtype) for key in keys[1:])
+  table = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, P)).reshape(B, M), jnp.int32)
+  lengths = jnp.asarray([4096, 0, 1, 3001, 17, 2048], jnp.int32)
+  kernel, reason = paged_attention.paged_kernel('pallas', 'gpu', head_dim=H, page_size=bs, num_blocks=M,
+                                                window=None, dtype=dtype)
+  assert kernel == 'gpu_paged_attention', reason
+  got = jax.jit(functools.partial(paged_attention.paged_decode_attention, path='pallas', platform='gpu'))(
+      q, k_pages, v_pages, table, lengths)
+  want = paged_attention.reference_paged_attention(q, k_pages, v_pages, table, lengths)
+  assert got.dtype == dtype and np.all(np.asarray(got[1], np.float32) == 0)
+  assert relative_errors([got], [want])[0] <= tol
