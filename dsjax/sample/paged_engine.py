@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -246,11 +247,6 @@ class PagedEngine(Engine):
       self._release(seq)
     super()._free(slot, reason, error)
 
-  def _prefill_end(self, seq: _Sequence) -> int:
-    """Tokens `seq` computes before it decodes: all of them (the last one's logits draw the next), or all but the
-    pending one with a drafter (a round feeds it)."""
-    return len(seq.tokens) - (1 if self.drafter is not None else 0)
-
   def _admit_pending(self) -> None:
     """Starts queued requests, oldest first, while a row is free and the blocks their prompt needs are (a request
     is always admitted when nothing runs: one request fits the pool)."""
@@ -278,7 +274,7 @@ class PagedEngine(Engine):
       held = [b for b in seq.blocks if b != NULL_PAGE]
       # Blocks to compute the rest of its prompt and decode a first token (vLLM-style: a request that could not
       # finish its prompt would only be preempted again).
-      needed = min(self._prefill_end(seq) // self.block_size + 1, self.blocks_per_request()) - len(held)
+      needed = min(len(tokens) // self.block_size + 1, self.blocks_per_request()) - len(held)
       if self._seqs and needed > self._blocks.num_free:
         self._blocks.release(held)
         return
@@ -338,9 +334,9 @@ class PagedEngine(Engine):
     for seq in sorted(self._seqs.values(), key=lambda s: s.order):
       if seq.row not in self._seqs:  # preempted by an older request's reservation in this loop
         continue
-      end = self._prefill_end(seq)
-      if seq.computed < end:
-        n = min(end - seq.computed, budget)
+      remaining = len(seq.tokens) - seq.computed  # >= 1: the pending token at least
+      if remaining > 1:  # prefilling; a chunk that reaches the end draws the first new token (plain decoding)
+        n = min(remaining - (self.drafter is not None), budget)
         if n and self._reserve(seq, n):
           prefill.append((seq, n))
           budget -= n
@@ -353,8 +349,9 @@ class PagedEngine(Engine):
                                 prefill=[(s.request.id, n) for s, n in prefill]))
     for seq, n in prefill:
       self._guarded(self._prefill_chunk, seq.row, seq, n)
-    if decode:
-      self._guarded(self._decode)
+    if decode:  # the requests that were decoding when the step began (and got their blocks), not those whose
+      # prompts the chunks above just completed: their first new token came from their last chunk
+      self._guarded(functools.partial(self._decode, decode))
       for seq in decode:
         self._after_compute(seq)
     self.steps += 1
@@ -407,9 +404,9 @@ class PagedEngine(Engine):
                                                        jnp.int32(len(seq.tokens)))
     seq.draft_ready = True
 
-  def _decode(self) -> None:
-    """Every decoding request feeds its pending token (or runs a speculative round) and gets its next tokens."""
-    seqs = [s for s in sorted(self._seqs.values(), key=lambda s: s.order) if s.computed >= self._prefill_end(s)]
+  def _decode(self, seqs: list[_Sequence]) -> None:
+    """Each of `seqs` feeds its pending token (or runs a speculative round) and gets its next tokens."""
+    seqs = [s for s in seqs if self._seqs.get(s.row) is s]  # not freed by a failed chunk
     if not seqs:
       return
     if self.drafter is not None:
