@@ -261,7 +261,11 @@ class Attention(nn.Module):
       # copy of the cache per step). Otherwise to the cache as it was (before this call's write), then this call's
       # tokens: exact even when they wrap a ring.
       in_place = cache.in_place(cfg, x.shape[1])
-      if path != 'reference':  # the kernels take stacked [L, ...] caches and an index: this layer's as [1, ...]
+      if cache.block_table is not None and x.shape[1] == 1 and cfg.positions.kind == 'rope':  # paged decode step
+        out = attention_kernels.paged_decode(path, q, *new_kv, cache.block_table, positions, segment_ids,
+                                             window=window, num_global=num_global, gates=gates,
+                                             platform=call.platform)
+      elif path != 'reference':  # the kernels take stacked [L, ...] caches and an index: this layer's as [1, ...]
         stacked = lambda kv: tuple(cache.view(t)[None] for t in kv)
         out = attention_kernels.cached_attention(
             q, k, v, positions, segment_ids, (*stacked((cache.k, cache.v)), cache.positions, cache.segment_ids),
@@ -275,7 +279,9 @@ class Attention(nn.Module):
         v = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
         k_pos = jnp.concatenate([cache.positions, k_pos], axis=1)
         k_seg = jnp.concatenate([cache.segment_ids, k_seg], axis=1)
-    if path == 'reference':
+    if out is not None:
+      pass
+    elif path == 'reference':
       rel = None
       if cfg.positions.kind == 'xl':
         zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))

@@ -13,7 +13,9 @@ Outside a mesh (one device, or no mesh in context) the kernels are called direct
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from dsjax.model import paged_attention
 from dsjax.model import partitioning
 from dsjax.model.partitioning import per_shard
 from pallas_kernels.routed_attention import routed_attention
@@ -113,3 +115,27 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
   else:
     fn, in_dims, args = attention, in_dims + (GATE_DIMS,), args + (gates,)
   return per_shard(fn, _plan(q, cache_k), in_dims, Q_DIMS)(*args)
+
+
+POOL_DIMS: Dims = ('heads', None, None, None)  # a layer's page pool [K, P, bs, H]
+
+
+def paged_decode(path: str, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
+                 positions: jax.Array, segment_ids: jax.Array, *, window: int | None, num_global: int,
+                 gates: jax.Array | None, platform: str) -> jax.Array:
+  """One new token per row [B, 1, N, H] attending to its paged cache (pools [K, P, bs, H] with the token written,
+  block_table [B, M]) through dsjax.model.paged_attention: JAX's shipped paged-attention kernel where it fits
+  (`path` 'pallas'), else the gather reference; a sparse window gathers only the blocks it can see. Rows with
+  segment 0 (padding) give zeros. Routed gates multiply each head's output. Returns [B, 1, N, H] in q.dtype."""
+  lengths = jnp.where(segment_ids[:, 0] > 0, positions[:, 0] + 1, 0).astype(jnp.int32)
+
+  def attention(q, k_pages, v_pages, block_table, lengths):
+    return paged_attention.paged_decode_attention(q, k_pages, v_pages, block_table, lengths, window=window,
+                                                  num_global=num_global, path=path, platform=platform)
+
+  plan = partitioning.shard_plan(q.shape[0], q.shape[2], k_pages.shape[0])  # the pools' kv heads are on axis 0
+  out = per_shard(attention, plan, (('batch', 'heads', None), POOL_DIMS, POOL_DIMS, ('batch', None), ('batch',)),
+                  ('batch', 'heads', None))(q[:, 0], k_pages, v_pages, block_table, lengths)[:, None]
+  if gates is not None:
+    out = out * gates[..., None].astype(out.dtype)
+  return out.astype(q.dtype)
