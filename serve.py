@@ -37,7 +37,7 @@ from absl import app as absl_app
 from absl import flags
 
 from dsjax import cli
-from dsjax.sample import engine as engine_lib
+from dsjax.sample import paged_engine
 from dsjax.serve.api import create_app
 from dsjax.serve import limits as limits_lib
 from dsjax.serve.chat import read_chat_template
@@ -47,7 +47,18 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'dsjax checkpoint director
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on.')
 _PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on (1-65535; 0: a free one, printed at start-up).')
 _API_KEY = flags.DEFINE_string('api_key', '', 'Bearer token clients must send; empty: no authentication.')
-_NUM_SLOTS = flags.DEFINE_integer('num_slots', 8, 'Concurrent decode slots (rows of the batch KV cache).')
+_ENGINE = flags.DEFINE_enum('engine', 'paged', ['paged', 'slots'], 'paged: a pool of KV blocks shared by all '
+                            'requests (prefix caching, chunked prefill, preemption); slots: --num_slots fixed rows of '
+                            'max_len (needed by --draft=mtp).')
+_NUM_SLOTS = flags.DEFINE_integer('num_slots', 8, 'slots: concurrent requests (rows of the batch KV cache); paged: '
+                                  'the default KV memory (--kv_blocks=0 gives the pool the memory of this many '
+                                  'slots).')
+_KV_BLOCKS = flags.DEFINE_integer('kv_blocks', 0, 'paged: KV blocks in the pool (0: the memory of --num_slots '
+                                  'slots).')
+_BLOCK_SIZE = flags.DEFINE_integer('block_size', 16, 'paged: tokens per KV block.')
+_MAX_RUNNING = flags.DEFINE_integer('max_running', 64, 'paged: requests running at once at most (memory allowing).')
+_PREFILL_BUDGET = flags.DEFINE_integer('prefill_budget', 512, 'paged: prompt tokens prefilled per engine step (a '
+                                       'long prompt delays running requests by one such chunk per step).')
 _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Context length, prompt + completion (0: model.max_positions).')
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot before 429s.')
 _MODEL_NAME = flags.DEFINE_string('model_name', None, 'Model id of the API (default: the checkpoint dir name).')
@@ -171,9 +182,11 @@ def main(argv):
     max_len = _MAX_LEN.value or int(cfg.model.max_positions)
     drafter = speculative.make_drafter(_DRAFT.value, cfg.model, max_len=max_len, gamma=_GAMMA.value,
                                        target_model=model, target_params=params)
-    engine = engine_lib.Engine(model, params, num_slots=_NUM_SLOTS.value, max_len=max_len,
-                               max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size, drafter=drafter,
-                               gamma=_GAMMA.value, on_fatal=on_fatal)
+    engine = paged_engine.make_engine(
+        _ENGINE.value, model, params, num_slots=_NUM_SLOTS.value, max_len=max_len, kv_blocks=_KV_BLOCKS.value,
+        block_size=_BLOCK_SIZE.value, max_running=_MAX_RUNNING.value, prefill_budget=_PREFILL_BUDGET.value,
+        max_queue=_MAX_QUEUE.value, vocab_limit=tokenizer.vocab_size, drafter=drafter, gamma=_GAMMA.value,
+        on_fatal=on_fatal)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(os.path.abspath(_CHECKPOINT.value)))
@@ -200,7 +213,9 @@ def main(argv):
   sock.listen(2048)  # connections queue from here; uvicorn accepts them once its loop runs
   host, port = sock.getsockname()[:2]
   shown = f'[{host}]' if ':' in host else host
-  print(f'serving {model_name} on http://{shown}:{port}/v1 ({_NUM_SLOTS.value} slots, '
+  memory = (f'{_NUM_SLOTS.value} slots' if _ENGINE.value == 'slots' else
+            f'{engine.num_blocks} KV blocks of {engine.block_size} tokens, up to {engine.num_slots} running')
+  print(f'serving {model_name} on http://{shown}:{port}/v1 ({memory}, '
         f'max_len {max_len}' + (f', speculative: {_DRAFT.value}, gamma {_GAMMA.value}' if drafter else '') + ')',
         flush=True)
   server.run(sockets=[sock])  # returns after SIGTERM/SIGINT once connections are closed (then re-raises the signal)

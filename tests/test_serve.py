@@ -269,6 +269,7 @@ def test_serve_py_answers_and_exits_on_sigterm(checkpoint_dir):
   try:
     line = proc.stdout.readline()
     assert line.startswith('serving tiny-ckpt on http://127.0.0.1:'), (line, proc.stderr.read() if not line else '')
+    assert 'KV blocks of 16 tokens' in line  # the paged engine is the default
     port = int(line.split('http://127.0.0.1:')[1].split('/')[0])
     assert port != 0
     base = (f'http://127.0.0.1:{port}',)

@@ -475,3 +475,26 @@ class PagedEngine(Engine):
       if m < len(seq.blocks) and seq.blocks[m] != NULL_PAGE:
         self._blocks.register(seq.blocks[m], parent)
     self._free_out_of_window(seq)
+
+
+def slot_equivalent_blocks(cfg: Any, num_slots: int, max_len: int, block_size: int, extra_slots: int = 0) -> int:
+  """KV blocks holding what engine.Engine's `num_slots` rows hold (each row a max_len cache, or a sparse model's
+  bounded ring): the paged engine's default pool, so both engines get the same KV memory."""
+  return num_slots * math.ceil(cache_lib.cache_length(cfg, max_len, extra_slots) / block_size)
+
+
+def make_engine(kind: str, model: nn.Module, params: Any, *, num_slots: int, max_len: int, kv_blocks: int = 0,
+                block_size: int = 16, max_running: int = 64, prefill_budget: int = 512, **kwargs: Any) -> Engine:
+  """The serving engine: kind 'paged' (PagedEngine over `kv_blocks` blocks; 0: the KV memory of `num_slots`
+  fixed slots) or 'slots' (engine.Engine with `num_slots` max_len rows). Other keyword arguments (max_queue,
+  vocab_limit, drafter, gamma, placement, on_fatal) go to either."""
+  if kind == 'slots':
+    return Engine(model, params, num_slots=num_slots, max_len=max_len, **kwargs)
+  if kind != 'paged':
+    raise ValueError(f'engine kind must be "paged" or "slots", got {kind!r}')
+  if kv_blocks < 0:
+    raise ValueError(f'kv_blocks must be >= 0 (0: the memory of num_slots slots), got {kv_blocks}')
+  extra = kwargs.get('gamma', 4) + 1 if kwargs.get('drafter') is not None else 0
+  blocks = kv_blocks or slot_equivalent_blocks(model.cfg, num_slots, max_len, block_size, extra)
+  return PagedEngine(model, params, num_blocks=blocks, block_size=block_size, max_len=max_len,
+                     max_running=max_running, prefill_budget=prefill_budget, **kwargs)
