@@ -348,7 +348,8 @@ class PagedEngine(Engine):
       self.step_log.append(dict(step=self.steps, decode=[s.request.id for s in decode],
                                 prefill=[(s.request.id, n) for s, n in prefill]))
     for seq, n in prefill:
-      self._guarded(self._prefill_chunk, seq.row, seq, n)
+      if self._seqs.get(seq.row) is seq:  # not failed (or the state rebuilt) by an earlier chunk's error
+        self._guarded(self._prefill_chunk, seq.row, seq, n)
     if decode:  # the requests that were decoding when the step began (and got their blocks), not those whose
       # prompts the chunks above just completed: their first new token came from their last chunk
       self._guarded(functools.partial(self._decode, decode))
