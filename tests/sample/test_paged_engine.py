@@ -16,6 +16,7 @@ from dsjax.sample import speculative
 from dsjax.sample.paged_engine import PagedEngine
 from tests.model import helpers
 from tests.sample.test_engine import MAX_LEN, VOCAB_LIMIT, Reference, prompt_of, shared_model
+from tests.sample.test_latent_cache_decoding import tiny_moe_config
 
 BLOCK = 4
 SETTINGS = dict(temperature=1.0, top_k=50, top_p=0.9)
@@ -26,7 +27,7 @@ def model_of(kind):
   """(model, params, Reference) for an attention kind; 'full' is tests/sample/test_engine.py's model."""
   if kind == 'full':
     return shared_model()
-  cfg = helpers.tiny_config(kind, vocab_size=384)
+  cfg = tiny_moe_config() if kind == 'mla' else helpers.tiny_config(kind, vocab_size=384)
   model = Transformer(cfg)
   shapes = helpers.init_shapes(model, jnp.zeros((1, 8), jnp.int32), jnp.arange(8, dtype=jnp.int32)[None])
   params = helpers.random_like(shapes, seed=1, std=0.5)
@@ -95,6 +96,24 @@ def test_prefix_cache_hits_misses_and_reuse(kind):
     stats = engine.stats()
     assert stats['prefix_hit_tokens'] == 16 + 28  # 4 blocks + (30 - 1) // 4 = 7 blocks
     assert stats['prefix_queried_tokens'] == 30 + 23 + 30 + 30
+    check_all_free(engine)
+  finally:
+    engine.shutdown(cancel=True)
+
+
+def test_latent_attention_moe_model_pages_its_latent_cache():
+  """MLA + DeepSeekMoE (configs/tiny_moe.py shrunk): the pools hold the latent and RoPE key per token; concurrent
+  requests with preemption and a prefix repeat equal their prompts decoded alone."""
+  model, params, reference = model_of('mla')
+  engine = PagedEngine(model, params, num_blocks=13, block_size=BLOCK, max_len=MAX_LEN, max_running=4,
+                       prefill_budget=8, vocab_limit=VOCAB_LIMIT)
+  try:
+    assert engine._pools['k'][0].shape == (1, 14, BLOCK, 8)  # pylint: disable=protected-access  # kv_lora_rank
+    prompts = [prompt_of(20, 1), prompt_of(4, 2), prompt_of(20, 1), prompt_of(30, 3)]
+    requests = [engine.submit(p, 12) for p in prompts]
+    for prompt, request in zip(prompts, requests):
+      assert request.result(timeout=300) == expected_of(reference, prompt, 12, {})
+    assert engine.stats()['preemptions'] > 0
     check_all_free(engine)
   finally:
     engine.shutdown(cancel=True)
