@@ -13,6 +13,7 @@ from dsjax import sharding as sharding_lib
 from dsjax.model import Transformer
 from dsjax.model import cache as cache_lib
 from dsjax.sample import engine as engine_lib
+from dsjax.sample.paged_engine import PagedEngine
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample import speculative
 from tests.model import helpers
@@ -135,3 +136,53 @@ def test_generation_lowers_for_tpu_on_the_mesh(cache):
   layers = cfg.num_layers  # the decoding model runs its layers unrolled: a kernel call per layer
   assert text.count('sparse_decode_attention_tpu') == 2 * layers
   assert text.count('sparse_attention_fwd') == (layers if cache == 'ring' else 0)
+
+
+@pytest.mark.parametrize('on_mesh', [False, True], ids=MESH_IDS.get)
+@pytest.mark.parametrize('cache', list(CACHES))
+def test_paged_engine_with_kernels_matches_reference(cache, on_mesh):
+  """The paged engine with impl='pallas': prefill chunks attend to the gathered blocks with the flash + decode
+  kernels, decode steps go through dsjax.model.paged_attention, per shard on the mesh; a tiny pool preempts."""
+  model = Transformer(config(cache, 'pallas'))
+  params, place = placed(cache, 1, on_mesh)
+  engine = PagedEngine(model, params, num_blocks=10, block_size=4, max_len=MAX_LEN, max_running=3, prefill_budget=4,
+                       placement=place)
+  try:
+    requests = [engine.submit(prompt, NEW) for prompt in PROMPTS]
+    assert [r.result(timeout=300) for r in requests] == reference_tokens(cache)
+  finally:
+    engine.shutdown(cancel=True)
+
+
+def test_paged_decode_step_lowers_for_tpu_on_the_mesh():
+  """A paged decode step built for TPU (impl='auto', platform='tpu', bf16, head_dim 128) on the 8-device mesh: JAX's
+  Mosaic paged-attention kernel per layer, inside shard_map (kv heads split over the tensor axis)."""
+  cfg = helpers.tiny_config('full', hidden_size=1024, num_heads=8, num_kv_heads=4, dtype='bfloat16',
+                            param_dtype='bfloat16', attention=dict(impl='auto', platform='tpu'))
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  shapes = helpers.init_shapes(model, tokens, tokens)
+  mesh_cfg = helpers.base_config().mesh
+  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 1, 4
+  place = sharding_lib.Placement.of(sharding_lib.make_mesh(mesh_cfg), mesh_cfg)
+  params = jax.device_put(helpers.random_like(shapes, seed=0), sharding_lib.param_shardings(shapes, place.mesh,
+                                                                                             mesh_cfg))
+  engine = PagedEngine(model, params, num_blocks=16, block_size=16, max_len=128, max_running=4, placement=place)
+  try:
+    rows = 4
+    args = (engine.params, engine._pools, jnp.zeros((rows, 1), jnp.int32),  # pylint: disable=protected-access
+            jnp.arange(rows, dtype=jnp.int32) * 7, jnp.ones(rows, jnp.int32),
+            jnp.arange(rows * 8, dtype=jnp.int32).reshape(rows, 8) % 16 + 1,
+            jax.random.key_data(jax.random.split(jax.random.key(0), rows)), jnp.zeros(rows), jnp.zeros(rows, jnp.int32),
+            jnp.ones(rows))
+    with sharding_lib.activate(place):
+      traced = jax.jit(engine._feed_and_draw, static_argnames=('all_greedy',)).trace(  # pylint: disable=protected-access
+          *args, all_greedy=True)
+      text = traced.lower(lowering_platforms=('tpu',)).as_text()
+  finally:
+    engine.shutdown(cancel=True)
+  # One call of JAX's paged-attention function per layer, each inside a per-shard computation whose pools are split
+  # over the tensor axis on their kv-head axis; the Mosaic kernel itself is a tpu_custom_call.
+  assert text.count('call @paged_attention(') == cfg.num_layers
+  assert text.count('sdy.manual_computation') >= cfg.num_layers
+  assert '<@mesh, [{"tensor"}, {}, {}, {}]>' in text and 'paged_flash_attention_kernel' in text
