@@ -37,6 +37,7 @@ import math
 import time
 from typing import Any, Callable
 
+from absl import logging
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,8 @@ from dsjax.sample import blocks as blocks_lib
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample import speculative
 from dsjax.sample.engine import Engine, Request, bucket
+
+LOG_EVERY_S = 60.0  # the engine logs its cache state and prefix-cache hit rate this often while it works
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,6 +117,7 @@ class PagedEngine(Engine):
     self.record_steps = record_steps
     self.step_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=100_000)
     self.preemptions = 0
+    self._logged_at = time.monotonic()
     self.prefix_queried_tokens = self.prefix_hit_tokens = 0
 
     jit = lambda fn, **kw: sharding_lib.placed(jax.jit(fn, **kw), placement)
@@ -357,6 +361,19 @@ class PagedEngine(Engine):
         self._after_compute(seq)
     self.steps += 1
     self._last_step_at = time.monotonic()
+    if self._last_step_at - self._logged_at >= LOG_EVERY_S:
+      self._logged_at = self._last_step_at
+      self._log_state()
+
+  def _log_state(self) -> None:
+    """One line on the cache and the prefix-cache hit rate (every LOG_EVERY_S seconds of work)."""
+    stats = self.stats()
+    rate = stats['prefix_hit_tokens'] / max(stats['prefix_queried_tokens'], 1)
+    logging.info('paged engine: %d running, %d queued; KV blocks %d used, %d cached, %d free of %d; prefix cache '
+                 'hit rate %.1f%% (%d of %d prompt tokens); %d preemptions', stats['active'], stats['pending'],
+                 stats['kv_blocks_used'], stats['kv_blocks_cached'], stats['kv_blocks_free'] - stats['kv_blocks_cached'],
+                 stats['kv_blocks_total'], 100 * rate, stats['prefix_hit_tokens'], stats['prefix_queried_tokens'],
+                 stats['preemptions'])
 
   def _settings(self, seqs: list[_Sequence], rows: int) -> tuple[np.ndarray, ...]:
     """Per-row keys and sampling settings of `seqs`, padded to `rows` rows."""

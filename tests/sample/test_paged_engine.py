@@ -3,6 +3,7 @@ requests of long and short prompts, shared prefixes (hits and misses), preemptio
 greedy and seeded sampling, speculative rounds; full, sparse (window + global) and routed models. Block accounting
 after random arrivals, cancellations and timeouts; chunked prefill keeps running requests decoding every step."""
 import functools
+import logging
 import random
 import time
 
@@ -13,6 +14,7 @@ import pytest
 from dsjax.model import Transformer
 from dsjax.sample import sampler as sampler_lib
 from dsjax.sample import speculative
+from dsjax.sample import paged_engine
 from dsjax.sample.paged_engine import PagedEngine
 from tests.model import helpers
 from tests.sample.test_engine import MAX_LEN, VOCAB_LIMIT, Reference, prompt_of, shared_model
@@ -54,7 +56,7 @@ def check_all_free(engine):
   engine._blocks.check()  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed'])
+@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed', 'xl'])
 def test_concurrent_requests_equal_each_prompt_alone_with_prefix_hits_and_preemption(kind):
   model, params, reference = model_of(kind)
   # Room for one max_len request (12 blocks) and a little more: concurrent requests must preempt each other.
@@ -77,11 +79,13 @@ def test_concurrent_requests_equal_each_prompt_alone_with_prefix_hits_and_preemp
 
 
 @pytest.mark.parametrize('kind', ['full', 'sparse'])
-def test_prefix_cache_hits_misses_and_reuse(kind):
+def test_prefix_cache_hits_misses_and_reuse(kind, monkeypatch, caplog):
   """A finished request's blocks stay cached: a prompt sharing its first 16 tokens reuses 4 blocks, its exact
   repeat reuses every full block but the one holding its last token (computed again for its logits), and a prompt
   differing in its first token reuses none; all equal their prompts decoded alone."""
   model, params, reference = model_of(kind)
+  monkeypatch.setattr(paged_engine, 'LOG_EVERY_S', 0.0)  # a state line after every step
+  caplog.set_level(logging.INFO)
   engine = PagedEngine(model, params, num_blocks=40, block_size=BLOCK, max_len=MAX_LEN, max_running=4,
                        prefill_budget=8, vocab_limit=VOCAB_LIMIT)
   try:
@@ -97,6 +101,8 @@ def test_prefix_cache_hits_misses_and_reuse(kind):
     assert stats['prefix_hit_tokens'] == 16 + 28  # 4 blocks + (30 - 1) // 4 = 7 blocks
     assert stats['prefix_queried_tokens'] == 30 + 23 + 30 + 30
     check_all_free(engine)
+    logged = [r.getMessage() for r in caplog.records if 'prefix cache hit rate' in r.getMessage()]
+    assert logged and logged[-1].endswith('hit rate 38.9% (44 of 113 prompt tokens); 0 preemptions'), logged[-1:]
   finally:
     engine.shutdown(cancel=True)
 
@@ -142,12 +148,18 @@ def test_sparse_model_keeps_its_bound_and_long_requests_need_few_blocks():
     engine.shutdown(cancel=True)
 
 
-@pytest.mark.parametrize('kind', ['full', 'sparse'])
-def test_speculative_rounds_on_the_paged_cache(kind):
-  """Prompt-lookup drafts verified on the paged cache: greedy requests equal plain greedy decoding alone, a seeded
-  sampled one equals speculative_generate of its prompt alone; with preemption (tiny pool) and prefix hits."""
+@pytest.mark.parametrize('kind, draft', [('full', 'lookup'), ('sparse', 'lookup'),
+                                         pytest.param('full', 'model', marks=pytest.mark.slow)])
+def test_speculative_rounds_on_the_paged_cache(kind, draft):
+  """Drafts (prompt lookup; a draft model with its own cache) verified on the paged cache: greedy requests equal
+  plain greedy decoding alone, a seeded sampled one equals speculative_generate of its prompt alone; with
+  preemption (tiny pool) and prefix hits."""
   model, params, reference = model_of(kind)
-  drafter = speculative.PromptLookupDrafter()
+  if draft == 'lookup':
+    drafter = speculative.PromptLookupDrafter()
+  else:
+    draft_model, draft_params, _ = model_of('routed')  # another model of the same vocabulary
+    drafter = speculative.ModelDrafter(sampler_lib.Sampler(draft_model, max_len=MAX_LEN), draft_params)
   engine = PagedEngine(model, params, num_blocks=15, block_size=BLOCK, max_len=MAX_LEN, max_running=4,
                        prefill_budget=8, vocab_limit=VOCAB_LIMIT, drafter=drafter, gamma=3)
   try:
@@ -164,7 +176,7 @@ def test_speculative_rounds_on_the_paged_cache(kind):
                                                 max_new_tokens=10, gamma=3, vocab_limit=VOCAB_LIMIT, **SETTINGS)
     assert sampled.result(timeout=300) == alone[0]
     stats = engine.stats()
-    assert stats['proposed'] > 0 and stats['accepted'] > 0  # the repeating prompt's n-grams were accepted
+    assert stats['proposed'] > 0 and (draft == 'model' or stats['accepted'] > 0)  # lookup: the repeating prompt
     if kind == 'full':
       assert stats['preemptions'] > 0
     check_all_free(engine)
