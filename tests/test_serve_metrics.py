@@ -7,6 +7,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from dsjax.sample import engine as engine_lib
+from dsjax.sample import paged_engine
 from dsjax.serve import api as serve_api
 from dsjax.serve import metrics as metrics_lib
 from tests import test_serve
@@ -42,9 +43,10 @@ def usage_of_stream(response) -> dict:
 
 @pytest.fixture(scope='module')
 def engine():
+  """The paged engine (serve.py's default), so its KV-cache metrics are scraped too."""
   model, params, _ = test_engine.shared_model()
-  engine = engine_lib.Engine(model, params, num_slots=2, max_len=MAX_LEN, max_queue=8,
-                             vocab_limit=TOKENIZER.vocab_size)
+  engine = paged_engine.PagedEngine(model, params, num_blocks=32, block_size=4, max_len=MAX_LEN, max_running=2,
+                                    max_queue=8, vocab_limit=TOKENIZER.vocab_size)
   yield engine
   engine.shutdown(cancel=True)
 
@@ -98,6 +100,13 @@ def test_metrics_count_what_was_served(engine):
   assert value(samples, 'dsjax_engine_steps_total') >= max(u['completion_tokens'] for u in usages) - 1
   assert value(samples, 'dsjax_speculative_proposed_total') == 0
   assert value(samples, 'dsjax_engine_restarts_total') == 0
+  # The paged engine's cache: all blocks free again, every prompt looked up once, and the second and third
+  # identical prompts found (at least) the full blocks of all but their last token cached.
+  assert value(samples, 'dsjax_kv_blocks') == 32 and value(samples, 'dsjax_kv_blocks_used') == 0
+  assert value(samples, 'dsjax_kv_blocks_free') == 32
+  assert value(samples, 'dsjax_prefix_cache_queried_tokens_total') == sum(u['prompt_tokens'] for u in usages)
+  assert value(samples, 'dsjax_prefix_cache_hit_tokens_total') >= 2 * (usages[0]['prompt_tokens'] - 1) // 4 * 4
+  assert value(samples, 'dsjax_preemptions_total') == 0
   assert value(samples, 'dsjax_generation_tokens_per_second') > 0
   assert value(samples, 'dsjax_time_to_first_token_seconds_count') == n
   assert value(samples, 'dsjax_e2e_request_latency_seconds_count') == n
@@ -110,7 +119,6 @@ def test_metrics_count_what_was_served(engine):
     assert value(samples, 'dsjax_http_requests_total', endpoint=endpoint, status='200') == count
   assert value(samples, 'dsjax_http_requests_total', endpoint='/v1/completions', status='401') == 1
   assert value(samples, 'dsjax_http_requests_total', endpoint='/v1/completions', status='400') == 1
-  assert not names(samples) & {'dsjax_kv_blocks', 'dsjax_prefix_cache_hit_rate', 'dsjax_preemptions_total'}
 
 
 class FakeEngine:

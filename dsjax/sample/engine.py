@@ -380,24 +380,15 @@ class Engine:
 
   def _run(self) -> None:
     try:
-      while True:
+      while (expired := self._wait_for_work()) is not None:
+        self._expire(expired)
         with self._lock:
-          while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
-            self._lock.wait()
-          if self._cancel_all:
-            break
-          if self._closing and not self._pending and not self._has_active():
-            break
-          expired = self._pop_expired()
           admitted = []
           for slot in range(self.num_slots):
             if self._slots[slot] is None and self._pending:
               request = self._pending.popleft()
               self._slots[slot] = request
               admitted.append((slot, request))
-        for request in expired:
-          self.finished_requests += 1
-          request._finish('timeout')
         for slot, request in admitted:
           self._guarded(self._admit, slot, request)
         if self._has_active():
@@ -405,6 +396,21 @@ class Engine:
     except BaseException as e:  # pylint: disable=broad-except
       self._thread_failed(e)
     self._wind_down()
+
+  def _wait_for_work(self) -> list[Request] | None:
+    """(Engine thread.) Blocks until there is work; None when the thread should end, else the requests whose
+    deadline passed (removed from the queue and their slots)."""
+    with self._lock:
+      while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
+        self._lock.wait()
+      if self._cancel_all or (self._closing and not self._pending and not self._has_active()):
+        return None
+      return self._pop_expired()
+
+  def _expire(self, expired: list[Request]) -> None:
+    for request in expired:
+      self.finished_requests += 1
+      request._finish('timeout')
 
   def _thread_failed(self, error: BaseException) -> None:
     logging.exception('engine thread failed')

@@ -206,18 +206,8 @@ class PagedEngine(Engine):
 
   def _run(self) -> None:
     try:
-      while True:
-        with self._lock:
-          while not self._cancel_all and not self._pending and not self._has_active() and not self._closing:
-            self._lock.wait()
-          if self._cancel_all:
-            break
-          if self._closing and not self._pending and not self._has_active():
-            break
-          expired = self._pop_expired()
-        for request in expired:
-          self.finished_requests += 1
-          request._finish('timeout')
+      while (expired := self._wait_for_work()) is not None:
+        self._expire(expired)
         self._drop_cancelled()
         self._admit_pending()
         if self._has_active():
