@@ -68,6 +68,7 @@ class _Sequence:
   computed: int = 0  # tokens 0 .. computed - 1 are in the cache
   blocks: list[int] = dataclasses.field(default_factory=list)  # logical block -> page (NULL_PAGE: not held)
   keys: list[bytes] = dataclasses.field(default_factory=list)  # content keys of its first len(keys) full blocks
+  prompt_keys: list[bytes] = dataclasses.field(default_factory=list)  # keys of its prompt's full blocks
   draft_ready: bool = False  # speculative: the drafter's row holds this request
 
 
@@ -261,9 +262,15 @@ class PagedEngine(Engine):
       # Keep at least one token to compute: its logits (or the drafter's first round) continue the request.
       keys = blocks_lib.prefix_hashes(tokens[:len(tokens) - 1], self.block_size)
       hits = self._blocks.match(keys)
+      if len(hits) < len(keys) and keys[len(hits)] in self._keys_in_flight():
+        # A running request is computing the next blocks of this prompt: wait for them rather than compute the
+        # same prefix again (a burst of requests sharing a system prompt computes it once).
+        self._blocks.release(list(reversed(hits)))
+        return
       seq = _Sequence(request=request, row=row, order=self._order, tokens=tokens,
                       key_data=jax.random.key_data(jax.random.split(jax.random.key(request.seed), 1)[0]),
-                      computed=len(hits) * self.block_size, blocks=list(hits), keys=keys[:len(hits)])
+                      computed=len(hits) * self.block_size, blocks=list(hits), keys=keys[:len(hits)],
+                      prompt_keys=keys)
       self._free_out_of_window(seq)
       held = [b for b in seq.blocks if b != NULL_PAGE]
       # Blocks to compute the rest of its prompt and decode a first token (vLLM-style: a request that could not
@@ -281,6 +288,10 @@ class PagedEngine(Engine):
         self.prompt_tokens += len(request.prompt_ids)
       self.prefix_queried_tokens += len(tokens)
       self.prefix_hit_tokens += seq.computed
+
+  def _keys_in_flight(self) -> set[bytes]:
+    """Keys of the prompt blocks running requests are still computing."""
+    return {key for seq in self._seqs.values() for key in seq.prompt_keys[len(seq.keys):]}
 
   def _free_out_of_window(self, seq: _Sequence) -> None:
     """Releases the blocks of a sparse model that every future query (positions >= seq.computed) has left."""

@@ -184,6 +184,24 @@ def test_speculative_rounds_on_the_paged_cache(kind, draft):
     engine.shutdown(cancel=True)
 
 
+def test_requests_sharing_a_prefix_in_flight_compute_it_once():
+  """Three requests with the same 33-token prefix arrive together: the first computes it (in chunks of 8), the
+  others wait for its blocks instead of computing their own copies, so they hit its 8 full blocks each."""
+  model, params, reference = model_of('full')
+  engine = PagedEngine(model, params, num_blocks=40, block_size=BLOCK, max_len=MAX_LEN, max_running=4,
+                       prefill_budget=8, vocab_limit=VOCAB_LIMIT)
+  try:
+    prefix = prompt_of(33, 5)
+    prompts = [prefix + [7], prefix + [8, 9], prefix + [10]]
+    requests = [engine.submit(p, 4) for p in prompts]
+    for prompt, request in zip(prompts, requests):
+      assert request.result(timeout=300) == expected_of(reference, prompt, 4, {})
+    assert engine.stats()['prefix_hit_tokens'] == 2 * 32
+    check_all_free(engine)
+  finally:
+    engine.shutdown(cancel=True)
+
+
 def test_chunked_prefill_never_stalls_running_requests():
   """While a 40-token prompt prefills in chunks of at most the budget, the running request gets a token every step
   (the engine's step log), and no step feeds more prompt tokens than the budget."""
