@@ -25,7 +25,9 @@ for one prompt, so they do not depend on what else runs (greedy: equal to decodi
 
 With a `drafter` (speculative.ModelDrafter or PromptLookupDrafter) each step is one speculative round for every
 decoding request (speculative.speculative_round on the paged cache); requests then keep a row of `max_running` for
-the drafter's state. The multi-token-prediction drafter needs the target's hidden states of the whole prompt, which
+the committed-token buffer the drafters read. A draft model pages its KV cache too: its own pools, addressed by the
+same block tables (a block holds the same tokens for both models), fed with every prompt chunk, so prefix hits and
+preemption cover it. The multi-token-prediction drafter needs the target's hidden states of the whole prompt, which
 prefix caching and chunked prefill do not keep: use engine.Engine for it.
 """
 from __future__ import annotations
@@ -107,10 +109,14 @@ class PagedEngine(Engine):
       drafter.check(self.gamma)
     self.sampler = sampler_lib.Sampler(model, max_len=max_len, placement=placement)
     self.table_width = math.ceil(self.max_len / self.block_size)  # M: blocks of the longest request
-    window, num_global = mask_args(cfg.attention)
-    # Sparse (ring) models: blocks wholly before every future query's window, past the global tokens, are freed.
-    self.window = window if uses_ring(cfg) else None
-    self.num_global = num_global
+    # A draft model pages its cache through the same block tables (its own pools, the same tokens per position).
+    self.draft_paged = isinstance(drafter, speculative.ModelDrafter)
+    models = [cfg] + ([drafter.sampler.model.cfg] if self.draft_paged else [])
+    # Sparse (ring) models: blocks wholly before every future query's window, past the global tokens, are freed
+    # (with a draft model, before both models' windows).
+    self.window = max((mask_args(c.attention)[0] for c in models), default=None) if all(map(uses_ring, models)) \
+        else None
+    self.num_global = max(mask_args(c.attention)[1] for c in models)
     need = self.blocks_per_request()
     if self.num_blocks < need:
       raise ValueError(f'num_blocks={num_blocks}: one request of max_len={max_len} tokens needs {need} blocks of '
@@ -123,10 +129,13 @@ class PagedEngine(Engine):
 
     jit = lambda fn, **kw: sharding_lib.placed(jax.jit(fn, **kw), placement)
     self._feed = jit(self._feed_and_draw, donate_argnums=(1,), static_argnames=('all_greedy',))
+    if self.draft_paged:
+      self._feed_draft = jit(self._feed_draft_model, donate_argnums=(1,))
     if drafter is not None:
       self._round = jit(self._paged_round, donate_argnums=(2, 3, 4), static_argnames=('all_greedy',))
       self._draft_init = jit(self._init_draft_row, donate_argnums=(1, 2))
-      self._init_draft_state = jit(drafter.init)
+      if not self.draft_paged:
+        self._init_draft_state = jit(drafter.init)
     self._slots: list[Request | None] = [None] * self.num_slots
     self._init_device_state()
     self._start()
@@ -149,10 +158,13 @@ class PagedEngine(Engine):
     self._seqs: dict[int, _Sequence] = {}  # by row
     self._order = 0
     self._pos = np.zeros(n, np.int32)  # engine.Engine._deliver's position count, per row
-    if self.drafter is not None:
+    if self.draft_paged:  # the draft model's page pools: its rows' cache is addressed by the same tables
+      self._draft_state = cache_lib.init_pages(self.drafter.sampler.model.cfg, self.num_blocks + 1, self.block_size)
+    elif self.drafter is not None:
       empty = jnp.zeros((n, 1), jnp.int32)
       self._draft_state = self._init_draft_state(self.drafter.params, empty, jnp.ones((n,), jnp.int32))
-      self._tokens = jnp.zeros((n, self.max_len), jnp.int32)
+    if self.drafter is not None:
+      self._tokens = jnp.zeros((n, self.max_len), jnp.int32)  # each row's committed tokens, for the drafter
 
   def _device_state(self) -> list[Any]:
     state = [self._pools] + ([] if self.drafter is None else [self._draft_state, self._tokens])
@@ -184,10 +196,22 @@ class PagedEngine(Engine):
     drawn = sampler_lib.next_tokens(last, settings, jax.random.wrap_key_data(keys_R), start_R + count_R, all_greedy)
     return drawn, dict(k=cache['k'], v=cache['v'])
 
+  def _feed_draft_model(self, draft_params, draft_pools, tokens_RC, start_R, count_R, table_RM):
+    """The same tokens into the draft model's pools (its keys and values for the positions the target fed)."""
+    C = tokens_RC.shape[1]
+    positions = start_R[:, None] + jnp.arange(C, dtype=jnp.int32)
+    segment_ids = (jnp.arange(C)[None] < count_R[:, None]).astype(jnp.int32)
+    cache = cache_lib.paged_cache(draft_pools, table_RM, start_R)
+    _, cache = self.drafter.sampler.forward(draft_params, cache, tokens_RC, positions, segment_ids)
+    return dict(k=cache['k'], v=cache['v'])
+
   def _init_draft_row(self, draft_params, draft_state, tokens_NL, row, tokens_1P, length):
-    """The drafter's state and the token buffer for row `row` from its committed tokens [1, P] (`length` real)."""
-    draft_row = self.drafter.init(draft_params, tokens_1P, length[None])
+    """The drafter's state and the token buffer for row `row` from its committed tokens [1, P] (`length` real); a
+    paged draft model's cache is already in its pools (fed with the prompt chunks)."""
     tokens_NL = jax.lax.dynamic_update_slice(tokens_NL, tokens_1P[:, :self.max_len], (row, jnp.int32(0)))
+    if self.draft_paged:
+      return draft_state, tokens_NL
+    draft_row = self.drafter.init(draft_params, tokens_1P, length[None])
     return self.drafter.insert_row(draft_state, draft_row, row), tokens_NL
 
   def _paged_round(self, params, draft_params, pools, draft_state, tokens_NL, n_N, table_NM, keys_N, temperature_N,
@@ -198,9 +222,13 @@ class PagedEngine(Engine):
     keys = speculative.stream_keys(jax.random.wrap_key_data(keys_N))
     n_N = jnp.maximum(n_N, 1)
     cache = cache_lib.paged_cache(pools, table_NM, n_N - 1)
+    if self.draft_paged:  # ModelDrafter.propose re-syncs from position n - 2: its cache up to there is in the pools
+      draft_state = cache_lib.paged_cache(draft_state, table_NM, n_N - 1)
     cache, draft_state, tokens_NL, committed, accepted = speculative.speculative_round(
         self.sampler, self.drafter, params, draft_params, cache, draft_state, tokens_NL, n_N, active_N, keys,
         settings, gamma=self.gamma, all_greedy=all_greedy)
+    if self.draft_paged:
+      draft_state = dict(k=draft_state['k'], v=draft_state['v'])
     return dict(k=cache['k'], v=cache['v']), draft_state, tokens_NL, committed, accepted
 
   # ---- engine thread ----
@@ -396,10 +424,13 @@ class PagedEngine(Engine):
     rows = tokens.shape[0]
     keys, temperature, top_k, top_p = self._settings(seqs, rows)
     all_greedy = bool(np.all(temperature[:len(seqs)] <= 0))
-    drawn, self._pools = self._feed(self.params, self._pools, jnp.asarray(tokens), jnp.asarray(start),
-                                    jnp.asarray(count), jnp.asarray(self._table(seqs, rows)), jnp.asarray(keys),
+    table = jnp.asarray(self._table(seqs, rows))
+    tokens, start, count = jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(count)
+    drawn, self._pools = self._feed(self.params, self._pools, tokens, start, count, table, jnp.asarray(keys),
                                     jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
                                     all_greedy=all_greedy)
+    if self.draft_paged:
+      self._draft_state = self._feed_draft(self.drafter.params, self._draft_state, tokens, start, count, table)
     return np.asarray(drawn)
 
   def _prefill_chunk(self, row: int, seq: _Sequence, n: int) -> None:

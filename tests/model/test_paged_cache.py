@@ -48,7 +48,8 @@ def chunked_paged_logits(cfg, model, params, tokens, table, free_out_of_window=F
   return jnp.concatenate(outs, axis=1), table
 
 
-@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed', 'xl', 'mla'])
+@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed', 'xl',
+                                  pytest.param('mla', marks=pytest.mark.slow)])  # the engine test pages MLA too
 def test_chunked_paged_forward_equals_full_forward(kind):
   cfg, model, params = model_and_params(kind)
   rng = np.random.default_rng(0)

@@ -56,7 +56,8 @@ def check_all_free(engine):
   engine._blocks.check()  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed', 'xl'])
+@pytest.mark.parametrize('kind', ['full', 'sparse', 'routed',
+                                  pytest.param('xl', marks=pytest.mark.slow)])  # test_paged_cache: XL pages exactly
 def test_concurrent_requests_equal_each_prompt_alone_with_prefix_hits_and_preemption(kind):
   model, params, reference = model_of(kind)
   # Room for one max_len request (12 blocks) and a little more: concurrent requests must preempt each other.
@@ -148,10 +149,9 @@ def test_sparse_model_keeps_its_bound_and_long_requests_need_few_blocks():
     engine.shutdown(cancel=True)
 
 
-@pytest.mark.parametrize('kind, draft', [('full', 'lookup'), ('sparse', 'lookup'),
-                                         pytest.param('full', 'model', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('kind, draft', [('full', 'lookup'), ('sparse', 'lookup'), ('full', 'model')])
 def test_speculative_rounds_on_the_paged_cache(kind, draft):
-  """Drafts (prompt lookup; a draft model with its own cache) verified on the paged cache: greedy requests equal
+  """Drafts (prompt lookup; a draft model whose cache is paged through the same tables) verified on the paged cache: greedy requests equal
   plain greedy decoding alone, a seeded sampled one equals speculative_generate of its prompt alone; with
   preemption (tiny pool) and prefix hits."""
   model, params, reference = model_of(kind)
@@ -169,6 +169,8 @@ def test_speculative_rounds_on_the_paged_cache(kind, draft):
     requests = [engine.submit(p, n) for p, n, _ in work]
     sampled_prompt = prompt_of(12, 2)
     sampled = engine.submit(sampled_prompt, 10, seed=3, **SETTINGS)
+    if draft == 'model':  # the draft model's cache is paged through the same tables: pools of the pool's size
+      assert engine._draft_state['k'][0].shape[1] == 16  # pylint: disable=protected-access
     for i, ((prompt, max_new, _), request) in enumerate(zip(work, requests)):
       assert request.result(timeout=300) == expected_of(reference, prompt, max_new, {}), i
     target = sampler_lib.Sampler(model, max_len=MAX_LEN, extra_slots=4)
