@@ -151,9 +151,9 @@ def test_sparse_model_keeps_its_bound_and_long_requests_need_few_blocks():
 
 @pytest.mark.parametrize('kind, draft', [('full', 'lookup'), ('sparse', 'lookup'), ('full', 'model')])
 def test_speculative_rounds_on_the_paged_cache(kind, draft):
-  """Drafts (prompt lookup; a draft model whose cache is paged through the same tables) verified on the paged cache: greedy requests equal
-  plain greedy decoding alone, a seeded sampled one equals speculative_generate of its prompt alone; with
-  preemption (tiny pool) and prefix hits."""
+  """Drafts (prompt lookup; a draft model whose cache is paged through the same tables) verified on the paged
+  cache: greedy requests equal plain greedy decoding alone, a seeded sampled one equals speculative_generate of its
+  prompt alone; with preemption (tiny pool) and prefix hits."""
   model, params, reference = model_of(kind)
   if draft == 'lookup':
     drafter = speculative.PromptLookupDrafter()
