@@ -400,7 +400,8 @@ class PagedEngine(Engine):
     rate = stats['prefix_hit_tokens'] / max(stats['prefix_queried_tokens'], 1)
     logging.info('paged engine: %d running, %d queued; KV blocks %d used, %d cached, %d free of %d; prefix cache '
                  'hit rate %.1f%% (%d of %d prompt tokens); %d preemptions', stats['active'], stats['pending'],
-                 stats['kv_blocks_used'], stats['kv_blocks_cached'], stats['kv_blocks_free'] - stats['kv_blocks_cached'],
+                 stats['kv_blocks_used'], stats['kv_blocks_cached'],
+                 stats['kv_blocks_free'] - stats['kv_blocks_cached'],
                  stats['kv_blocks_total'], 100 * rate, stats['prefix_hit_tokens'], stats['prefix_queried_tokens'],
                  stats['preemptions'])
 

@@ -176,8 +176,8 @@ def test_paged_decode_step_lowers_for_tpu_on_the_mesh():
             jax.random.key_data(jax.random.split(jax.random.key(0), rows)), jnp.zeros(rows), jnp.zeros(rows, jnp.int32),
             jnp.ones(rows))
     with sharding_lib.activate(place):
-      traced = jax.jit(engine._feed_and_draw, static_argnames=('all_greedy',)).trace(  # pylint: disable=protected-access
-          *args, all_greedy=True)
+      feed = engine._feed_and_draw  # pylint: disable=protected-access
+      traced = jax.jit(feed, static_argnames=('all_greedy',)).trace(*args, all_greedy=True)
       text = traced.lower(lowering_platforms=('tpu',)).as_text()
   finally:
     engine.shutdown(cancel=True)
