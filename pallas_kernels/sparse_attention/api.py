@@ -27,7 +27,7 @@ class FlashConfig(NamedTuple):
   num_stages: int | None = None
 
 
-DEFAULT_BLOCKS = {'gpu': 64, 'tpu': 128}  # Mosaic TPU tiles want lane dimensions in multiples of 128
+DEFAULT_BLOCKS = {'tpu': 128}  # Mosaic TPU tiles want lane dimensions in multiples of 128; GPU: gpu.TILES
 
 
 def default_backend() -> str:
@@ -113,8 +113,12 @@ def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, ba
     backend = default_backend()
   if backend not in ('gpu', 'tpu'):
     raise ValueError(f"backend must be None, 'gpu', 'tpu' or 'reference'; got {backend!r}")
-  block_q = DEFAULT_BLOCKS[backend] if block_q is None else block_q
-  block_k = DEFAULT_BLOCKS[backend] if block_k is None else block_k
+  if backend == 'gpu':  # each unset launch setting from the per-(head_dim, dtype, mask kind) table
+    tiles = gpu.default_tiles(q.shape[-1], q.dtype, window)
+    block_q, block_k, num_warps, num_stages = (t if x is None else x for x, t in
+                                               zip((block_q, block_k, num_warps, num_stages), tiles))
+  block_q = DEFAULT_BLOCKS.get(backend) if block_q is None else block_q
+  block_k = DEFAULT_BLOCKS.get(backend) if block_k is None else block_k
   if int(block_q) != block_q or int(block_k) != block_k or block_q < 1 or block_k < 1:
     raise ValueError(f'block sizes must be positive ints; got block_q={block_q}, block_k={block_k}')
   if interpret is None:
@@ -169,9 +173,11 @@ def sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_gl
   None picks 'tpu' on a TPU and 'gpu' elsewhere. The kernel paths are self-attention over packed rows: they
   need S == T, and their block schedule assumes documents are contiguous runs with positions increasing by 1
   (see schedule.py); the element mask itself is exact.
-  block_q, block_k: kernel tiles (None: 64 on GPU, 128 on TPU). interpret: None -> True unless the
-  default device is the kernel's backend (so CPU runs the kernels in Pallas interpret mode).
-  num_warps, num_stages: Triton launch settings of the GPU kernels (None: Pallas' defaults).
+  block_q, block_k, num_warps, num_stages: kernel tiles and Triton launch settings; each None comes, on GPU, from
+  `gpu.default_tiles(head_dim, dtype, window)` (the `gpu.TILES` table, e.g. 128 x 64 tiles, 8 warps, 2 stages at
+  head_dim 128 bf16; 64 x 64 and Pallas' default warps / stages for shapes not in it), on TPU 128 x 128 tiles.
+  interpret: None -> True unless the default device is the kernel's backend (so CPU runs the kernels in Pallas
+  interpret mode).
   """
   _validate(q, k, v, q_pos, k_pos, q_seg, k_seg, window, num_global, softcap)
   if backend == 'reference':

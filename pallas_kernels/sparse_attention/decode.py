@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.sparse_attention.api import _validate, default_backend
-from pallas_kernels.sparse_attention.gpu import online_softmax_step, triton_params
+from pallas_kernels.sparse_attention.gpu import LN2, online_softmax_step, triton_params
 
 _F32 = jnp.float32
 MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows on GPU.
@@ -69,8 +69,8 @@ def _decode_kernel(layer_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref,
   acc, m, l = lax.fori_loop(0, num_blocks, body, carry)
   l_safe = jnp.where(l > 0, l, 1.0)
   o_ref[...] = acc / l_safe[:, None]  # normalised within the split; 0 for rows with nothing visible
-  m_ref[...] = m  # -inf where this split has no visible key
-  l_ref[...] = l
+  m_ref[...] = m * LN2  # natural log (the step keeps base-2 units); -inf where this split has no visible key
+  l_ref[...] = l  # sum of exp(s - m) = sum of exp2(s2 - m2): the same number in either base
 
 
 def decode_partials(q, k, v, layer, q_pos, k_pos, q_seg, k_seg, *, num_splits, scale, block_k, window,
