@@ -7,7 +7,9 @@ bf16, head_dim 128 (`--head_dim`), one document per row. For every (window, bloc
 num_stages) the forward and forward+backward are timed as in bench/attention.py (`time_calls`: bursts of calls
 waited on once); a setting that does not compile or run (shared memory, registers) is recorded with its error.
 The table lists TFLOP/s on unmasked work; the summary names the fastest setting per window and pass, with its
-ratio to the current default (64 x 64 tiles, Pallas' default warps and stages). Writes JSON.
+ratio to the current default (the `gpu.TILES` entry for this head_dim, bf16 and mask kind, or 64 x 64 tiles with
+Pallas' default warps and stages where the table has none), and prints the `gpu.TILES` entries the fastest
+forward+backward settings suggest: that table is unmeasured until this sweep runs on the target GPU. Writes JSON.
 """
 from __future__ import annotations
 
@@ -17,12 +19,18 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.attention import inputs, timed_row, visible_pairs, write_results  # pylint: disable=g-import-not-at-top
-from pallas_kernels.sparse_attention import sparse_attention
+from pallas_kernels.sparse_attention import gpu, sparse_attention
 
-DEFAULT = dict(block_q=64, block_k=64, num_warps=None, num_stages=None)
+KEYS = ('block_q', 'block_k', 'num_warps', 'num_stages')
+
+
+def default_setting(head_dim: int, window: int | None) -> dict:
+  """The launch settings `sparse_attention` picks when given none (gpu.default_tiles)."""
+  return dict(zip(KEYS, gpu.default_tiles(head_dim, jnp.bfloat16, window)))
 
 
 def main() -> None:
@@ -39,17 +47,17 @@ def main() -> None:
   args = parser.parse_args()
   b, n, t = (int(x) for x in args.shape.split('x'))
   x = inputs(b, n, t, args.head_dim)
-  settings = [DEFAULT] + [dict(block_q=int(bq), block_k=int(bk), num_warps=int(w), num_stages=int(s))
-                          for (bq, bk), w, s in itertools.product(
-                              [blocks.split('x') for blocks in args.blocks.split(',')],
-                              args.warps.split(','), args.stages.split(','))]
+  grid = [dict(block_q=int(bq), block_k=int(bk), num_warps=int(w), num_stages=int(s))
+          for (bq, bk), w, s in itertools.product([blocks.split('x') for blocks in args.blocks.split(',')],
+                                                  args.warps.split(','), args.stages.split(','))]
   rows = []
   for window_text in args.windows.split(','):
     window = None if window_text == 'none' else int(window_text)
     flops = 4 * b * n * args.head_dim * visible_pairs(t, window, 0)
-    for setting in settings:
+    default = default_setting(args.head_dim, window)
+    for setting in [default] + grid:
       fn = lambda q, k, v, p, s, r, setting=setting: sparse_attention(q, k, v, p, p, s, s, window=window, **setting)
-      rows.append(timed_row(fn, x, flops, args.calls, args.repeats, window=window_text, default=setting is DEFAULT,
+      rows.append(timed_row(fn, x, flops, args.calls, args.repeats, window=window_text, default=setting is default,
                             **setting))
 
   best = []
@@ -65,9 +73,14 @@ def main() -> None:
     ratio = default[0][key] / top[key] if default else float('nan')
     tflops = top['fwd_tflops' if pass_name == 'fwd' else 'fwd_bwd_tflops']
     best.append(dict(window=window_text, pass_=pass_name, speedup_vs_default=ratio, tflops=tflops,
-                     **{k: top[k] for k in DEFAULT}))
+                     **{k: top[k] for k in KEYS}))
     print(f'{window_text:>6} {pass_name:>8} {top["block_q"]:>4}x{top["block_k"]:<5} {str(top["num_warps"]):>5} '
           f'{str(top["num_stages"]):>6} {tflops:8.1f} {ratio:9.2f}x')
+  print('\nsuggested gpu.TILES entries (fastest forward+backward):')
+  for b_ in best:
+    if b_['pass_'] == 'fwd+bwd':
+      kind = 'causal' if b_['window'] == 'none' else 'window'
+      print(f"    ({args.head_dim}, 'bfloat16', '{kind}'): {tuple(b_[k] for k in KEYS)},")
   write_results(args.out, rows, best=best, shape=args.shape, head_dim=args.head_dim)
 
 
