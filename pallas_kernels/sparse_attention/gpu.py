@@ -14,8 +14,8 @@ schedule gets its full range (f_lo, f_hi) from edge_blocks.py here. Key blocks i
 valid row of the query block at every key, so the kernels skip the element mask there; the global range and the rest
 of the local range are edge blocks, masked. The dk/dv kernel does the same over query blocks (tsched [..., nk, 4]).
 
-Query metadata comes in two forms. Shared: q_pos/q_seg [B, T], sched [B, nq, 4] and tsched [B, nk, 2]
-(see schedule.py). Per query head: q_pos/q_seg [B, N, T], sched [B, N, nq, 4], tsched [B, N, nk, 2]; row c
+Query metadata comes in two forms. Shared: q_pos/q_seg [B, T], sched [B, nq, 4|6] and tsched [B, nk, 2|4]
+(see schedule.py). Per query head: q_pos/q_seg [B, N, T], sched [B, N, nq, 4|6], tsched [B, N, nk, 2|4]; row c
 of head n is then any token (routed attention compacts each head's selected tokens into the first rows),
 while the keys are always all T tokens.
 """
