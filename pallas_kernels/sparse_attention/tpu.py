@@ -384,6 +384,15 @@ def flash_backward(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
       name='sparse_attention_dq',
   )(sched.reshape(-1), qh, kh, vh, doh, stats, q_rows, _key_rows_sublanes(k_pos, k_seg))
 
+  dk, dv = _dkv_call(qh, kh, vh, doh, stats, q_rows, k_pos, k_seg, tsched, T=T, nk=nk, bounds=bounds, kw=kw,
+                     shapes=shapes, interpret=interpret)
+  return _heads_major(dq), dk, dv
+
+
+def _dkv_call(qh, kh, vh, doh, stats, q_rows, k_pos, k_seg, tsched, *, T, nk, bounds, kw, shapes, interpret):
+  """The dk/dv kernel on head-major inputs (kh, vh [B, K, T, H]) -> (dk, dv) [B, T, K, H]."""
+  B, K, _, H = kh.shape
+  group, block_k = shapes['group'], shapes['block_k']
   spec = _key_grid_specs(nk=nk, **shapes)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, row_of=spec.row_of, group=group, **kw),
@@ -394,12 +403,12 @@ def flash_backward(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
           out_specs=[spec.kv, spec.kv],
           scratch_shapes=[pltpu.VMEM((block_k, H), _F32), pltpu.VMEM((block_k, H), _F32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct((B, K, T, H), k.dtype), jax.ShapeDtypeStruct((B, K, T, H), v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, T, H), kh.dtype), jax.ShapeDtypeStruct((B, K, T, H), vh.dtype)],
       compiler_params=_semantics(2, 5),
       interpret=_interpret(interpret),
       name='sparse_attention_dkv',
   )(tsched.reshape(-1), qh, kh, vh, doh, stats, q_rows, _key_rows_lanes(k_pos, k_seg))
-  return _heads_major(dq), _heads_major(dk), _heads_major(dv)
+  return _heads_major(dk), _heads_major(dv)
 
 
 # Live-pair kernels: the grid walks a flattened list of the live (query block, key block) pairs (live_pairs.py)
@@ -569,3 +578,20 @@ def flash_dq_pairs(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
   )(pairs.pairs.reshape(-1), _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)),
     stats, _query_rows(q_pos, q_seg), _key_rows_sublanes(k_pos, k_seg))
   return _heads_major(dq)
+
+
+def flash_dkv(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
+              k_seg: jax.Array, tsched: jax.Array, o: jax.Array, lse: jax.Array, do: jax.Array, *, scale: float,
+              block_q: int, block_k: int, window: int | None, num_global: int, softcap: float | None,
+              interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """flash_backward's dk/dv kernel alone (the transposed-schedule grid). Returns (dk, dv) [B, T, K, H]."""
+  B, T, N, H = q.shape
+  per_head = q_pos.ndim == 3
+  delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))
+  stats = jnp.stack([lse, delta], axis=2)
+  bounds = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global, per_head=per_head)
+  kw = dict(scale=scale, softcap=softcap, window=window, num_global=num_global)
+  shapes = dict(N=N, H=H, group=N // k.shape[2], block_q=block_q, block_k=block_k, per_head=per_head)
+  return _dkv_call(_heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)), stats,
+                   _query_rows(q_pos, q_seg), k_pos, k_seg, tsched, T=T, nk=T // block_k, bounds=bounds, kw=kw,
+                   shapes=shapes, interpret=interpret)
