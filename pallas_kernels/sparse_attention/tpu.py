@@ -30,6 +30,9 @@ Real TPUs: block_q and block_k must be multiples of 128 (they are the lane dimen
 prefetched schedules take B * Nq * (4 nq + 2 nk) int32 words of SMEM. Interpret mode accepts any block
 sizes that divide T. No TPU was available while writing this, so the kernels have only been run in TPU
 interpret mode on CPU; Mosaic compilation (layouts, relayouts, block shapes) is unverified.
+
+The public API runs the forward and dq kernels on live-pair grids instead (flash_forward_pairs, flash_dq_pairs
+below, lists from live_pairs.py): grid (B, N, live pairs of the longest row), the mask only on edge pairs.
 """
 from __future__ import annotations
 

@@ -186,3 +186,18 @@ def test_pair_kernels_lower_to_mosaic(per_head, window, num_global, T):
 
   text = jax.jit(attention).trace(q, k, k, q, keys, keys).lower(lowering_platforms=('tpu',)).as_text()
   assert text.count('tpu_custom_call') == 2
+
+
+def test_public_forward_with_lse_on_the_tpu_backend():
+  """sparse_attention_with_lse (inference) runs the live-pair forward with backend='tpu'."""
+  from pallas_kernels.sparse_attention import sparse_attention_with_lse  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  pos, seg = layout([[30, 20, 7]])
+  B, T, N, K, H = 1, 57, 2, 1, 16
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  kw = dict(window=9, num_global=2)
+  got = sparse_attention_with_lse(q, k, v, pos, pos, seg, seg, backend='tpu', block_q=16, block_k=16, **kw)
+  want = sparse_attention_with_lse(q, k, v, pos, pos, seg, seg, backend='reference', **kw)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * max(1.0, float(np.abs(w).max())))
