@@ -37,12 +37,14 @@ def _validate_gates(q, gates, active):
     raise ValueError(f'active must have shape [B, T, N] = {want}; got {active.shape}')
 
 
-def _grouped_inputs(q_pos, q_seg, active, cfg, length):
-  """Pads the routing to `length` tokens and groups it: (groups, per-head q_pos, q_seg, schedule)."""
+def _grouped_inputs(q_pos, q_seg, active, cfg, length, k_pos=None, k_seg=None):
+  """Pads the routing to `length` tokens and groups it: (groups, per-head q_pos, q_seg, schedule); padded key
+  metadata k_pos, k_seg [B, length] give the TPU kernels their live-pair lists (see sparse_api.block_schedule)."""
   groups = grouping.group_by_head(sparse_api.pad_tokens(active, length, value=False))
   q_pos = grouping.gather_metadata(sparse_api.pad_tokens(q_pos.astype(jnp.int32), length), groups, 0)
   q_seg = grouping.gather_metadata(sparse_api.pad_tokens(q_seg.astype(jnp.int32), length, value=-1), groups, -1)
-  sched = sparse_api.block_schedule(q_pos, q_seg, cfg, q_index=jnp.where(groups.valid, groups.index, 0))
+  sched = sparse_api.block_schedule(q_pos, q_seg, cfg, q_index=jnp.where(groups.valid, groups.index, 0), k_pos=k_pos,
+                                    k_seg=k_seg)
   return groups, q_pos, q_seg, sched
 
 
@@ -75,10 +77,10 @@ def routed_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, gates, active=None, *,
     raise ValueError(f'the kernel path is self-attention and needs S == T; got S={k.shape[1]}, T={T}')
   Tp = sparse_api.padded_length(T, cfg.block_q, cfg.block_k)
   pad = functools.partial(sparse_api.pad_tokens, length=Tp)
-  groups, rows_pos, rows_seg, sched = _grouped_inputs(q_pos, q_seg, active, cfg, Tp)
-  rows = sparse_api.flash_attention(grouping.gather_rows(pad(q), groups), pad(k), pad(v), rows_pos,
-                                    pad(k_pos.astype(jnp.int32)), rows_seg, pad(k_seg.astype(jnp.int32), value=-1),
-                                    sched, cfg)
+  keys = pad(k_pos.astype(jnp.int32)), pad(k_seg.astype(jnp.int32), value=-1)
+  groups, rows_pos, rows_seg, sched = _grouped_inputs(q_pos, q_seg, active, cfg, Tp, *keys)
+  rows = sparse_api.flash_attention(grouping.gather_rows(pad(q), groups), pad(k), pad(v), rows_pos, keys[0],
+                                    rows_seg, keys[1], sched, cfg)
   out = grouping.scatter_rows(rows, groups)[:, :T].astype(jnp.float32)
   return jnp.where(active[..., None], out * gates[..., None].astype(jnp.float32), 0.0).astype(q.dtype)
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention import gpu
+from pallas_kernels.sparse_attention.live_pairs import live_pairs
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 from pallas_kernels.sparse_attention.schedule import make_schedule, transpose_schedule
 
@@ -55,8 +56,16 @@ def pad_tokens(x: jax.Array, length: int, value=0, axis: int = 1) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def block_schedule(q_pos, q_seg, cfg: FlashConfig, q_index=None):
-  """Forward schedule for padded query metadata: [B, T] -> [B, nq, 4], or per head [B, N, T] -> [B, N, nq, 4]."""
+def block_schedule(q_pos, q_seg, cfg: FlashConfig, q_index=None, k_pos=None, k_seg=None):
+  """Forward schedule for padded query metadata: [B, T] -> [B, nq, 4], or per head [B, N, T] -> [B, N, nq, 4].
+
+  With backend 'tpu' and key metadata k_pos, k_seg [B, T], a pair (schedule, live_pairs.LivePairs): the Mosaic
+  forward and dq kernels walk the live pairs, the dk/dv kernel the transposed schedule.
+  """
+  if cfg.backend == 'tpu' and k_pos is not None:
+    pairs = live_pairs(q_pos, q_seg, k_pos, k_seg, q_index=q_index, block_q=cfg.block_q, block_k=cfg.block_k,
+                       window=cfg.window, num_global=cfg.num_global)
+    return block_schedule(q_pos, q_seg, cfg, q_index=q_index), pairs
   kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, window=cfg.window, num_global=cfg.num_global)
   if q_pos.ndim == 2:
     return make_schedule(q_pos, q_seg, q_index=q_index, **kw)
@@ -90,17 +99,33 @@ def flash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg: FlashConfig
   return _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg)[0]
 
 
+def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg):
+  """(out, lse) of the forward kernel; `sched` a (schedule, live pairs) pair selects the TPU live-pair grid."""
+  if isinstance(sched, tuple):
+    from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
+    return tpu.flash_forward_pairs(q, k, v, q_pos, k_pos, q_seg, k_seg, sched[1], **_kernel_kw(cfg))
+  return _kernels(cfg.backend).flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, **_kernel_kw(cfg))
+
+
 def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg):
-  out, lse = _kernels(cfg.backend).flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, **_kernel_kw(cfg))
+  out, lse = _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg)
   return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, sched, out, lse)
 
 
 def _flash_bwd(cfg, res, do):
   q, k, v, q_pos, k_pos, q_seg, k_seg, sched, out, lse = res
+  no_grad = jax.tree.map(lambda _: None, sched)
+  if isinstance(sched, tuple):
+    from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
+    sched, pairs = sched
+    args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
+    dq = tpu.flash_dq_pairs(*args, pairs, out, lse, do, **_kernel_kw(cfg))
+    dk, dv = tpu.flash_dkv(*args, _transposed(sched, k.shape[1] // cfg.block_k), out, lse, do, **_kernel_kw(cfg))
+    return dq, dk, dv, None, None, None, None, no_grad
   tsched = _transposed(sched, k.shape[1] // cfg.block_k)
   dq, dk, dv = _kernels(cfg.backend).flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, out,
                                                     lse, do, **_kernel_kw(cfg))
-  return dq, dk, dv, None, None, None, None, None
+  return dq, dk, dv, None, None, None, None, no_grad
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
@@ -208,8 +233,7 @@ def sparse_attention_with_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=Non
                       block_k=block_k, backend=backend, interpret=interpret, num_warps=num_warps,
                       num_stages=num_stages)
   T = q.shape[1]
-  out, lse = _kernels(cfg.backend).flash_forward(*_padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg),
-                                                 **_kernel_kw(cfg))
+  out, lse = _forward(*_padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg), cfg)
   # In self-attention a row with segment != -1 sees at least itself; the kernels write lse 0 for empty rows.
   lse = jnp.where(q_seg[:, None, :] == -1, -jnp.inf, lse[:, :, :T])
   return out[:, :T], lse
@@ -224,4 +248,5 @@ def _padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg):
   pad = functools.partial(pad_tokens, length=Tp)
   q_pos, k_pos = pad(q_pos.astype(jnp.int32)), pad(k_pos.astype(jnp.int32))
   q_seg, k_seg = pad(q_seg.astype(jnp.int32), value=-1), pad(k_seg.astype(jnp.int32), value=-1)
-  return pad(q), pad(k), pad(v), q_pos, k_pos, q_seg, k_seg, block_schedule(q_pos, q_seg, cfg)
+  return (pad(q), pad(k), pad(v), q_pos, k_pos, q_seg, k_seg,
+          block_schedule(q_pos, q_seg, cfg, k_pos=k_pos, k_seg=k_seg))

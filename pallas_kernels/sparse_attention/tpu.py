@@ -30,6 +30,9 @@ Real TPUs: block_q and block_k must be multiples of 128 (they are the lane dimen
 prefetched schedules take B * Nq * (4 nq + 2 nk) int32 words of SMEM. Interpret mode accepts any block
 sizes that divide T. No TPU was available while writing this, so the kernels have only been run in TPU
 interpret mode on CPU; Mosaic compilation (layouts, relayouts, block shapes) is unverified.
+
+The public API runs the forward and dq kernels on live-pair grids instead (flash_forward_pairs, flash_dq_pairs
+below, lists from live_pairs.py): grid (B, N, live pairs of the longest row), the mask only on edge pairs.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.sparse_attention import live_pairs
 
 _F32 = jnp.float32
 _LANES = 128
@@ -382,6 +387,15 @@ def flash_backward(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
       name='sparse_attention_dq',
   )(sched.reshape(-1), qh, kh, vh, doh, stats, q_rows, _key_rows_sublanes(k_pos, k_seg))
 
+  dk, dv = _dkv_call(qh, kh, vh, doh, stats, q_rows, k_pos, k_seg, tsched, T=T, nk=nk, bounds=bounds, kw=kw,
+                     shapes=shapes, interpret=interpret)
+  return _heads_major(dq), dk, dv
+
+
+def _dkv_call(qh, kh, vh, doh, stats, q_rows, k_pos, k_seg, tsched, *, T, nk, bounds, kw, shapes, interpret):
+  """The dk/dv kernel on head-major inputs (kh, vh [B, K, T, H]) -> (dk, dv) [B, T, K, H]."""
+  B, K, _, H = kh.shape
+  group, block_k = shapes['group'], shapes['block_k']
   spec = _key_grid_specs(nk=nk, **shapes)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, row_of=spec.row_of, group=group, **kw),
@@ -392,9 +406,195 @@ def flash_backward(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
           out_specs=[spec.kv, spec.kv],
           scratch_shapes=[pltpu.VMEM((block_k, H), _F32), pltpu.VMEM((block_k, H), _F32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct((B, K, T, H), k.dtype), jax.ShapeDtypeStruct((B, K, T, H), v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, T, H), kh.dtype), jax.ShapeDtypeStruct((B, K, T, H), vh.dtype)],
       compiler_params=_semantics(2, 5),
       interpret=_interpret(interpret),
       name='sparse_attention_dkv',
   )(tsched.reshape(-1), qh, kh, vh, doh, stats, q_rows, _key_rows_lanes(k_pos, k_seg))
-  return _heads_major(dq), _heads_major(dk), _heads_major(dv)
+  return _heads_major(dk), _heads_major(dv)
+
+
+# Live-pair kernels: the grid walks a flattened list of the live (query block, key block) pairs (live_pairs.py)
+# instead of a static `steps` bound per query block, and full pairs skip the element mask.
+#   forward, dq  (B, N, steps)  parallel, parallel, arbitrary; steps = the longest row's count (a traced scalar)
+# Entry p of row r = b (shared metadata) or b * N + n (per head) names the pair; the init runs on the first
+# entry of a query block, the finish on its last, DEAD entries (past the row's count) do nothing and repeat the
+# last live pair's blocks, so the pipeline fetches nothing for them.
+
+
+def _pair_row_of(num_heads: int, per_head: bool):
+  """Flat pair-list row of (batch, query head)."""
+  return (lambda b, n: b * num_heads + n) if per_head else (lambda b, n: b)
+
+
+def _pair_entry(pairs_ref, row, p, capacity: int):
+  """(query block, key block, kind, first, last) of entry p of row `row` (pairs flattened to [rows * P])."""
+  return live_pairs.unpack(pairs_ref[row * capacity + p])
+
+
+def _fwd_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, qrows_ref, krows_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
+                      *, row_of, capacity, scale, softcap, window, num_global):
+  b, n, p = (pl.program_id(a) for a in range(3))
+  _, _, kind, first, last = _pair_entry(pairs_ref, row_of(b, n), p, capacity)
+  alive = kind != live_pairs.DEAD
+
+  @pl.when(alive & first)
+  def _init():
+    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+    l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked: bool):
+    sc = _scores(q_ref[...], k_ref[...], scale, softcap)[0]  # [bq, bk]
+    if masked:
+      sc = jnp.where(_fwd_mask(qrows_ref, krows_ref, window, num_global), sc, -jnp.inf)
+    m_prev = m_ref[...]  # [bq, 128], lane-replicated
+    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=-1, keepdims=True))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next  # full: every row sees a key
+    p_ = jnp.exp(sc - m_safe[:, :1])
+    alpha = jnp.exp(m_prev - m_safe)
+    m_ref[...] = m_next
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p_, axis=-1, keepdims=True)
+    pv = jnp.dot(p_.astype(v_ref.dtype), v_ref[...], preferred_element_type=_F32)
+    acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+  pl.when(kind == live_pairs.EDGE)(lambda: step(True))
+  pl.when(kind == live_pairs.FULL)(lambda: step(False))
+
+  @pl.when(alive & last)
+  def _finish():
+    l = l_ref[...]
+    nonempty = l > 0
+    l_safe = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, m_ref[...] + jnp.log(l_safe), 0.0)
+
+
+def _dq_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, krows_ref, dq_ref, acc_ref, *,
+                     row_of, capacity, scale, softcap, window, num_global):
+  b, n, p = (pl.program_id(a) for a in range(3))
+  _, _, kind, first, last = _pair_entry(pairs_ref, row_of(b, n), p, capacity)
+  alive = kind != live_pairs.DEAD
+
+  @pl.when(alive & first)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked: bool):
+    k = k_ref[...]
+    sc, t = _scores(q_ref[...], k, scale, softcap)  # [bq, bk]
+    p_ = jnp.exp(sc - _column(stats_ref, 0))
+    if masked:
+      p_ = jnp.where(_fwd_mask(qrows_ref, krows_ref, window, num_global), p_, 0.0)
+    dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
+    ds = _uncap(p_ * (dp - _column(stats_ref, 1)), t)
+    acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+
+  pl.when(kind == live_pairs.EDGE)(lambda: step(True))
+  pl.when(kind == live_pairs.FULL)(lambda: step(False))
+
+  @pl.when(alive & last)
+  def _finish():
+    dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _pair_grid_specs(*, N: int, H: int, group: int, block_q: int, block_k: int, capacity: int,
+                     per_head: bool) -> types.SimpleNamespace:
+  """BlockSpecs of the live-pair forward and dq kernels: grid (B, N, steps), prefetched pairs."""
+  row_of = _pair_row_of(N, per_head)
+  rows_head = _rows_head(per_head)
+
+  def blocks(b, n, p, pairs_ref):
+    return _pair_entry(pairs_ref, row_of(b, n), p, capacity)[:2]
+
+  return types.SimpleNamespace(
+      row_of=row_of,
+      heads=pl.BlockSpec((None, None, block_q, H), lambda b, n, p, r: (b, n, blocks(b, n, p, r)[0], 0)),
+      kv=pl.BlockSpec((None, None, block_k, H),
+                      lambda b, n, p, r: (b, lax.div(n, group), blocks(b, n, p, r)[1], 0)),
+      q_rows=pl.BlockSpec((None, None, 2, block_q),
+                          lambda b, n, p, r: (b, rows_head(n), 0, blocks(b, n, p, r)[0])),
+      stats=pl.BlockSpec((None, None, 2, block_q), lambda b, n, p, r: (b, n, 0, blocks(b, n, p, r)[0])),
+      k_rows=pl.BlockSpec((None, 2, _SUBLANES, block_k), lambda b, n, p, r: (b, 0, 0, blocks(b, n, p, r)[1])),
+      lse=pl.BlockSpec((None, None, block_q, _LANES), lambda b, n, p, r: (b, n, blocks(b, n, p, r)[0], 0)),
+  )
+
+
+def flash_forward_pairs(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                        q_seg: jax.Array, k_seg: jax.Array, pairs: live_pairs.LivePairs, *, scale: float,
+                        block_q: int, block_k: int, window: int | None, num_global: int, softcap: float | None,
+                        interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """flash_forward over the live pairs (live_pairs.live_pairs of the same metadata and settings).
+
+  Returns (out [B, T, N, H] q.dtype, lse [B, N, T] float32)."""
+  B, T, N, H = q.shape
+  per_head = q_pos.ndim == 3
+  capacity = pairs.pairs.shape[-1]
+  spec = _pair_grid_specs(N=N, H=H, group=N // k.shape[2], block_q=block_q, block_k=block_k, capacity=capacity,
+                          per_head=per_head)
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_pairs_kernel, row_of=spec.row_of, capacity=capacity, scale=scale, softcap=softcap,
+                        window=window, num_global=num_global),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(B, N, pairs.steps),
+          in_specs=[spec.heads, spec.kv, spec.kv, spec.q_rows, spec.k_rows],
+          out_specs=[spec.heads, spec.lse],
+          scratch_shapes=[pltpu.VMEM((block_q, _LANES), _F32), pltpu.VMEM((block_q, _LANES), _F32),
+                          pltpu.VMEM((block_q, H), _F32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct((B, N, T, H), q.dtype), jax.ShapeDtypeStruct((B, N, T, _LANES), _F32)],
+      compiler_params=_semantics(1, 3),
+      interpret=_interpret(interpret),
+      name='sparse_attention_fwd_pairs',
+  )(pairs.pairs.reshape(-1), _heads_major(q), _heads_major(k), _heads_major(v), _query_rows(q_pos, q_seg),
+    _key_rows_sublanes(k_pos, k_seg))
+  return _heads_major(out), lse[..., 0]
+
+
+def flash_dq_pairs(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                   q_seg: jax.Array, k_seg: jax.Array, pairs: live_pairs.LivePairs, o: jax.Array, lse: jax.Array,
+                   do: jax.Array, *, scale: float, block_q: int, block_k: int, window: int | None,
+                   num_global: int, softcap: float | None, interpret: bool) -> jax.Array:
+  """The dq kernel over the live pairs. Returns dq [B, T, N, H] in q.dtype."""
+  B, T, N, H = q.shape
+  per_head = q_pos.ndim == 3
+  capacity = pairs.pairs.shape[-1]
+  delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))  # rowsum(dO * O)
+  stats = jnp.stack([lse, delta], axis=2)  # [B, N, 2, T]
+  spec = _pair_grid_specs(N=N, H=H, group=N // k.shape[2], block_q=block_q, block_k=block_k, capacity=capacity,
+                          per_head=per_head)
+  dq = pl.pallas_call(
+      functools.partial(_dq_pairs_kernel, row_of=spec.row_of, capacity=capacity, scale=scale, softcap=softcap,
+                        window=window, num_global=num_global),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(B, N, pairs.steps),
+          in_specs=[spec.heads, spec.kv, spec.kv, spec.heads, spec.stats, spec.q_rows, spec.k_rows],
+          out_specs=spec.heads,
+          scratch_shapes=[pltpu.VMEM((block_q, H), _F32)],
+      ),
+      out_shape=jax.ShapeDtypeStruct((B, N, T, H), q.dtype),
+      compiler_params=_semantics(1, 3),
+      interpret=_interpret(interpret),
+      name='sparse_attention_dq_pairs',
+  )(pairs.pairs.reshape(-1), _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)),
+    stats, _query_rows(q_pos, q_seg), _key_rows_sublanes(k_pos, k_seg))
+  return _heads_major(dq)
+
+
+def flash_dkv(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
+              k_seg: jax.Array, tsched: jax.Array, o: jax.Array, lse: jax.Array, do: jax.Array, *, scale: float,
+              block_q: int, block_k: int, window: int | None, num_global: int, softcap: float | None,
+              interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """flash_backward's dk/dv kernel alone (the transposed-schedule grid). Returns (dk, dv) [B, T, K, H]."""
+  B, T, N, H = q.shape
+  per_head = q_pos.ndim == 3
+  delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))
+  stats = jnp.stack([lse, delta], axis=2)
+  bounds = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global, per_head=per_head)
+  kw = dict(scale=scale, softcap=softcap, window=window, num_global=num_global)
+  shapes = dict(N=N, H=H, group=N // k.shape[2], block_q=block_q, block_k=block_k, per_head=per_head)
+  return _dkv_call(_heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)), stats,
+                   _query_rows(q_pos, q_seg), k_pos, k_seg, tsched, T=T, nk=T // block_k, bounds=bounds, kw=kw,
+                   shapes=shapes, interpret=interpret)

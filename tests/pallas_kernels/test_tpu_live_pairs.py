@@ -1,0 +1,203 @@
+"""Tests for the live-pair grids of the Mosaic TPU kernels (live_pairs.py, tpu.flash_forward_pairs /
+flash_dq_pairs): the pair lists against the dense reference mask, the grid steps, the outputs and dq in TPU
+interpret mode, and the TPU lowering."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sparse_attention import live_pairs as lp
+from pallas_kernels.sparse_attention import tpu
+from pallas_kernels.sparse_attention.reference import sparse_attention_mask
+from tests.pallas_kernels.test_sparse_attention_tpu import dense_attention, layout, routed_rows
+
+
+def brute_force(q_pos, q_seg, k_pos, k_seg, *, block_q, block_k, window, num_global):
+  """(live, full) bool [R, nq, nk] from the dense mask: any / every (query, key) of the block pair visible."""
+  mask = np.asarray(sparse_attention_mask(q_pos, k_pos, q_seg, k_seg, window=window, num_global=num_global))
+  R, T, S = mask.shape
+  blocks = mask.reshape(R, T // block_q, block_q, S // block_k, block_k)
+  return blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+
+
+def decode_rows(pairs):
+  """Per row: the list of (i, j, kind) of its live entries, and its count."""
+  out = []
+  for row in np.asarray(pairs.pairs):
+    i, j, kind, first, last = (np.asarray(x) for x in lp.unpack(row))
+    n = int(np.sum(kind != lp.DEAD))
+    assert np.all(kind[:n] != lp.DEAD) and np.all(kind[n:] == lp.DEAD)
+    if n < row.size:  # DEAD entries repeat the last live pair's blocks: no new DMA
+      assert np.all(i[n:] == i[n - 1]) and np.all(j[n:] == j[n - 1])
+    out.append((list(zip(i[:n].tolist(), j[:n].tolist(), kind[:n].tolist())), first[:n], last[:n]))
+  return out
+
+
+ROWS = [[30, 3, 50, 20, 41, 32], [176], [1, 40, 60, 43, 32], [2] * 88]  # packed documents, a padded tail
+
+
+@pytest.mark.parametrize('window,num_global', [(None, 0), (7, 0), (33, 3), (40, 0), (500, 2), (16, 1)])
+@pytest.mark.parametrize('bq,bk', [(16, 16), (32, 16), (16, 32)])
+def test_pair_lists_match_dense_mask(window, num_global, bq, bk):
+  pos, seg = layout(ROWS, pad=16)
+  kw = dict(block_q=bq, block_k=bk, window=window, num_global=num_global)
+  live, full = brute_force(pos, seg, pos, seg, **kw)
+  got_live, got_full = lp.block_masks(pos, seg, pos, seg, **kw)
+  np.testing.assert_array_equal(np.asarray(got_live), live)
+  np.testing.assert_array_equal(np.asarray(got_full), full)
+  pairs = lp.live_pairs(pos, seg, pos, seg, **kw)
+  nq, nk = live.shape[1:]
+  for r, (entries, first, last) in enumerate(decode_rows(pairs)):
+    want = [(i, j, lp.FULL if full[r, i, j] else lp.EDGE) for i in range(nq) for j in range(nk) if live[r, i, j]]
+    want += [(i, 0, lp.EMPTY) for i in range(nq) if not live[r, i].any()]  # zero output for empty blocks
+    assert entries == sorted(want)
+    qb = np.array([e[0] for e in entries])
+    np.testing.assert_array_equal(first, np.r_[True, qb[1:] != qb[:-1]])
+    np.testing.assert_array_equal(last, np.r_[qb[1:] != qb[:-1], True])
+  counts = [len(e[0]) for e in decode_rows(pairs)]
+  assert int(pairs.steps) == max(counts) <= pairs.pairs.shape[1]
+
+
+def test_per_head_pair_lists_match_dense_mask():
+  """Routed attention's compacted per-head rows (q_index: the token of each row)."""
+  pos, seg = layout([[30, 28, 40], [98]], pad=30)
+  for window, num_global in [(None, 0), (16, 2), (40, 0)]:
+    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(0), pos, seg, 3)
+    kw = dict(block_q=16, block_k=32, window=window, num_global=num_global)
+    B, N, T = q_pos.shape
+    live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
+                             jnp.repeat(seg, N, 0), **kw)
+    pairs = lp.live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, **kw)
+    assert pairs.pairs.shape == (B * N, (T // 16) * (T // 32))
+    for r, (entries, _, _) in enumerate(decode_rows(pairs)):
+      got = {(i, j): kind for i, j, kind in entries if kind != lp.EMPTY}
+      assert got == {(i, j): lp.FULL if full[r, i, j] else lp.EDGE for i, j in zip(*np.nonzero(live[r]))}
+    assert live.sum() < live.size / 2
+    if window is None:
+      assert full.any()  # compacted rows of a long causal document
+
+
+def test_pair_counts_remove_dead_steps():
+  """A single causal document: nq (nq + 1) / 2 live pairs of nq^2, of which nq are edge (the diagonal)."""
+  T, b = 1024, 128
+  pos, seg = layout([[T]])
+  pairs = lp.live_pairs(pos, seg, pos, seg, block_q=b, block_k=b)
+  entries = decode_rows(pairs)[0][0]
+  nq = T // b
+  assert int(pairs.steps) == len(entries) == nq * (nq + 1) // 2 == pairs.pairs.shape[1]
+  assert sum(kind == lp.EDGE for _, _, kind in entries) == nq
+  # A window of 2 blocks: 2 pairs per query block (1 for the first), half of them full.
+  pairs = lp.live_pairs(pos, seg, pos, seg, block_q=b, block_k=b, window=b)
+  assert int(pairs.steps) == 2 * nq - 1
+
+
+# (name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, per_head)
+CASES = [
+    ('f32_causal_packed_gqa2', jnp.float32, 2, 1, 16, [[64, 16], [20, 30, 14, 16]], 16, None, 0, None, 16, 16,
+     False),
+    ('f32_window_globals_packed_tail_softcap', jnp.float32, 2, 2, 16, [[40, 30, 18], [75, 13]], 8, 12, 3, 1.0,
+     32, 16, False),
+    ('bf16_per_head_window_globals_gqa2', jnp.bfloat16, 4, 2, 32, [[30, 28], [58]], 6, 16, 2, None, 16, 32,
+     True),
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_pair_kernels_match_dense_oracle(case):
+  name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, per_head = case
+  pos, seg = layout(rows, pad)
+  B, T = pos.shape
+  rng = np.random.default_rng(len(name))
+  q_pos, q_seg, q_index = routed_rows(rng, pos, seg, N) if per_head else (pos, seg, None)
+  q, do = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), dtype) for _ in range(2))
+  kw = dict(window=window, num_global=num_global)
+  pairs = lp.live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, block_q=block_q, block_k=block_k, **kw)
+  kw.update(scale=1 / math.sqrt(H), softcap=softcap)
+  args = (q, k, v, q_pos, pos, q_seg, seg, pairs)
+  out, lse = tpu.flash_forward_pairs(*args, block_q=block_q, block_k=block_k, interpret=True, **kw)
+  dq = tpu.flash_dq_pairs(*args, out, lse, do, block_q=block_q, block_k=block_k, interpret=True, **kw)
+  want, vjp = jax.vjp(lambda q: dense_attention(q, k, v, q_pos, pos, q_seg, seg, **kw), q)
+  tol = 2e-5 if dtype == jnp.float32 else 2e-2
+  for got, ref, what in ((out, want, 'out'), (dq, vjp(do.astype(jnp.float32))[0], 'dq')):
+    assert got.shape == ref.shape and got.dtype == dtype, what
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)))
+    bound = tol * float(jnp.max(jnp.abs(ref)))
+    assert err <= bound, f'{name} {what}: max abs err {err} > {bound}'
+  blind = np.broadcast_to(np.asarray(q_seg if per_head else q_seg[:, None]) == -1, (B, N, T))
+  assert np.all(np.asarray(out, np.float32).transpose(0, 2, 1, 3)[blind] == 0)
+  assert np.all(np.asarray(lse)[blind] == 0)
+
+
+def test_grid_steps_are_the_live_pairs(monkeypatch):
+  """Counts, with host callbacks in TPU interpret mode, the grid steps (kernel body runs) and the steps that
+  compute scores, masked or not: B * N * steps runs (steps: the longest row's live pairs plus one entry per
+  empty query block), N * live pairs computing, N * edge pairs masked."""
+  counts = {'steps': 0, 'scores': 0, 'masks': 0}
+
+  def counting(name, fn):
+    def wrapped(*args, **kwargs):
+      jax.debug.callback(lambda: counts.__setitem__(name, counts[name] + 1))
+      return fn(*args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
+  monkeypatch.setattr(tpu, '_fwd_mask', counting('masks', tpu._fwd_mask))
+  monkeypatch.setattr(tpu, '_fwd_pairs_kernel', counting('steps', tpu._fwd_pairs_kernel))
+  pos, seg = layout([[40, 70, 18], [128]])
+  B, T = pos.shape
+  N, K, H, b = 2, 1, 8, 16
+  kw = dict(block_q=b, block_k=b, window=None, num_global=0)
+  live, full = brute_force(pos, seg, pos, seg, **kw)
+  pairs = lp.live_pairs(pos, seg, pos, seg, **kw)
+  q = jnp.ones((B, T, N, H))
+  k = jnp.ones((B, T, K, H))
+  out, _ = tpu.flash_forward_pairs(q, k, k, pos, pos, seg, seg, pairs, scale=1.0, softcap=None, interpret=True,
+                                   **kw)
+  jax.block_until_ready(out)
+  assert counts['steps'] == B * N * int(pairs.steps)
+  assert int(pairs.steps) == max(int(live[r].sum() + (~live[r].any(-1)).sum()) for r in range(B))
+  assert counts['scores'] == N * int(live.sum()) < B * N * (T // b) ** 2 // 2
+  assert counts['masks'] == N * int((live & ~full).sum()) < counts['scores']
+
+
+@pytest.mark.parametrize('per_head,window,num_global,T', [(False, None, 0, 1024), (False, 256, 4, 512),
+                                                         (True, 256, 4, 512), (True, None, 0, 256)])
+def test_pair_kernels_lower_to_mosaic(per_head, window, num_global, T):
+  """128-blocks pass the Pallas TPU lowering with the dynamic pair-axis grid (Mosaic's own compilation needs
+  a TPU)."""
+  B, N, K, H = 2, 4, 2, 128
+  keys = jnp.zeros((B, T), jnp.int32)
+  rows = jnp.zeros((B, N, T), jnp.int32) if per_head else keys
+  q = jnp.zeros((B, T, N, H), jnp.bfloat16)
+  k = jnp.zeros((B, T, K, H), jnp.bfloat16)
+
+  def attention(q, k, v, do, pos, seg):
+    qp, qs = (jnp.broadcast_to(x[:, None], rows.shape) if per_head else x for x in (pos, seg))
+    pairs = lp.live_pairs(qp, qs, pos, seg, q_index=qp if per_head else None, block_q=128, block_k=128,
+                          window=window, num_global=num_global)
+    kw = dict(scale=0.1, block_q=128, block_k=128, window=window, num_global=num_global, softcap=30.0,
+              interpret=False)
+    out, lse = tpu.flash_forward_pairs(q, k, v, qp, pos, qs, seg, pairs, **kw)
+    return tpu.flash_dq_pairs(q, k, v, qp, pos, qs, seg, pairs, out, lse, do, **kw)
+
+  text = jax.jit(attention).trace(q, k, k, q, keys, keys).lower(lowering_platforms=('tpu',)).as_text()
+  assert text.count('tpu_custom_call') == 2
+
+
+def test_public_forward_with_lse_on_the_tpu_backend():
+  """sparse_attention_with_lse (inference) runs the live-pair forward with backend='tpu'."""
+  from pallas_kernels.sparse_attention import sparse_attention_with_lse  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  pos, seg = layout([[30, 20, 7]])
+  B, T, N, K, H = 1, 57, 2, 1, 16
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  kw = dict(window=9, num_global=2)
+  got = sparse_attention_with_lse(q, k, v, pos, pos, seg, seg, backend='tpu', block_q=16, block_k=16, **kw)
+  want = sparse_attention_with_lse(q, k, v, pos, pos, seg, seg, backend='reference', **kw)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * max(1.0, float(np.abs(w).max())))
