@@ -34,13 +34,49 @@ from pallas_kernels.sparse_attention.gpu import LN2, online_softmax_step, triton
 
 _F32 = jnp.float32
 MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows on GPU.
-MAX_SPLITS = 16
+MAX_SPLITS = 32  # the combine reads P * R * H floats per (batch row, kv head): small next to the cache
 DEFAULT_BLOCK_K = {'gpu': 64, 'tpu': 128}
+# Programs the split count aims for: 2 waves over the GPU's cores (SMs), so the last wave's tail idles little.
+WAVES = 2
+DEFAULT_NUM_CORES = 132  # an H100 SXM's SMs; used when the device does not say (CPU, interpret mode, TPU)
+# (head_dim, dtype name) -> (block_k, num_warps, num_stages) of the Triton decode kernel. Unmeasured: these are
+# the settings the kernel used before the table existed; refresh them from `bench/attention_sweep.py --decode` on
+# the target GPU. Shapes missing from the table get DECODE_FALLBACK_TILES.
+DECODE_TILES = {
+    (64, 'bfloat16'): (64, 4, 2),
+    (64, 'float16'): (64, 4, 2),
+    (64, 'float32'): (64, 4, 2),
+    (128, 'bfloat16'): (64, 4, 2),
+    (128, 'float16'): (64, 4, 2),
+    (128, 'float32'): (64, 4, 2),
+}
+DECODE_FALLBACK_TILES = (64, 4, 2)
 
 
-def default_num_splits(s, block_k=64):
-  """Splits for a cache of `s` slots: ceil(s / (4 * block_k)) clipped to [1, MAX_SPLITS]."""
-  return int(min(max(-(-s // (block_k * 4)), 1), MAX_SPLITS))
+def default_decode_tiles(head_dim, dtype):
+  """(block_k, num_warps, num_stages) of the Triton decode kernel from DECODE_TILES, else DECODE_FALLBACK_TILES."""
+  return DECODE_TILES.get((int(head_dim), jnp.dtype(dtype).name), DECODE_FALLBACK_TILES)
+
+
+def device_num_cores():
+  """Streaming multiprocessors of the first device when it is a GPU that reports them (`core_count`), else
+  DEFAULT_NUM_CORES."""
+  device = jax.devices()[0]
+  cores = getattr(device, 'core_count', None) if device.platform == 'gpu' else None
+  return int(cores) if cores else DEFAULT_NUM_CORES
+
+
+def default_num_splits(batch, kv_heads, s, block_k=64, num_cores=None):
+  """Key splits of the Triton decode kernel, whose grid is (batch, kv heads, splits): enough programs for WAVES
+  waves over `num_cores` (None: `device_num_cores()`), never more splits than key blocks or MAX_SPLITS:
+  P = clip(ceil(WAVES * num_cores / (batch * kv_heads)), 1, min(ceil(s / block_k), MAX_SPLITS)), then reduced to
+  the fewest splits with the same whole blocks per split (no empty split). `batch` and `kv_heads` are per shard."""
+  num_cores = device_num_cores() if num_cores is None else int(num_cores)
+  num_blocks = -(-s // block_k)
+  want = -(-WAVES * num_cores // max(1, batch * kv_heads))
+  splits = max(1, min(want, num_blocks, MAX_SPLITS))
+  per_split = -(-num_blocks // splits)
+  return int(-(-num_blocks // per_split))
 
 
 def _decode_kernel(layer_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, o_ref, m_ref, l_ref,
@@ -138,7 +174,7 @@ def merge_attention(parts, dtype=None):
 
 def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, window=None,
                             num_global=0, scale=None, softcap=None, layer=None, block_k=None, num_splits=None,
-                            backend=None, interpret=None, return_lse=False, num_warps=4, num_stages=2):
+                            backend=None, interpret=None, return_lse=False, num_warps=None, num_stages=None):
   """Decode attention of a few new tokens against a (possibly unordered) KV cache.
 
   q [B, Tq, N, H]; k_cache/v_cache [B, S, K, H] (K | N), or every layer's [L, B, S, K, H] with `layer` an int32
@@ -149,8 +185,10 @@ def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, 
   output [B, Tq, N, H] in q.dtype; with return_lse also lse float32 [B, N, Tq] (-inf: nothing visible).
 
   backend: 'gpu' (Triton, split-K), 'tpu' (Mosaic); None: 'tpu' on a TPU, else 'gpu'.
-  block_k: key slots per block (None: 64 on GPU, 128 on TPU). num_splits (GPU): key splits (flash decoding);
-  None -> `default_num_splits(S, block_k)`. num_warps/num_stages: Triton launch settings.
+  block_k: key slots per block (None: `default_decode_tiles(H, k dtype)` on GPU, 128 on TPU). num_splits (GPU):
+  key splits (flash decoding); None -> `default_num_splits(B, K, S, block_k)` (fills the GPU's cores).
+  num_warps/num_stages: Triton launch settings (None: `default_decode_tiles`). The cache is never copied: no pad
+  to a multiple of block_k * num_splits (the tail block is masked), no per-layer slice of a stacked cache.
   interpret: None -> True unless the default backend is the kernel's. Forward only.
   """
   stacked = layer is not None
@@ -165,7 +203,11 @@ def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, 
   backend = default_backend() if backend is None else backend
   if backend not in ('gpu', 'tpu'):
     raise ValueError(f"backend must be None, 'gpu' or 'tpu'; got {backend!r}")
-  block_k = DEFAULT_BLOCK_K[backend] if block_k is None else block_k
+  tiles = default_decode_tiles(H, k_cache.dtype)
+  if block_k is None:
+    block_k = tiles[0] if backend == 'gpu' else DEFAULT_BLOCK_K[backend]
+  num_warps = tiles[1] if num_warps is None else num_warps
+  num_stages = tiles[2] if num_stages is None else num_stages
   if int(block_k) != block_k or block_k < 1:
     raise ValueError(f'block_k must be a positive int; got {block_k!r}')
   block_k = int(block_k)
@@ -176,7 +218,7 @@ def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, 
   if interpret is None:
     interpret = jax.default_backend() != backend
   if not stacked:
-    k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+    k_cache, v_cache, layer = k_cache.reshape(1, *k_cache.shape), v_cache.reshape(1, *v_cache.shape), 0  # free
   layer = jnp.asarray(layer, jnp.int32).reshape(1)
   k_pos, k_seg = k_pos.astype(jnp.int32), k_seg.astype(jnp.int32)
   G = N // K
@@ -194,13 +236,17 @@ def sparse_decode_attention(q, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, *, 
     from pallas_kernels.sparse_attention import decode_tpu  # pylint: disable=g-import-not-at-top
     o, lse = decode_tpu.decode(qg, k_cache, v_cache, layer, qp, qs, k_pos, k_seg, block_k=block_k, **kw)
   else:
-    num_splits = default_num_splits(S, block_k) if num_splits is None else num_splits
+    num_splits = default_num_splits(B, K, S, block_k) if num_splits is None else num_splits
     if int(num_splits) != num_splits or num_splits < 1:
       raise ValueError(f'num_splits must be None or a positive int; got {num_splits!r}')
     num_splits = min(int(num_splits), -(-S // block_k))  # no split without a key block
     partials = decode_partials(qg, k_cache, v_cache, layer, qp, k_pos, qs, k_seg, num_splits=num_splits,
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages, **kw)
-    o, lse = combine_splits(*partials)  # [B, K, R, H], [B, K, R]
+    if num_splits == 1:  # one split is already normalised: no merge over splits
+      o, m, l = (x[:, :, 0] for x in partials)
+      lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    else:
+      o, lse = combine_splits(*partials)  # [B, K, R, H], [B, K, R]
   o = o[:, :, :rows].reshape(B, K, G, Tq, H).transpose(0, 3, 1, 2, 4).reshape(B, Tq, N, H).astype(q.dtype)
   if not return_lse:
     return o

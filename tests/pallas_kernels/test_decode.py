@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.sparse_attention import (
+    default_decode_tiles,
     default_num_splits,
     merge_attention,
     sparse_attention_reference,
@@ -162,34 +163,32 @@ def test_window_excludes_everything_but_globals_and_empty_cache():
 
 
 def test_default_num_splits():
-  assert default_num_splits(1, 64) == 1
-  assert default_num_splits(256, 64) == 1
-  assert default_num_splits(257, 64) == 2
-  assert default_num_splits(10**6, 64) == 16
+  """Splits fill WAVES=2 waves of programs over the cores, clipped to the key blocks and MAX_SPLITS (32), then the
+  fewest splits with the same blocks per split. Values computed by hand."""
+  # B*K = 1 on 132 cores: want 264; S=260, block_k 64 -> 5 blocks -> 5 splits of one block.
+  assert default_num_splits(1, 1, 260, 64, num_cores=132) == 5
+  assert default_num_splits(1, 1, 1, 64, num_cores=132) == 1  # one block
+  assert default_num_splits(1, 1, 10**6, 64, num_cores=132) == 32  # MAX_SPLITS
+  # B*K = 8: ceil(264 / 8) = 33 -> 32; 10**5 slots = 1563 blocks -> 32 splits of 49 blocks.
+  assert default_num_splits(1, 8, 10**5, 64, num_cores=132) == 32
+  # B*K = 64: ceil(264 / 64) = 5 splits; 4096 slots = 64 blocks -> 13 blocks per split -> still 5 splits.
+  assert default_num_splits(8, 8, 4096, 64, num_cores=132) == 5
+  # B*K = 264 or more: one wave pair already, 1 split.
+  assert default_num_splits(33, 8, 4096, 64, num_cores=132) == 1
+  assert default_num_splits(256, 8, 4096, 64, num_cores=132) == 1
+  # 10 blocks, want ceil(264 / 66) = 4 -> 3 blocks per split -> 4 splits (the last one 1 block).
+  assert default_num_splits(66, 1, 640, 64, num_cores=132) == 4
+  # 5 blocks, want 4 -> 2 blocks per split -> 3 splits, not 4 (the 4th would be empty).
+  assert default_num_splits(66, 1, 260, 64, num_cores=132) == 3
+  # 108 cores (A100), B*K = 16: ceil(216 / 16) = 14 splits; 2000 slots / 128 = 16 blocks -> 2 per split -> 8.
+  assert default_num_splits(2, 8, 2000, 128, num_cores=108) == 8
+  # Without a GPU the documented default core count is used.
+  assert default_num_splits(1, 8, 10**5, 64) == default_num_splits(1, 8, 10**5, 64, num_cores=132)
 
 
-def test_validation_errors():
-  q = jnp.zeros((1, 2, 4, 8))
-  kv = jnp.zeros((1, 10, 2, 8))
-  qp, kp = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 10), jnp.int32)
-  call = lambda q, k, v, qp, kp, **kw: sparse_decode_attention(q, k, v, qp, kp, qp, kp,
-                                                               interpret=True, **kw)
-  with pytest.raises(ValueError, match='must divide'):
-    call(q, jnp.zeros((1, 10, 3, 8)), jnp.zeros((1, 10, 3, 8)), qp, kp)
-  with pytest.raises(ValueError, match='batch'):
-    call(q, jnp.zeros((2, 10, 2, 8)), jnp.zeros((2, 10, 2, 8)), qp, jnp.zeros((2, 10), jnp.int32))
-  with pytest.raises(ValueError, match='head_dim'):
-    call(q, jnp.zeros((1, 10, 2, 4)), jnp.zeros((1, 10, 2, 4)), qp, kp)
-  with pytest.raises(ValueError, match='q_pos'):
-    call(q, kv, kv, jnp.zeros((1, 3), jnp.int32), kp)
-  with pytest.raises(ValueError, match='k_pos'):
-    call(q, kv, kv, qp, jnp.zeros((1, 9), jnp.int32))
-  with pytest.raises(ValueError, match='same shape'):
-    call(q, kv, jnp.zeros((1, 11, 2, 8)), qp, kp)
-  with pytest.raises(ValueError, match='num_splits'):
-    call(q, kv, kv, qp, kp, num_splits=0)
-  with pytest.raises(ValueError, match='block_k'):
-    call(q, kv, kv, qp, kp, block_k=0)
+def test_default_decode_tiles():
+  assert default_decode_tiles(128, jnp.bfloat16) == (64, 4, 2)
+  assert default_decode_tiles(96, jnp.bfloat16) == (64, 4, 2)  # not in the table: the fallback
 
 
 def stacked_case(rng, dtype, *, L=3, B=2, Tq=3, N=4, K=2, S=70, H=16, window=None, num_global=0):
