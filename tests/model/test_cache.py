@@ -106,3 +106,25 @@ def test_few_query_attention_equals_the_reference(t, window, num_global, gated):
   np.testing.assert_allclose(attention.few_query_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw),
                              attention.reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw),
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])  # cpu: the Triton kernels interpreted; tpu: Mosaic
+@pytest.mark.parametrize('t', [1, 40])  # a decode step (decode kernel alone), a chunk (flash + decode, merged)
+def test_cached_attention_does_not_copy_the_cache(platform, t):
+  """dsjax's call of the decode kernels (attention_kernels.cached_attention) adds no copy of the stacked cache
+  [L, B, S, K, H] (S = 260: not a multiple of any key block x splits): no pad, slice, gather, transpose or cast."""
+  from tests.pallas_kernels.test_decode_no_copy import assert_no_cache_copy  # pylint: disable=g-import-not-at-top
+  L, B, S, N, K, H = 3, 2, 260, 4, 2, 16
+  rng = np.random.default_rng(t)
+  q = jnp.asarray(rng.normal(size=(B, t, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(B, t, K, H)), jnp.float32) for _ in range(2))
+  cache = tuple(jnp.asarray(rng.normal(size=(L, B, S, K, H)), jnp.float32) for _ in range(2))
+  rows = (jnp.zeros((B, S), jnp.int32), jnp.ones((B, S), jnp.int32))
+  pos = jnp.broadcast_to(jnp.arange(S, S + t, dtype=jnp.int32), (B, t))
+
+  def call(q, k, v, cache_k, cache_v, layer):
+    before = (cache_k, cache_v) + rows
+    return attention_kernels.cached_attention(q, k, v, pos, jnp.ones_like(pos), before, before, layer, window=None,
+                                              num_global=0, gates=None, platform=platform)
+
+  assert_no_cache_copy(call, q, k, v, *cache, jnp.int32(1), elements=B * S * K * H)
