@@ -14,6 +14,10 @@ schedule gets its full range (f_lo, f_hi) from edge_blocks.py here. Key blocks i
 valid row of the query block at every key, so the kernels skip the element mask there; the global range and the rest
 of the local range are edge blocks, masked. The dk/dv kernel does the same over query blocks (tsched [..., nk, 4]).
 
+Backward: the dk/dv kernel runs one program per (batch, key block, kv head), loops the G = N / K query heads of its
+group inside, and writes dk/dv once in the input dtype as [B, T, K, H]; it computes the transposed scores
+S^T = K Q^T directly (see `flash_backward` for the matmul count).
+
 Query metadata comes in two forms. Shared: q_pos/q_seg [B, T], sched [B, nq, 4|6] and tsched [B, nk, 2|4]
 (see schedule.py). Per query head: q_pos/q_seg [B, N, T], sched [B, N, nq, 4|6], tsched [B, N, nk, 2|4]; row c
 of head n is then any token (routed attention compacts each head's selected tokens into the first rows),
@@ -327,6 +331,16 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, *, scale, block_q,
 def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, do, *, scale,
                    block_q, block_k, window, num_global, softcap, interpret, num_warps=None, num_stages=None):
   """Returns (dq [B,T,N,H], dk [B,T,K,H], dv [B,T,K,H]) in the input dtypes.
+
+  Two kernels. dq on the grid (batch, query block, query head): 3 matmuls per visited (query block, key block)
+  pair, S = Q K^T, dP = dO V^T, dq += dS K. dk/dv on the grid (batch, key block, kv head), looping the G query
+  heads of the kv head inside the program and accumulating in float32 registers: 4 matmuls per pair and head,
+  S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q (the transposed products are computed directly, so no
+  [block_q, block_k] tile is transposed in registers). So 7 matmuls per pair, against FlashAttention-2's 5
+  distinct products (S, dP, dv, dk, dq): S and dP are computed twice because dq has its own kernel. Fusing dq into
+  the dk/dv loop (FlashAttention-2) needs float32 atomic adds into a [B, T, N, H] dq buffer from every key-block
+  program (non-deterministic summation order, an extra float32 buffer and a cast); the separate kernel keeps the
+  backward deterministic and every output written once, for 2/7 more tensor-core work.
 
   sched as in `flash_forward`; tsched [..., nk, 2] (q_lo, q_hi) from `transpose_schedule`, or [..., nk, 4] with the
   full query-block run (fq_lo, fq_hi) of `edge_blocks.transpose_full_ranges` appended (added here when absent)."""
