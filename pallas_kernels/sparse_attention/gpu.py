@@ -14,6 +14,10 @@ schedule gets its full range (f_lo, f_hi) from edge_blocks.py here. Key blocks i
 valid row of the query block at every key, so the kernels skip the element mask there; the global range and the rest
 of the local range are edge blocks, masked. The dk/dv kernel does the same over query blocks (tsched [..., nk, 4]).
 
+Backward: the dk/dv kernel runs one program per (batch, key block, kv head), loops the G = N / K query heads of its
+group inside, and writes dk/dv once in the input dtype as [B, T, K, H]; it computes the transposed scores
+S^T = K Q^T directly (see `flash_backward` for the matmul count).
+
 Query metadata comes in two forms. Shared: q_pos/q_seg [B, T], sched [B, nq, 4|6] and tsched [B, nk, 2|4]
 (see schedule.py). Per query head: q_pos/q_seg [B, N, T], sched [B, N, nq, 4|6], tsched [B, N, nk, 2|4]; row c
 of head n is then any token (routed attention compacts each head's selected tokens into the first rows),
@@ -71,15 +75,25 @@ def triton_params(num_warps: int | None = None, num_stages: int | None = None) -
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _mask(qp, qs, kp, ks, window, num_global):
-  """Exact visibility mask [bq, bk] from positions and segments of one query and one key block."""
-  mask = (qs[:, None] == ks[None, :]) & (ks[None, :] != -1) & (kp[None, :] <= qp[:, None])
+def _visible(qp, qs, kp, ks, window, num_global):
+  """Visibility of broadcastable query (qp, qs) and key (kp, ks) positions/segments: True where the key is seen."""
+  mask = (qs == ks) & (ks != -1) & (kp <= qp)
   if window is not None:
-    local = (qp[:, None] - kp[None, :]) < window
+    local = (qp - kp) < window
     if num_global > 0:
-      local = local | (kp[None, :] < num_global)
+      local = local | (kp < num_global)
     mask = mask & local
   return mask
+
+
+def _mask(qp, qs, kp, ks, window, num_global):
+  """Exact visibility mask [bq, bk] from positions and segments of one query and one key block."""
+  return _visible(qp[:, None], qs[:, None], kp[None, :], ks[None, :], window, num_global)
+
+
+def _mask_t(qp, qs, kp, ks, window, num_global):
+  """The transposed mask [bk, bq] (keys on rows), built in that layout."""
+  return _visible(qp[None, :], qs[None, :], kp[:, None], ks[:, None], window, num_global)
 
 
 def _logits(q, k, scale, softcap):
@@ -198,63 +212,79 @@ def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_
 
 
 def _dkv_kernel(tsched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref,
-                kpos_ref, kseg_ref, dk_ref, dv_ref, *, scale, block_q, window, num_global, softcap):
+                kpos_ref, kseg_ref, dk_ref, dv_ref, *, scale, block_q, group, per_head, window, num_global, softcap):
+  """dk, dv of one key block j [block_k, H] of kv head c, summed over the `group` query heads c * G .. c * G + G - 1
+  in float32 registers and written once in the input dtype.
+
+  Refs: k/v/dk/dv [block_k, H], key positions/segments [block_k]; q/do [T, G, H] (the group's query heads),
+  lse/delta [G, T]; query positions/segments [T] (shared) or [G, T] (per head); tsched [4] (shared) or [G, 4]
+  (per head: each head's own query-block ranges).
+
+  Transposed scores: S^T = K Q^T [block_k, block_q] is computed directly, so P^T and dS^T come out in the layout
+  that dv += P^T dO and dk += dS^T Q take as left operands, with no transpose of a [block_q, block_k] register tile.
+  Matmuls per (query block, key block, head): 4, S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q."""
   k = k_ref[...]
   v = v_ref[...]
   kp = kpos_ref[...]
   ks = kseg_ref[...]
 
-  def body(i, carry, masked=True):
-    dk, dv = carry
-    sl = pl.ds(i * block_q, block_q)
-    q = q_ref[sl, :]
-    do = do_ref[sl, :]
-    lse2 = lse_ref[sl] * LOG2E  # +inf on rows with segment -1: p = 0 there, masked or not
-    delta = delta_ref[sl]
-    s = _logits(q, k, scale, softcap)
-    p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
-    if masked:
-      p = jnp.where(_mask(qpos_ref[sl], qseg_ref[sl], kp, ks, window, num_global), p, 0.0)
-    dv = dv + _dot(p.astype(do.dtype).T, do)
-    dp = _dot_t(do, v)
-    ds = _softcap_grad(p * (dp - delta[:, None]), s, softcap)
-    dk = dk + _dot(ds.astype(q.dtype).T, q)
-    return dk, dv
+  def head(g, carry):
+    def body(i, carry, masked=True):
+      dk, dv = carry
+      sl = pl.ds(i * block_q, block_q)
+      q = q_ref[sl, g, :]
+      do = do_ref[sl, g, :]
+      lse2 = lse_ref[g, sl] * LOG2E  # +inf on rows with segment -1: p = 0 there, masked or not
+      delta = delta_ref[g, sl]
+      st = _logits(k, q, scale, softcap)  # S^T [bk, bq], base 2
+      pt = jnp.exp2(st - lse2[None, :])
+      if masked:
+        qp, qs = (qpos_ref[g, sl], qseg_ref[g, sl]) if per_head else (qpos_ref[sl], qseg_ref[sl])
+        pt = jnp.where(_mask_t(qp, qs, kp, ks, window, num_global), pt, 0.0)
+      dv = dv + _dot(pt.astype(do.dtype), do)  # P^T dO [bk, H]
+      dpt = _dot_t(v, do)  # dP^T = V dO^T [bk, bq]
+      dst = _softcap_grad(pt * (dpt - delta[None, :]), st, softcap)
+      dk = dk + _dot(dst.astype(q.dtype), q)  # dS^T Q [bk, H]
+      return dk, dv
+
+    r = (lambda c: tsched_ref[g, c]) if per_head else (lambda c: tsched_ref[c])
+    return _split_loops(r(0), r(1), r(2), r(3), body, functools.partial(body, masked=False), carry)
 
   zeros = jnp.zeros(k.shape, _F32)
-  dk, dv = _split_loops(tsched_ref[0], tsched_ref[1], tsched_ref[2], tsched_ref[3], body,
-                        functools.partial(body, masked=False), (zeros, zeros))
+  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _specs(per_head, block_q, block_k, T, H, group):
   """BlockSpecs for the three kernels. Forward and dq run on the grid (batch, query block i, query head n);
-  dk/dv on (batch, key block j, query head n)."""
+  dk/dv on (batch, key block j, kv head c), each program reading the group's G query heads c * G .. c * G + G - 1."""
+  G = group
   if per_head:  # query metadata [B, N, T], schedules [B, N, nq|nk, w]
-    sched = lambda w: pl.BlockSpec((None, None, None, w), lambda b, i, n: (b, n, i, 0))
+    sched = pl.BlockSpec((None, None, None, 6), lambda b, i, n: (b, n, i, 0))
+    tsched = pl.BlockSpec((None, G, None, 4), lambda b, j, c: (b, c, j, 0))
     q_rows = pl.BlockSpec((None, None, block_q), lambda b, i, n: (b, n, i))
-    q_all_rows = pl.BlockSpec((None, None, T), lambda b, j, n: (b, n, 0))
+    q_all_rows = pl.BlockSpec((None, G, T), lambda b, j, c: (b, c, 0))
   else:  # query metadata [B, T], schedules [B, nq|nk, w]
-    sched = lambda w: pl.BlockSpec((None, None, w), lambda b, i, n: (b, i, 0))
+    sched = pl.BlockSpec((None, None, 6), lambda b, i, n: (b, i, 0))
+    tsched = pl.BlockSpec((None, None, 4), lambda b, j, c: (b, j, 0))
     q_rows = pl.BlockSpec((None, block_q), lambda b, i, n: (b, i))
-    q_all_rows = pl.BlockSpec((None, T), lambda b, j, n: (b, 0))
-  key_block = pl.BlockSpec((None, block_k, None, H), lambda b, j, n: (b, j, n // group, 0))
+    q_all_rows = pl.BlockSpec((None, T), lambda b, j, c: (b, 0))
+  key_block = pl.BlockSpec((None, block_k, None, H), lambda b, j, c: (b, j, c, 0))
   query_grid = types.SimpleNamespace(
-      sched=sched(6),
+      sched=sched,
       heads=pl.BlockSpec((None, block_q, None, H), lambda b, i, n: (b, i, n, 0)),  # q, o, do, dq blocks
       kv=pl.BlockSpec((None, T, None, H), lambda b, i, n: (b, 0, n // group, 0)),  # the whole K or V row
       stats=pl.BlockSpec((None, None, block_q), lambda b, i, n: (b, n, i)),  # lse, delta
       q_rows=q_rows,
       k_rows=pl.BlockSpec((None, T), lambda b, i, n: (b, 0)))
   key_grid = types.SimpleNamespace(
-      sched=sched(4),
-      heads=pl.BlockSpec((None, T, None, H), lambda b, j, n: (b, 0, n, 0)),  # all of q / do for head n
-      kv=key_block,
-      stats=pl.BlockSpec((None, None, T), lambda b, j, n: (b, n, 0)),
+      sched=tsched,
+      heads=pl.BlockSpec((None, T, G, H), lambda b, j, c: (b, 0, c, 0)),  # all of q / do for the group's heads
+      kv=key_block,  # k, v, dk, dv blocks
+      stats=pl.BlockSpec((None, G, T), lambda b, j, c: (b, c, 0)),
       q_rows=q_all_rows,
-      k_rows=pl.BlockSpec((None, block_k), lambda b, j, n: (b, j)),
-      dkv=pl.BlockSpec((None, block_k, None, H), lambda b, j, n: (b, j, n, 0)))
+      k_rows=pl.BlockSpec((None, block_k), lambda b, j, c: (b, j)))
   return query_grid, key_grid
 
 
@@ -302,6 +332,16 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
                    block_q, block_k, window, num_global, softcap, interpret, num_warps=None, num_stages=None):
   """Returns (dq [B,T,N,H], dk [B,T,K,H], dv [B,T,K,H]) in the input dtypes.
 
+  Two kernels. dq on the grid (batch, query block, query head): 3 matmuls per visited (query block, key block)
+  pair, S = Q K^T, dP = dO V^T, dq += dS K. dk/dv on the grid (batch, key block, kv head), looping the G query
+  heads of the kv head inside the program and accumulating in float32 registers: 4 matmuls per pair and head,
+  S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q (the transposed products are computed directly, so no
+  [block_q, block_k] tile is transposed in registers). So 7 matmuls per pair, against FlashAttention-2's 5
+  distinct products (S, dP, dv, dk, dq): S and dP are computed twice because dq has its own kernel. Fusing dq into
+  the dk/dv loop (FlashAttention-2) needs float32 atomic adds into a [B, T, N, H] dq buffer from every key-block
+  program (non-deterministic summation order, an extra float32 buffer and a cast); the separate kernel keeps the
+  backward deterministic and every output written once, for 2/7 more tensor-core work.
+
   sched as in `flash_forward`; tsched [..., nk, 2] (q_lo, q_hi) from `transpose_schedule`, or [..., nk, 4] with the
   full query-block run (fq_lo, fq_hi) of `edge_blocks.transpose_full_ranges` appended (added here when absent)."""
   B, T, N, H = q.shape
@@ -330,18 +370,16 @@ def flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, o, lse, d
       name='sparse_attention_dq',
   )(sched, q, k, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg)
 
-  # dk/dv per query head (grid over query heads), summed over each GQA group below.
+  # dk/dv per kv head (grid over kv heads), summed over the GQA group inside the kernel.
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=block_q, **mask_kw),
+      functools.partial(_dkv_kernel, block_q=block_q, group=group, per_head=q_pos.ndim == 3, **mask_kw),
       compiler_params=triton_params(num_warps, num_stages),
-      grid=(B, T // block_k, N),
+      grid=(B, T // block_k, K),
       in_specs=[ks.sched, ks.heads, ks.kv, ks.kv, ks.heads, ks.stats, ks.stats, ks.q_rows, ks.q_rows, ks.k_rows,
                 ks.k_rows],
-      out_specs=[ks.dkv, ks.dkv],
-      out_shape=[jax.ShapeDtypeStruct((B, T, N, H), _F32)] * 2,
+      out_specs=[ks.kv, ks.kv],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=interpret,
       name='sparse_attention_dkv',
   )(tsched, q, k, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg)
-  dk = dk.reshape(B, T, K, group, H).sum(axis=3).astype(k.dtype)
-  dv = dv.reshape(B, T, K, group, H).sum(axis=3).astype(v.dtype)
   return dq, dk, dv
