@@ -15,6 +15,7 @@ from pallas_kernels.routed_attention import (
     routed_attention_reference,
     scatter_rows,
 )
+from pallas_kernels.routed_attention import api as routed_api
 from pallas_kernels.sparse_attention import count_visited_blocks, sparse_attention
 from tests.pallas_kernels.test_sparse_attention import layout
 
@@ -165,3 +166,33 @@ def test_public_api_on_the_tpu_backend(kernel):
   blocks = lambda backend: {} if backend == 'reference' else dict(block_q=16, block_k=32)
   for got, want in zip(jax.jit(lambda: run('tpu'))(), jax.jit(lambda: run('reference'))()):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def _tile_work_by_brute_force(active, *, block_q, block_k, window):
+  """Rows x key columns the routed kernel's tiles cover over one causal document per row, from first principles:
+  head n's active tokens in order form its rows; a tile of block_q rows visits the key blocks from the first one
+  its earliest row can see (0, or its window's start) through the block of its latest row."""
+  work = 0
+  B, T, N = active.shape
+  for b in range(B):
+    for n in range(N):
+      tokens = np.flatnonzero(active[b, :, n])
+      for i in range(0, len(tokens), block_q):
+        tile = tokens[i:i + block_q]
+        first = 0 if window is None else max(0, tile[0] - window + 1) // block_k
+        work += (tile[-1] // block_k + 1 - first) * block_q * block_k
+  return work
+
+
+def test_default_query_tile_is_64_rows_without_a_window_and_32_under_one():
+  """64-row tiles without a window cost little extra covered area at k = N/2 (their causal key range does not
+  depend on their span), while under a window the wider span of a compacted tile costs a lot more."""
+  assert routed_api.default_block_q('gpu', None) == 64 and routed_api.default_block_q('gpu', 256) == 32
+  assert routed_api.default_block_q('tpu', None) == 128
+  rng = np.random.default_rng(0)
+  scores = rng.random((2, 1024, 8))
+  active = scores >= np.sort(scores, axis=-1)[..., 4:5]  # top 4 of 8 heads per token
+  ratio = lambda window: (_tile_work_by_brute_force(active, block_q=64, block_k=64, window=window) /
+                          _tile_work_by_brute_force(active, block_q=32, block_k=64, window=window))
+  assert ratio(None) < 1.15
+  assert ratio(64) > 1.25
