@@ -1,6 +1,6 @@
 """Tests for the live-pair grids of the Mosaic TPU kernels (live_pairs.py, tpu.flash_forward_pairs /
-flash_dq_pairs): the pair lists against the dense reference mask, the grid steps, the outputs and dq in TPU
-interpret mode, and the TPU lowering."""
+flash_dq_pairs / flash_dkv_pairs): the pair lists (and the transposed dk/dv lists) against the dense reference
+mask, the grid steps, the outputs and dq, dk, dv in TPU interpret mode, and the TPU lowering."""
 import functools
 import math
 
@@ -59,6 +59,53 @@ def test_pair_lists_match_dense_mask(window, num_global, bq, bk):
     np.testing.assert_array_equal(last, np.r_[qb[1:] != qb[:-1], True])
   counts = [len(e[0]) for e in decode_rows(pairs)]
   assert int(pairs.steps) == max(counts) <= pairs.pairs.shape[1]
+
+
+def check_dkv_lists(pairs, live, full, group):
+  """The transposed lists of rows [R, ...] against (live, full) [R * group, nq, nk] of their query rows (row r,
+  head g: r * group + g); for shared metadata pass the mask repeated over the group."""
+  R = pairs.pairs.shape[0]
+  nq, nk = live.shape[1:]
+  live, full = (x.reshape(R, group, nq, nk) for x in (live, full))
+  counts = []
+  for r, (entries, first, last) in enumerate(decode_rows(pairs)):
+    want = []
+    for j in range(nk):
+      col = [(g * nq + i, j, lp.FULL if full[r, g, i, j] else lp.EDGE) for g in range(group) for i in range(nq)
+             if live[r, g, i, j]]
+      want += col or [(0, j, lp.EMPTY)]  # zero dk/dv for a key block nothing sees
+    assert entries == want  # ordered by (key block, query head, query block)
+    kb = np.array([e[1] for e in entries])
+    np.testing.assert_array_equal(first, np.r_[True, kb[1:] != kb[:-1]])
+    np.testing.assert_array_equal(last, np.r_[kb[1:] != kb[:-1], True])
+    counts.append(len(entries))
+  assert int(pairs.steps) == max(counts) <= pairs.pairs.shape[1]
+
+
+@pytest.mark.parametrize('window,num_global', [(None, 0), (7, 0), (33, 3), (500, 2), (16, 1)])
+@pytest.mark.parametrize('bq,bk,group', [(16, 16, 1), (32, 16, 2), (16, 32, 3)])
+def test_dkv_pair_lists_match_dense_mask(window, num_global, bq, bk, group):
+  pos, seg = layout(ROWS, pad=16)
+  kw = dict(block_q=bq, block_k=bk, window=window, num_global=num_global)
+  live, full = brute_force(pos, seg, pos, seg, **kw)
+  pairs = lp.dkv_live_pairs(pos, seg, pos, seg, group=group, **kw)
+  assert pairs.pairs.shape[0] == pos.shape[0]  # shared metadata: one list for every kv head
+  check_dkv_lists(pairs, np.repeat(live, group, 0), np.repeat(full, group, 0), group)
+  assert bk > 16 or (~live.any(axis=1)).any()  # the padded tail: key blocks with EMPTY entries
+
+
+def test_per_head_dkv_pair_lists_match_dense_mask():
+  """Routed per-head rows, GQA: the list of (batch, kv head) merges its group's query heads."""
+  pos, seg = layout([[30, 28, 40], [98]], pad=30)
+  for window, num_global in [(None, 0), (16, 2), (40, 0)]:
+    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(1), pos, seg, 4)
+    kw = dict(block_q=16, block_k=32, window=window, num_global=num_global)
+    B, N, T = q_pos.shape
+    live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
+                             jnp.repeat(seg, N, 0), **kw)
+    pairs = lp.dkv_live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, group=2, **kw)
+    assert pairs.pairs.shape[0] == B * 2
+    check_dkv_lists(pairs, live, full, 2)
 
 
 def test_per_head_pair_lists_match_dense_mask():
