@@ -31,8 +31,10 @@ prefetched schedules take B * Nq * (4 nq + 2 nk) int32 words of SMEM. Interpret 
 sizes that divide T. No TPU was available while writing this, so the kernels have only been run in TPU
 interpret mode on CPU; Mosaic compilation (layouts, relayouts, block shapes) is unverified.
 
-The public API runs the forward and dq kernels on live-pair grids instead (flash_forward_pairs, flash_dq_pairs
-below, lists from live_pairs.py): grid (B, N, live pairs of the longest row), the mask only on edge pairs.
+The public API runs all three kernels on live-pair grids instead (flash_forward_pairs, flash_dq_pairs,
+flash_dkv_pairs below, lists from live_pairs.py): grid (B, N, live pairs of the longest row), for dk/dv
+(B, K, group * live pairs plus empty key blocks), the mask only on edge pairs. The per-block-row kernels above
+(flash_forward, flash_backward) remain as the tested baseline of the schedule.py grids.
 """
 from __future__ import annotations
 
@@ -587,22 +589,6 @@ def flash_dq_pairs(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
     stats, _query_rows(q_pos, q_seg), _key_rows_sublanes(k_pos, k_seg))
   return _heads_major(dq)
 
-
-def flash_dkv(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
-              k_seg: jax.Array, tsched: jax.Array, o: jax.Array, lse: jax.Array, do: jax.Array, *, scale: float,
-              block_q: int, block_k: int, window: int | None, num_global: int, softcap: float | None,
-              interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """flash_backward's dk/dv kernel alone (the transposed-schedule grid). Returns (dk, dv) [B, T, K, H]."""
-  B, T, N, H = q.shape
-  per_head = q_pos.ndim == 3
-  delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))
-  stats = jnp.stack([lse, delta], axis=2)
-  bounds = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global, per_head=per_head)
-  kw = dict(scale=scale, softcap=softcap, window=window, num_global=num_global)
-  shapes = dict(N=N, H=H, group=N // k.shape[2], block_q=block_q, block_k=block_k, per_head=per_head)
-  return _dkv_call(_heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)), stats,
-                   _query_rows(q_pos, q_seg), k_pos, k_seg, tsched, T=T, nk=T // block_k, bounds=bounds, kw=kw,
-                   shapes=shapes, interpret=interpret)
 
 
 def _dkv_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, krows_ref, dk_ref, dv_ref,
