@@ -49,14 +49,15 @@ def _validate_gates(q, gates, active):
     raise ValueError(f'active must have shape [B, T, N] = {want}; got {active.shape}')
 
 
-def _grouped_inputs(q_pos, q_seg, active, cfg, length, k_pos=None, k_seg=None):
+def _grouped_inputs(q_pos, q_seg, active, cfg, length, k_pos=None, k_seg=None, group=1):
   """Pads the routing to `length` tokens and groups it: (groups, per-head q_pos, q_seg, schedule); padded key
-  metadata k_pos, k_seg [B, length] give the TPU kernels their live-pair lists (see sparse_api.block_schedule)."""
+  metadata k_pos, k_seg [B, length] give the TPU kernels their live-pair lists (see sparse_api.block_schedule),
+  `group` = N // K query heads per kv head."""
   groups = grouping.group_by_head(sparse_api.pad_tokens(active, length, value=False))
   q_pos = grouping.gather_metadata(sparse_api.pad_tokens(q_pos.astype(jnp.int32), length), groups, 0)
   q_seg = grouping.gather_metadata(sparse_api.pad_tokens(q_seg.astype(jnp.int32), length, value=-1), groups, -1)
   sched = sparse_api.block_schedule(q_pos, q_seg, cfg, q_index=jnp.where(groups.valid, groups.index, 0), k_pos=k_pos,
-                                    k_seg=k_seg)
+                                    k_seg=k_seg, group=group)
   return groups, q_pos, q_seg, sched
 
 
@@ -90,7 +91,8 @@ def routed_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, gates, active=None, *,
   Tp = sparse_api.padded_length(T, cfg.block_q, cfg.block_k)
   pad = functools.partial(sparse_api.pad_tokens, length=Tp)
   keys = pad(k_pos.astype(jnp.int32)), pad(k_seg.astype(jnp.int32), value=-1)
-  groups, rows_pos, rows_seg, sched = _grouped_inputs(q_pos, q_seg, active, cfg, Tp, *keys)
+  group = q.shape[2] // k.shape[2]
+  groups, rows_pos, rows_seg, sched = _grouped_inputs(q_pos, q_seg, active, cfg, Tp, *keys, group=group)
   rows = sparse_api.flash_attention(grouping.gather_rows(pad(q), groups), pad(k), pad(v), rows_pos, keys[0],
                                     rows_seg, keys[1], sched, cfg)
   out = grouping.scatter_rows(rows, groups)[:, :T].astype(jnp.float32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention import gpu
-from pallas_kernels.sparse_attention.live_pairs import live_pairs
+from pallas_kernels.sparse_attention.live_pairs import dkv_live_pairs, live_pairs
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 from pallas_kernels.sparse_attention.schedule import make_schedule, transpose_schedule
 
@@ -56,17 +56,16 @@ def pad_tokens(x: jax.Array, length: int, value=0, axis: int = 1) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def block_schedule(q_pos, q_seg, cfg: FlashConfig, q_index=None, k_pos=None, k_seg=None):
+def block_schedule(q_pos, q_seg, cfg: FlashConfig, q_index=None, k_pos=None, k_seg=None, group=1):
   """Forward schedule for padded query metadata: [B, T] -> [B, nq, 4], or per head [B, N, T] -> [B, N, nq, 4].
 
-  With backend 'tpu' and key metadata k_pos, k_seg [B, T], a pair (schedule, live_pairs.LivePairs): the Mosaic
-  forward and dq kernels walk the live pairs, the dk/dv kernel the transposed schedule.
+  With backend 'tpu' and key metadata k_pos, k_seg [B, T], a pair of live_pairs.LivePairs (forward/dq lists,
+  dk/dv lists for `group` = N // K query heads per kv head): the Mosaic kernels walk the live pairs.
   """
-  if cfg.backend == 'tpu' and k_pos is not None:
-    pairs = live_pairs(q_pos, q_seg, k_pos, k_seg, q_index=q_index, block_q=cfg.block_q, block_k=cfg.block_k,
-                       window=cfg.window, num_global=cfg.num_global)
-    return block_schedule(q_pos, q_seg, cfg, q_index=q_index), pairs
   kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, window=cfg.window, num_global=cfg.num_global)
+  if cfg.backend == 'tpu' and k_pos is not None:
+    return (live_pairs(q_pos, q_seg, k_pos, k_seg, q_index=q_index, **kw),
+            dkv_live_pairs(q_pos, q_seg, k_pos, k_seg, q_index=q_index, group=group, **kw))
   if q_pos.ndim == 2:
     return make_schedule(q_pos, q_seg, q_index=q_index, **kw)
   B, N, T = q_pos.shape
@@ -100,10 +99,10 @@ def flash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg: FlashConfig
 
 
 def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg):
-  """(out, lse) of the forward kernel; `sched` a (schedule, live pairs) pair selects the TPU live-pair grid."""
+  """(out, lse) of the forward kernel; `sched` a pair of live-pair lists selects the TPU live-pair grids."""
   if isinstance(sched, tuple):
     from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
-    return tpu.flash_forward_pairs(q, k, v, q_pos, k_pos, q_seg, k_seg, sched[1], **_kernel_kw(cfg))
+    return tpu.flash_forward_pairs(q, k, v, q_pos, k_pos, q_seg, k_seg, sched[0], **_kernel_kw(cfg))
   return _kernels(cfg.backend).flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, **_kernel_kw(cfg))
 
 
@@ -117,10 +116,10 @@ def _flash_bwd(cfg, res, do):
   no_grad = jax.tree.map(lambda _: None, sched)
   if isinstance(sched, tuple):
     from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
-    sched, pairs = sched
+    pairs, dkv_pairs = sched
     args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
     dq = tpu.flash_dq_pairs(*args, pairs, out, lse, do, **_kernel_kw(cfg))
-    dk, dv = tpu.flash_dkv(*args, _transposed(sched, k.shape[1] // cfg.block_k), out, lse, do, **_kernel_kw(cfg))
+    dk, dv = tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, do, **_kernel_kw(cfg))
     return dq, dk, dv, None, None, None, None, no_grad
   tsched = _transposed(sched, k.shape[1] // cfg.block_k)
   dq, dk, dv = _kernels(cfg.backend).flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, out,
@@ -249,4 +248,4 @@ def _padded_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, cfg):
   q_pos, k_pos = pad(q_pos.astype(jnp.int32)), pad(k_pos.astype(jnp.int32))
   q_seg, k_seg = pad(q_seg.astype(jnp.int32), value=-1), pad(k_seg.astype(jnp.int32), value=-1)
   return (pad(q), pad(k), pad(v), q_pos, k_pos, q_seg, k_seg,
-          block_schedule(q_pos, q_seg, cfg, k_pos=k_pos, k_seg=k_seg))
+          block_schedule(q_pos, q_seg, cfg, k_pos=k_pos, k_seg=k_seg, group=q.shape[2] // k.shape[2]))

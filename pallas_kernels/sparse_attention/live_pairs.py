@@ -5,7 +5,9 @@ the block sees every key of the block (then the kernel skips the element mask; a
 segment -1, is never full). One list per schedule row (a batch row, or a (batch row, query head) with per-head
 query metadata), sorted by (query block, key block), as megablox's group metadata flattens its tiles: the
 kernel's last grid axis walks the list, so a dead (query block, key block) pair costs no grid step. A query
-block with no live pair gets one `EMPTY` entry, so that the kernel still writes its zero output.
+block with no live pair gets one `EMPTY` entry, so that the kernel still writes its zero output. The dk/dv kernel
+walks the transposed lists of dkv_live_pairs: one per (batch row[, kv head]), sorted by (key block, query head of
+the GQA group, query block), first/last flags per key block, one EMPTY entry per key block that nothing sees.
 
 Each entry is one int32 word (SMEM scalar prefetch is 32-bit on TPU, so narrower types would not shrink it):
   bits 0-1 kind (EMPTY 0, EDGE 1: masked, FULL 2: unmasked, DEAD 3: padding past the row's count),
@@ -122,42 +124,83 @@ def row_capacity(T: int, *, block_q: int, block_k: int, window: int | None, num_
   return total
 
 
-def pair_lists(live, full, capacity: int) -> LivePairs:
+def pair_lists(live, full, capacity: int, *, transposed: bool = False) -> LivePairs:
   """live, full bool [R, nq, nk] -> LivePairs with [R, capacity] entries (see the module docstring).
 
-  Entries past `capacity` are dropped, so capacity must bound every row's count (row_capacity does).
+  transposed: live, full are [R, nk, nq'] (key block outer); the entries are then ordered by key block, the
+  first/last flags mark a key block's first/last entry, a key block with no live pair gets one EMPTY entry
+  (query block 0), and the words keep their fields (key block in the key field, nq' < MAX_Q_BLOCKS in the query
+  field). Entries past `capacity` are dropped, so capacity must bound every row's count (row_capacity does).
   """
-  R, nq, nk = live.shape
+  R, n_out, n_in = live.shape
   any_live = jnp.any(live, axis=-1, keepdims=True)
-  j = jnp.arange(nk, dtype=jnp.int32)
-  sel = live | (~any_live & (j == 0))
+  inner = jnp.arange(n_in, dtype=jnp.int32)
+  sel = live | (~any_live & (inner == 0))
   kind = jnp.where(live, jnp.where(full, FULL, EDGE), EMPTY)
   first = sel & (jnp.cumsum(sel, axis=-1) == 1)
   last = sel & (jnp.cumsum(sel[..., ::-1], axis=-1)[..., ::-1] == 1)
-  i = jnp.arange(nq, dtype=jnp.int32)[:, None]
-  words = pack(i, j, kind, first, last).reshape(R, nq * nk)
-  sel = sel.reshape(R, nq * nk)
+  outer = jnp.arange(n_out, dtype=jnp.int32)[:, None]
+  i, j = (inner, outer) if transposed else (outer, inner)
+  words = pack(i, j, kind, first, last).reshape(R, n_out * n_in)
+  sel = sel.reshape(R, n_out * n_in)
   slot = jnp.where(sel, jnp.cumsum(sel, axis=-1) - 1, capacity)
   rows = jnp.broadcast_to(jnp.arange(R)[:, None], slot.shape)
   pairs = jnp.zeros((R, capacity), jnp.int32).at[rows, slot].set(words, mode='drop')
-  count = jnp.minimum(jnp.sum(sel, axis=-1), capacity)  # >= nq >= 1: every query block has an entry
+  count = jnp.minimum(jnp.sum(sel, axis=-1), capacity)  # >= n_out >= 1: every outer block has an entry
   last_word = jnp.take_along_axis(pairs, (count - 1)[:, None], axis=-1)
   dead = (last_word & ~3) | DEAD
   pairs = jnp.where(jnp.arange(capacity)[None] < count[:, None], pairs, dead)
   return LivePairs(pairs, jnp.max(count).astype(jnp.int32))
 
 
+def _masks(q_pos, q_seg, k_pos, k_seg, *, q_index, **kw):
+  """block_masks of shared [B, T] or per-head [B, N, T] query metadata -> (live, full) [B or B * N, nq, nk]."""
+  if q_pos.ndim == 2:
+    return block_masks(q_pos, q_seg, k_pos, k_seg, q_index=q_index, **kw)
+  B, N, T = q_pos.shape
+  flat = lambda x: None if x is None else x.reshape(B * N, T)
+  rep = lambda x: jnp.repeat(x, N, axis=0)
+  return block_masks(flat(q_pos), flat(q_seg), rep(k_pos), rep(k_seg), q_index=flat(q_index), **kw)
+
+
 def live_pairs(q_pos, q_seg, k_pos, k_seg, *, block_q, block_k, window=None, num_global=0, q_index=None):
-  """The kernels' pair lists. Shared query metadata q_pos/q_seg [B, T] -> pairs [B, P]; per-head [B, N, T] (with
-  q_index [B, N, T], the token of each row) -> pairs [B * N, P]. Keys k_pos/k_seg [B, T]."""
+  """The forward and dq kernels' pair lists. Shared query metadata q_pos/q_seg [B, T] -> pairs [B, P]; per-head
+  [B, N, T] (with q_index [B, N, T], the token of each row) -> pairs [B * N, P]. Keys k_pos/k_seg [B, T]."""
+  kw = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global)
+  live, full = _masks(q_pos, q_seg, k_pos, k_seg, q_index=q_index, **kw)
+  return pair_lists(live, full, row_capacity(q_pos.shape[-1], per_head=q_pos.ndim == 3, **kw))
+
+
+def dkv_capacity(T: int, *, group: int, block_q: int, block_k: int, window: int | None, num_global: int,
+                 per_head: bool) -> int:
+  """Static bound on the entries of one dk/dv list row: group copies of the live pairs (at most the forward's
+  row_capacity, which also counts empty query blocks) plus one EMPTY entry per key block, at most group * nq * nk."""
+  nq, nk = T // block_q, T // block_k
+  fwd = row_capacity(T, block_q=block_q, block_k=block_k, window=window, num_global=num_global, per_head=per_head)
+  return min(group * fwd + nk, group * nq * nk)
+
+
+def dkv_live_pairs(q_pos, q_seg, k_pos, k_seg, *, group, block_q, block_k, window=None, num_global=0,
+                   q_index=None):
+  """The dk/dv kernel's pair lists (transposed: key block outer), GQA group of `group` query heads per kv head.
+
+  Entry word fields: key block j; query field g * nq + i for query head h * group + g of kv head h and query block
+  i (so the kernel sums a key block's dk/dv over its group's heads and query blocks between the first and last
+  flags); a key block that no query of the group sees gets one EMPTY entry, so its zero dk/dv are written.
+  Shared query metadata q_pos/q_seg [B, T] -> pairs [B, P] (the same for every kv head); per-head [B, N, T] (with
+  q_index [B, N, T]) -> pairs [B * K, P], K = N // group. Keys k_pos/k_seg [B, T].
+  """
   kw = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global)
   T = q_pos.shape[-1]
+  nq = T // block_q
+  if group * nq > MAX_Q_BLOCKS:
+    raise ValueError(f'group * nq = {group * nq} does not fit the entry word ({MAX_Q_BLOCKS})')
+  live, full = _masks(q_pos, q_seg, k_pos, k_seg, q_index=q_index, **kw)  # [R, nq, nk]
+  R, _, nk = live.shape
   per_head = q_pos.ndim == 3
-  if per_head:
-    B, N, _ = q_pos.shape
-    flat = lambda x: None if x is None else x.reshape(B * N, T)
-    rep = lambda x: jnp.repeat(x, N, axis=0)
-    live, full = block_masks(flat(q_pos), flat(q_seg), rep(k_pos), rep(k_seg), q_index=flat(q_index), **kw)
-  else:
-    live, full = block_masks(q_pos, q_seg, k_pos, k_seg, q_index=q_index, **kw)
-  return pair_lists(live, full, row_capacity(T, per_head=per_head, **kw))
+  if per_head:  # rows (b, n = h * group + g) -> (b, h), query field g * nq + i
+    to_key_major = lambda x: x.reshape(R // group, group, nq, nk).transpose(0, 3, 1, 2).reshape(R // group, nk, -1)
+  else:  # the same mask for every query head of the group
+    to_key_major = lambda x: jnp.tile(x.transpose(0, 2, 1), (1, 1, group))
+  return pair_lists(to_key_major(live), to_key_major(full), dkv_capacity(T, group=group, per_head=per_head, **kw),
+                    transposed=True)

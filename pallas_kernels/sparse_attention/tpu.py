@@ -31,8 +31,10 @@ prefetched schedules take B * Nq * (4 nq + 2 nk) int32 words of SMEM. Interpret 
 sizes that divide T. No TPU was available while writing this, so the kernels have only been run in TPU
 interpret mode on CPU; Mosaic compilation (layouts, relayouts, block shapes) is unverified.
 
-The public API runs the forward and dq kernels on live-pair grids instead (flash_forward_pairs, flash_dq_pairs
-below, lists from live_pairs.py): grid (B, N, live pairs of the longest row), the mask only on edge pairs.
+The public API runs all three kernels on live-pair grids instead (flash_forward_pairs, flash_dq_pairs,
+flash_dkv_pairs below, lists from live_pairs.py): grid (B, N, live pairs of the longest row), for dk/dv
+(B, K, group * live pairs plus empty key blocks), the mask only on edge pairs. The per-block-row kernels above
+(flash_forward, flash_backward) remain as the tested baseline of the schedule.py grids.
 """
 from __future__ import annotations
 
@@ -142,6 +144,11 @@ def _fwd_mask(qrows_ref, krows_ref, window: int | None, num_global: int) -> jax.
                   num_global)
 
 
+def _dkv_mask(qrows_ref, krows_ref, window: int | None, num_global: int) -> jax.Array:
+  """Transposed [bk, bq] visibility from (2, bq) query rows and (2, bk, 128) lane-broadcast key columns."""
+  return _visible(qrows_ref[0:1], qrows_ref[1:2], krows_ref[0, :, :1], krows_ref[1, :, :1], window, num_global)
+
+
 def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qrows_ref, krows_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
                 *, row_of, scale, softcap, window, num_global):
   b, n, i, s = (pl.program_id(a) for a in range(4))
@@ -216,8 +223,7 @@ def _dkv_kernel(tsched_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, k
     q = q_ref[...]
     do = do_ref[...]
     # Transposed [bk, bq] scores: the query-side rows are used as lane vectors, no relayout.
-    mask = _visible(qrows_ref[0:1], qrows_ref[1:2], krows_ref[0, :, :1], krows_ref[1, :, :1], window,
-                    num_global)
+    mask = _dkv_mask(qrows_ref, krows_ref, window, num_global)
     sc, t = _scores(k_ref[...], q, scale, softcap)
     p = jnp.where(mask, jnp.exp(sc - stats_ref[0:1]), 0.0)
     dv_acc[...] += jnp.dot(p.astype(do.dtype), do, preferred_element_type=_F32)
@@ -417,9 +423,10 @@ def _dkv_call(qh, kh, vh, doh, stats, q_rows, k_pos, k_seg, tsched, *, T, nk, bo
 # Live-pair kernels: the grid walks a flattened list of the live (query block, key block) pairs (live_pairs.py)
 # instead of a static `steps` bound per query block, and full pairs skip the element mask.
 #   forward, dq  (B, N, steps)  parallel, parallel, arbitrary; steps = the longest row's count (a traced scalar)
-# Entry p of row r = b (shared metadata) or b * N + n (per head) names the pair; the init runs on the first
-# entry of a query block, the finish on its last, DEAD entries (past the row's count) do nothing and repeat the
-# last live pair's blocks, so the pipeline fetches nothing for them.
+#   dk/dv        (B, K, steps)  parallel, parallel, arbitrary; the transposed lists (live_pairs.dkv_live_pairs)
+# Entry p of row r = b (shared metadata) or b * N + n (per head; dk/dv: b * K + h) names the pair; the init runs
+# on the first entry of a query block (dk/dv: of a key block), the finish on its last, DEAD entries (past the row's
+# count) do nothing and repeat the last live pair's blocks, so the pipeline fetches nothing for them.
 
 
 def _pair_row_of(num_heads: int, per_head: bool):
@@ -583,18 +590,93 @@ def flash_dq_pairs(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
   return _heads_major(dq)
 
 
-def flash_dkv(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
-              k_seg: jax.Array, tsched: jax.Array, o: jax.Array, lse: jax.Array, do: jax.Array, *, scale: float,
-              block_q: int, block_k: int, window: int | None, num_global: int, softcap: float | None,
-              interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """flash_backward's dk/dv kernel alone (the transposed-schedule grid). Returns (dk, dv) [B, T, K, H]."""
+
+def _dkv_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, krows_ref, dk_ref, dv_ref,
+                      dk_acc, dv_acc, *, row_of, capacity, scale, softcap, window, num_global):
+  b, h, p = (pl.program_id(a) for a in range(3))
+  _, _, kind, first, last = _pair_entry(pairs_ref, row_of(b, h), p, capacity)
+  alive = kind != live_pairs.DEAD
+
+  @pl.when(alive & first)
+  def _init():
+    dk_acc[...] = jnp.zeros_like(dk_acc)
+    dv_acc[...] = jnp.zeros_like(dv_acc)
+
+  def step(masked: bool):
+    q = q_ref[...]
+    do = do_ref[...]
+    sc, t = _scores(k_ref[...], q, scale, softcap)  # transposed [bk, bq]: query rows are lane vectors
+    p_ = jnp.exp(sc - stats_ref[0:1])
+    if masked:
+      p_ = jnp.where(_dkv_mask(qrows_ref, krows_ref, window, num_global), p_, 0.0)
+    dv_acc[...] += jnp.dot(p_.astype(do.dtype), do, preferred_element_type=_F32)
+    dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=_F32)
+    ds = _uncap(p_ * (dp - stats_ref[1:2]), t)
+    dk_acc[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=_F32)
+
+  pl.when(kind == live_pairs.EDGE)(lambda: step(True))
+  pl.when(kind == live_pairs.FULL)(lambda: step(False))
+
+  @pl.when(alive & last)
+  def _finish():
+    dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _dkv_pair_grid_specs(*, K: int, nq: int, H: int, group: int, block_q: int, block_k: int, capacity: int,
+                         per_head: bool) -> types.SimpleNamespace:
+  """BlockSpecs of the live-pair dk/dv kernel: grid (B, K, steps), prefetched transposed pairs whose query field
+  g * nq + i names query head h * group + g and query block i."""
+  row_of = (lambda b, h: b * K + h) if per_head else (lambda b, h: b)
+  rows_head = _rows_head(per_head)
+
+  def blocks(b, h, p, pairs_ref):  # (query head, query block, key block)
+    iq, j = _pair_entry(pairs_ref, row_of(b, h), p, capacity)[:2]
+    return h * group + lax.div(iq, nq), lax.rem(iq, nq), j
+
+  def at(fn):
+    return lambda b, h, p, r: fn(b, h, *blocks(b, h, p, r))
+
+  return types.SimpleNamespace(
+      row_of=row_of,
+      heads=pl.BlockSpec((None, None, block_q, H), at(lambda b, h, n, i, j: (b, n, i, 0))),  # q, do
+      kv=pl.BlockSpec((None, None, block_k, H), at(lambda b, h, n, i, j: (b, h, j, 0))),  # k, v, dk, dv
+      q_rows=pl.BlockSpec((None, None, 2, block_q), at(lambda b, h, n, i, j: (b, rows_head(n), 0, i))),
+      stats=pl.BlockSpec((None, None, 2, block_q), at(lambda b, h, n, i, j: (b, n, 0, i))),
+      k_rows=pl.BlockSpec((None, 2, block_k, _LANES), at(lambda b, h, n, i, j: (b, 0, j, 0))),
+  )
+
+
+def flash_dkv_pairs(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                    q_seg: jax.Array, k_seg: jax.Array, pairs: live_pairs.LivePairs, o: jax.Array, lse: jax.Array,
+                    do: jax.Array, *, scale: float, block_q: int, block_k: int, window: int | None,
+                    num_global: int, softcap: float | None, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """The dk/dv kernel over the transposed live pairs (live_pairs.dkv_live_pairs with group = N // K of the same
+  metadata and settings): grid (B, K, steps), dk/dv summed over the GQA group's query heads and query blocks.
+
+  Returns (dk, dv) [B, T, K, H] in k.dtype, v.dtype."""
   B, T, N, H = q.shape
+  K = k.shape[2]
   per_head = q_pos.ndim == 3
-  delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))
-  stats = jnp.stack([lse, delta], axis=2)
-  bounds = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global, per_head=per_head)
-  kw = dict(scale=scale, softcap=softcap, window=window, num_global=num_global)
-  shapes = dict(N=N, H=H, group=N // k.shape[2], block_q=block_q, block_k=block_k, per_head=per_head)
-  return _dkv_call(_heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)), stats,
-                   _query_rows(q_pos, q_seg), k_pos, k_seg, tsched, T=T, nk=T // block_k, bounds=bounds, kw=kw,
-                   shapes=shapes, interpret=interpret)
+  capacity = pairs.pairs.shape[-1]
+  delta = jnp.einsum('btnh,btnh->bnt', o.astype(_F32), do.astype(_F32))  # rowsum(dO * O)
+  stats = jnp.stack([lse, delta], axis=2)  # [B, N, 2, T]
+  spec = _dkv_pair_grid_specs(K=K, nq=T // block_q, H=H, group=N // K, block_q=block_q, block_k=block_k,
+                              capacity=capacity, per_head=per_head)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_pairs_kernel, row_of=spec.row_of, capacity=capacity, scale=scale, softcap=softcap,
+                        window=window, num_global=num_global),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(B, K, pairs.steps),
+          in_specs=[spec.heads, spec.kv, spec.kv, spec.heads, spec.stats, spec.q_rows, spec.k_rows],
+          out_specs=[spec.kv, spec.kv],
+          scratch_shapes=[pltpu.VMEM((block_k, H), _F32), pltpu.VMEM((block_k, H), _F32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct((B, K, T, H), k.dtype), jax.ShapeDtypeStruct((B, K, T, H), v.dtype)],
+      compiler_params=_semantics(1, 3),
+      interpret=_interpret(interpret),
+      name='sparse_attention_dkv_pairs',
+  )(pairs.pairs.reshape(-1), _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do.astype(q.dtype)),
+    stats, _query_rows(q_pos, q_seg), _key_rows_lanes(k_pos, k_seg))
+  return _heads_major(dk), _heads_major(dv)

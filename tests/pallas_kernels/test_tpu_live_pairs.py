@@ -1,6 +1,6 @@
 """Tests for the live-pair grids of the Mosaic TPU kernels (live_pairs.py, tpu.flash_forward_pairs /
-flash_dq_pairs): the pair lists against the dense reference mask, the grid steps, the outputs and dq in TPU
-interpret mode, and the TPU lowering."""
+flash_dq_pairs / flash_dkv_pairs): the pair lists (and the transposed dk/dv lists) against the dense reference
+mask, the grid steps, the outputs and dq, dk, dv in TPU interpret mode, and the TPU lowering."""
 import functools
 import math
 
@@ -61,6 +61,53 @@ def test_pair_lists_match_dense_mask(window, num_global, bq, bk):
   assert int(pairs.steps) == max(counts) <= pairs.pairs.shape[1]
 
 
+def check_dkv_lists(pairs, live, full, group):
+  """The transposed lists of rows [R, ...] against (live, full) [R * group, nq, nk] of their query rows (row r,
+  head g: r * group + g); for shared metadata pass the mask repeated over the group."""
+  R = pairs.pairs.shape[0]
+  nq, nk = live.shape[1:]
+  live, full = (x.reshape(R, group, nq, nk) for x in (live, full))
+  counts = []
+  for r, (entries, first, last) in enumerate(decode_rows(pairs)):
+    want = []
+    for j in range(nk):
+      col = [(g * nq + i, j, lp.FULL if full[r, g, i, j] else lp.EDGE) for g in range(group) for i in range(nq)
+             if live[r, g, i, j]]
+      want += col or [(0, j, lp.EMPTY)]  # zero dk/dv for a key block nothing sees
+    assert entries == want  # ordered by (key block, query head, query block)
+    kb = np.array([e[1] for e in entries])
+    np.testing.assert_array_equal(first, np.r_[True, kb[1:] != kb[:-1]])
+    np.testing.assert_array_equal(last, np.r_[kb[1:] != kb[:-1], True])
+    counts.append(len(entries))
+  assert int(pairs.steps) == max(counts) <= pairs.pairs.shape[1]
+
+
+@pytest.mark.parametrize('window,num_global', [(None, 0), (7, 0), (33, 3), (500, 2), (16, 1)])
+@pytest.mark.parametrize('bq,bk,group', [(16, 16, 1), (32, 16, 2), (16, 32, 3)])
+def test_dkv_pair_lists_match_dense_mask(window, num_global, bq, bk, group):
+  pos, seg = layout(ROWS, pad=16)
+  kw = dict(block_q=bq, block_k=bk, window=window, num_global=num_global)
+  live, full = brute_force(pos, seg, pos, seg, **kw)
+  pairs = lp.dkv_live_pairs(pos, seg, pos, seg, group=group, **kw)
+  assert pairs.pairs.shape[0] == pos.shape[0]  # shared metadata: one list for every kv head
+  check_dkv_lists(pairs, np.repeat(live, group, 0), np.repeat(full, group, 0), group)
+  assert bk > 16 or (~live.any(axis=1)).any()  # the padded tail: key blocks with EMPTY entries
+
+
+def test_per_head_dkv_pair_lists_match_dense_mask():
+  """Routed per-head rows, GQA: the list of (batch, kv head) merges its group's query heads."""
+  pos, seg = layout([[30, 28, 40], [98]], pad=30)
+  for window, num_global in [(None, 0), (16, 2), (40, 0)]:
+    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(1), pos, seg, 4)
+    kw = dict(block_q=16, block_k=32, window=window, num_global=num_global)
+    B, N, T = q_pos.shape
+    live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
+                             jnp.repeat(seg, N, 0), **kw)
+    pairs = lp.dkv_live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, group=2, **kw)
+    assert pairs.pairs.shape[0] == B * 2
+    check_dkv_lists(pairs, live, full, 2)
+
+
 def test_per_head_pair_lists_match_dense_mask():
   """Routed attention's compacted per-head rows (q_index: the token of each row)."""
   pos, seg = layout([[30, 28, 40], [98]], pad=30)
@@ -102,6 +149,9 @@ CASES = [
      32, 16, False),
     ('bf16_per_head_window_globals_gqa2', jnp.bfloat16, 4, 2, 32, [[30, 28], [58]], 6, 16, 2, None, 16, 32,
      True),
+    ('f32_window_packed_gqa4', jnp.float32, 4, 1, 16, [[50, 30], [80]], 16, 20, 0, None, 16, 16, False),
+    ('bf16_causal_packed_tail', jnp.bfloat16, 2, 2, 32, [[40, 24], [64]], 32, None, 0, None, 32, 16, False),
+    ('f32_per_head_causal_gqa2', jnp.float32, 4, 2, 16, [[30, 20], [50]], 14, None, 0, None, 16, 16, True),
 ]
 
 
@@ -115,14 +165,19 @@ def test_pair_kernels_match_dense_oracle(case):
   q, do = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(2))
   k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), dtype) for _ in range(2))
   kw = dict(window=window, num_global=num_global)
-  pairs = lp.live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, block_q=block_q, block_k=block_k, **kw)
+  blocks = dict(q_index=q_index, block_q=block_q, block_k=block_k, **kw)
+  pairs = lp.live_pairs(q_pos, q_seg, pos, seg, **blocks)
+  dkv_pairs = lp.dkv_live_pairs(q_pos, q_seg, pos, seg, group=N // K, **blocks)
   kw.update(scale=1 / math.sqrt(H), softcap=softcap)
-  args = (q, k, v, q_pos, pos, q_seg, seg, pairs)
-  out, lse = tpu.flash_forward_pairs(*args, block_q=block_q, block_k=block_k, interpret=True, **kw)
-  dq = tpu.flash_dq_pairs(*args, out, lse, do, block_q=block_q, block_k=block_k, interpret=True, **kw)
-  want, vjp = jax.vjp(lambda q: dense_attention(q, k, v, q_pos, pos, q_seg, seg, **kw), q)
+  args = (q, k, v, q_pos, pos, q_seg, seg)
+  out, lse = tpu.flash_forward_pairs(*args, pairs, block_q=block_q, block_k=block_k, interpret=True, **kw)
+  dq = tpu.flash_dq_pairs(*args, pairs, out, lse, do, block_q=block_q, block_k=block_k, interpret=True, **kw)
+  dk, dv = tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, do, block_q=block_q, block_k=block_k, interpret=True,
+                               **kw)
+  want, vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, q_pos, pos, q_seg, seg, **kw), q, k, v)
+  grads = vjp(do.astype(jnp.float32))
   tol = 2e-5 if dtype == jnp.float32 else 2e-2
-  for got, ref, what in ((out, want, 'out'), (dq, vjp(do.astype(jnp.float32))[0], 'dq')):
+  for got, ref, what in ((out, want, 'out'), *zip((dq, dk, dv), grads, ('dq', 'dk', 'dv'))):
     assert got.shape == ref.shape and got.dtype == dtype, what
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)))
     bound = tol * float(jnp.max(jnp.abs(ref)))
@@ -130,6 +185,9 @@ def test_pair_kernels_match_dense_oracle(case):
   blind = np.broadcast_to(np.asarray(q_seg if per_head else q_seg[:, None]) == -1, (B, N, T))
   assert np.all(np.asarray(out, np.float32).transpose(0, 2, 1, 3)[blind] == 0)
   assert np.all(np.asarray(lse)[blind] == 0)
+  unseen = np.asarray(seg) == -1  # padding keys: their key blocks are EMPTY entries (or masked), dk = dv = 0
+  for g in (dk, dv):
+    assert np.all(np.asarray(g, np.float32)[unseen] == 0)
 
 
 def test_grid_steps_are_the_live_pairs(monkeypatch):
@@ -164,6 +222,48 @@ def test_grid_steps_are_the_live_pairs(monkeypatch):
   assert counts['masks'] == N * int((live & ~full).sum()) < counts['scores']
 
 
+def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
+  """The dk/dv kernel body runs B * K * steps times (steps: the longest row's group * live pairs plus one EMPTY
+  entry per key block nothing sees, here the padded tail), computes scores on exactly K * group * live pairs and
+  the mask on the edge ones, and writes zero dk/dv for the EMPTY key block (interpret mode fills unwritten
+  outputs with NaN)."""
+  pos, seg = layout([[40, 70, 18], [128]], pad=16)
+  B, T = pos.shape
+  N, K, H, b = 4, 2, 8, 16
+  group = N // K
+  kw = dict(block_q=b, block_k=b, window=None, num_global=0)
+  live, full = brute_force(pos, seg, pos, seg, **kw)
+  pairs = lp.live_pairs(pos, seg, pos, seg, **kw)
+  dkv_pairs = lp.dkv_live_pairs(pos, seg, pos, seg, group=group, **kw)
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
+  args = (q, k, k, pos, pos, seg, seg)
+  out, lse = tpu.flash_forward_pairs(*args, pairs, scale=1.0, softcap=None, interpret=True, **kw)
+  counts = {'steps': 0, 'scores': 0, 'masks': 0}
+
+  def counting(name, fn):
+    def wrapped(*args, **kwargs):
+      jax.debug.callback(lambda: counts.__setitem__(name, counts[name] + 1))
+      return fn(*args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
+  monkeypatch.setattr(tpu, '_dkv_mask', counting('masks', tpu._dkv_mask))
+  monkeypatch.setattr(tpu, '_dkv_pairs_kernel', counting('steps', tpu._dkv_pairs_kernel))
+  dk, dv = tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, q, scale=1.0, softcap=None, interpret=True, **kw)
+  jax.block_until_ready((dk, dv))
+  empty = ~live.any(axis=1)  # [B, nk]
+  assert empty[:, -1].all() and empty.sum() == B
+  assert int(dkv_pairs.steps) == max(group * int(live[r].sum()) + int(empty[r].sum()) for r in range(B))
+  assert counts['steps'] == B * K * int(dkv_pairs.steps)
+  assert counts['scores'] == K * group * int(live.sum()) < B * N * (T // b) ** 2 // 2
+  assert counts['masks'] == K * group * int((live & ~full).sum()) < counts['scores']
+  for g in (dk, dv):
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)) and np.all(g[:, -b:] == 0) and np.abs(g[:, :-b]).max() > 0
+
+
 @pytest.mark.parametrize('per_head,window,num_global,T', [(False, None, 0, 1024), (False, 256, 4, 512),
                                                          (True, 256, 4, 512), (True, None, 0, 256)])
 def test_pair_kernels_lower_to_mosaic(per_head, window, num_global, T):
@@ -177,15 +277,19 @@ def test_pair_kernels_lower_to_mosaic(per_head, window, num_global, T):
 
   def attention(q, k, v, do, pos, seg):
     qp, qs = (jnp.broadcast_to(x[:, None], rows.shape) if per_head else x for x in (pos, seg))
-    pairs = lp.live_pairs(qp, qs, pos, seg, q_index=qp if per_head else None, block_q=128, block_k=128,
-                          window=window, num_global=num_global)
+    blocks = dict(q_index=qp if per_head else None, block_q=128, block_k=128, window=window, num_global=num_global)
+    pairs = lp.live_pairs(qp, qs, pos, seg, **blocks)
+    dkv_pairs = lp.dkv_live_pairs(qp, qs, pos, seg, group=N // K, **blocks)
     kw = dict(scale=0.1, block_q=128, block_k=128, window=window, num_global=num_global, softcap=30.0,
               interpret=False)
-    out, lse = tpu.flash_forward_pairs(q, k, v, qp, pos, qs, seg, pairs, **kw)
-    return tpu.flash_dq_pairs(q, k, v, qp, pos, qs, seg, pairs, out, lse, do, **kw)
+    args = (q, k, v, qp, pos, qs, seg)
+    out, lse = tpu.flash_forward_pairs(*args, pairs, **kw)
+    return (tpu.flash_dq_pairs(*args, pairs, out, lse, do, **kw),
+            *tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, do, **kw))
 
   text = jax.jit(attention).trace(q, k, k, q, keys, keys).lower(lowering_platforms=('tpu',)).as_text()
-  assert text.count('tpu_custom_call') == 2
+  assert text.count('tpu_custom_call') == 3
+  assert 'sparse_attention_dkv_pairs' in text
 
 
 def test_public_forward_with_lse_on_the_tpu_backend():
