@@ -45,8 +45,8 @@ STEPS = (
     Step('attention', ('bench/attention.py', '--shapes=8x16x2048,1x16x32768', '--windows=none,1024', '--calls=10',
                        '--repeats=3', '--out={out}'), 130, 'Pallas vs cuDNN vs XLA, routed k=N/2 vs k=N'),
     Step('sweep', ('bench/attention_sweep.py', '--shape=4x16x4096', '--windows=none,1024', '--blocks=64x64,128x64,'
-                   '64x128,128x128', '--warps=4,8', '--stages=2,3', '--calls=5', '--repeats=3', '--out={out}'), 100,
-         'Triton block / warps / stages sweep'),
+                   '64x128,128x128', '--warps=4,8', '--stages=2,3', '--calls=5', '--repeats=3', '--decode=8x32x8x4096',
+                   '--out={out}'), 120, 'Triton block / warps / stages sweep (flash and decode kernels)'),
     Step('decode', ('bench/decode_attention.py', '--steps=64', '--repeats=3', '--out={out}'), 40,
          'decode kernel GB/s vs copy rate'),
     Step('train', ('bench/train.py', '--config=configs/deepseek_coder_1p3b.py', '--synthetic', '--kinds=full',
