@@ -149,39 +149,85 @@ def _dkv_mask(qrows_ref, krows_ref, window: int | None, num_global: int) -> jax.
   return _visible(qrows_ref[0:1], qrows_ref[1:2], krows_ref[0, :, :1], krows_ref[1, :, :1], window, num_global)
 
 
+# Kernel bodies shared by the per-query-block grids and the live-pair grids. `mask`: the block's [bq, bk] (dk/dv:
+# transposed [bk, bq]) visibility, or None for a FULL pair that every row sees whole.
+
+def _fwd_init(m_ref, l_ref, acc_ref) -> None:
+  m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+  l_ref[...] = jnp.zeros_like(l_ref)
+  acc_ref[...] = jnp.zeros_like(acc_ref)
+
+
+def _fwd_step(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mask, *, scale, softcap) -> None:
+  """One online-softmax update of the output accumulator with a key block."""
+  sc = _scores(q_ref[...], k_ref[...], scale, softcap)[0]  # [bq, bk]
+  if mask is not None:
+    sc = jnp.where(mask, sc, -jnp.inf)
+  m_prev = m_ref[...]  # [bq, 128], lane-replicated
+  m_next = jnp.maximum(m_prev, jnp.max(sc, axis=-1, keepdims=True))
+  # Rows with nothing visible yet keep -inf; a full block gives every row a key.
+  m_safe = m_next if mask is None else jnp.where(m_next == -jnp.inf, 0.0, m_next)
+  p = jnp.exp(sc - m_safe[:, :1])
+  alpha = jnp.exp(m_prev - m_safe)
+  m_ref[...] = m_next
+  l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
+  pv = jnp.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=_F32)
+  acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+
+def _fwd_finish(o_ref, lse_ref, m_ref, l_ref, acc_ref) -> None:
+  l = l_ref[...]
+  nonempty = l > 0
+  l_safe = jnp.where(nonempty, l, 1.0)
+  o_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(o_ref.dtype)
+  # Rows with no visible key: output 0 and lse 0 (the backward masks them out).
+  lse_ref[...] = jnp.where(nonempty, m_ref[...] + jnp.log(l_safe), 0.0)
+
+
+def _dq_step(q_ref, k_ref, v_ref, do_ref, stats_ref, acc_ref, mask, *, scale, softcap) -> None:
+  k = k_ref[...]
+  sc, t = _scores(q_ref[...], k, scale, softcap)  # [bq, bk]
+  p = jnp.exp(sc - _column(stats_ref, 0))
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
+  ds = _uncap(p * (dp - _column(stats_ref, 1)), t)
+  acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+
+
+def _dkv_init(dk_acc, dv_acc) -> None:
+  dk_acc[...] = jnp.zeros_like(dk_acc)
+  dv_acc[...] = jnp.zeros_like(dv_acc)
+
+
+def _dkv_step(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_acc, dv_acc, mask, *, scale, softcap) -> None:
+  q = q_ref[...]
+  do = do_ref[...]
+  # Transposed [bk, bq] scores: the query-side rows are used as lane vectors, no relayout.
+  sc, t = _scores(k_ref[...], q, scale, softcap)
+  p = jnp.exp(sc - stats_ref[0:1])
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  dv_acc[...] += jnp.dot(p.astype(do.dtype), do, preferred_element_type=_F32)
+  dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=_F32)
+  ds = _uncap(p * (dp - stats_ref[1:2]), t)
+  dk_acc[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=_F32)
+
+
+def _dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, scale) -> None:
+  dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
 def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qrows_ref, krows_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
                 *, row_of, scale, softcap, window, num_global):
   b, n, i, s = (pl.program_id(a) for a in range(4))
   _, live = sched_step(sched_ref, row_of(b, n, i), s)
 
-  @pl.when(s == 0)
-  def _init():
-    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-    l_ref[...] = jnp.zeros_like(l_ref)
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-
-  @pl.when(live)
-  def _step():
-    mask = _fwd_mask(qrows_ref, krows_ref, window, num_global)
-    sc = jnp.where(mask, _scores(q_ref[...], k_ref[...], scale, softcap)[0], -jnp.inf)  # [bq, bk]
-    m_prev = m_ref[...]  # [bq, 128], lane-replicated
-    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=-1, keepdims=True))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows with nothing visible yet
-    p = jnp.exp(sc - m_safe[:, :1])
-    alpha = jnp.exp(m_prev - m_safe)
-    m_ref[...] = m_next
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
-    pv = jnp.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=_F32)
-    acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
-
-  @pl.when(s == pl.num_programs(3) - 1)
-  def _finish():
-    l = l_ref[...]
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(o_ref.dtype)
-    # Rows with no visible key: output 0 and lse 0 (the backward masks them out).
-    lse_ref[...] = jnp.where(nonempty, m_ref[...] + jnp.log(l_safe), 0.0)
+  pl.when(s == 0)(lambda: _fwd_init(m_ref, l_ref, acc_ref))
+  pl.when(live)(lambda: _fwd_step(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref,
+                                  _fwd_mask(qrows_ref, krows_ref, window, num_global), scale=scale, softcap=softcap))
+  pl.when(s == pl.num_programs(3) - 1)(lambda: _fwd_finish(o_ref, lse_ref, m_ref, l_ref, acc_ref))
 
 
 def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, krows_ref, dq_ref, acc_ref, *,
@@ -193,15 +239,8 @@ def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, kro
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  @pl.when(live)
-  def _step():
-    k = k_ref[...]
-    mask = _fwd_mask(qrows_ref, krows_ref, window, num_global)
-    sc, t = _scores(q_ref[...], k, scale, softcap)  # [bq, bk]
-    p = jnp.where(mask, jnp.exp(sc - _column(stats_ref, 0)), 0.0)
-    dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
-    ds = _uncap(p * (dp - _column(stats_ref, 1)), t)
-    acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+  pl.when(live)(lambda: _dq_step(q_ref, k_ref, v_ref, do_ref, stats_ref, acc_ref,
+                                 _fwd_mask(qrows_ref, krows_ref, window, num_global), scale=scale, softcap=softcap))
 
   @pl.when(s == pl.num_programs(3) - 1)
   def _finish():
@@ -213,28 +252,11 @@ def _dkv_kernel(tsched_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, k
   b, h, j, g, s = (pl.program_id(a) for a in range(5))
   _, live = tsched_step(tsched_ref, row_of(b, h * group + g, j), s)
 
-  @pl.when((g == 0) & (s == 0))
-  def _init():
-    dk_acc[...] = jnp.zeros_like(dk_acc)
-    dv_acc[...] = jnp.zeros_like(dv_acc)
-
-  @pl.when(live)
-  def _step():
-    q = q_ref[...]
-    do = do_ref[...]
-    # Transposed [bk, bq] scores: the query-side rows are used as lane vectors, no relayout.
-    mask = _dkv_mask(qrows_ref, krows_ref, window, num_global)
-    sc, t = _scores(k_ref[...], q, scale, softcap)
-    p = jnp.where(mask, jnp.exp(sc - stats_ref[0:1]), 0.0)
-    dv_acc[...] += jnp.dot(p.astype(do.dtype), do, preferred_element_type=_F32)
-    dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=_F32)
-    ds = _uncap(p * (dp - stats_ref[1:2]), t)
-    dk_acc[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=_F32)
-
-  @pl.when((g == pl.num_programs(3) - 1) & (s == pl.num_programs(4) - 1))
-  def _finish():
-    dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+  pl.when((g == 0) & (s == 0))(lambda: _dkv_init(dk_acc, dv_acc))
+  pl.when(live)(lambda: _dkv_step(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_acc, dv_acc,
+                                  _dkv_mask(qrows_ref, krows_ref, window, num_global), scale=scale, softcap=softcap))
+  pl.when((g == pl.num_programs(3) - 1) & (s == pl.num_programs(4) - 1))(
+      lambda: _dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, scale))
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
@@ -445,36 +467,14 @@ def _fwd_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, qrows_ref, krows_ref, o_re
   _, _, kind, first, last = _pair_entry(pairs_ref, row_of(b, n), p, capacity)
   alive = kind != live_pairs.DEAD
 
-  @pl.when(alive & first)
-  def _init():
-    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-    l_ref[...] = jnp.zeros_like(l_ref)
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-
   def step(masked: bool):
-    sc = _scores(q_ref[...], k_ref[...], scale, softcap)[0]  # [bq, bk]
-    if masked:
-      sc = jnp.where(_fwd_mask(qrows_ref, krows_ref, window, num_global), sc, -jnp.inf)
-    m_prev = m_ref[...]  # [bq, 128], lane-replicated
-    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=-1, keepdims=True))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next  # full: every row sees a key
-    p_ = jnp.exp(sc - m_safe[:, :1])
-    alpha = jnp.exp(m_prev - m_safe)
-    m_ref[...] = m_next
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p_, axis=-1, keepdims=True)
-    pv = jnp.dot(p_.astype(v_ref.dtype), v_ref[...], preferred_element_type=_F32)
-    acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+    mask = _fwd_mask(qrows_ref, krows_ref, window, num_global) if masked else None
+    _fwd_step(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mask, scale=scale, softcap=softcap)
 
+  pl.when(alive & first)(lambda: _fwd_init(m_ref, l_ref, acc_ref))
   pl.when(kind == live_pairs.EDGE)(lambda: step(True))
   pl.when(kind == live_pairs.FULL)(lambda: step(False))
-
-  @pl.when(alive & last)
-  def _finish():
-    l = l_ref[...]
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(nonempty, m_ref[...] + jnp.log(l_safe), 0.0)
+  pl.when(alive & last)(lambda: _fwd_finish(o_ref, lse_ref, m_ref, l_ref, acc_ref))
 
 
 def _dq_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_ref, krows_ref, dq_ref, acc_ref, *,
@@ -488,14 +488,8 @@ def _dq_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_re
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
   def step(masked: bool):
-    k = k_ref[...]
-    sc, t = _scores(q_ref[...], k, scale, softcap)  # [bq, bk]
-    p_ = jnp.exp(sc - _column(stats_ref, 0))
-    if masked:
-      p_ = jnp.where(_fwd_mask(qrows_ref, krows_ref, window, num_global), p_, 0.0)
-    dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
-    ds = _uncap(p_ * (dp - _column(stats_ref, 1)), t)
-    acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+    mask = _fwd_mask(qrows_ref, krows_ref, window, num_global) if masked else None
+    _dq_step(q_ref, k_ref, v_ref, do_ref, stats_ref, acc_ref, mask, scale=scale, softcap=softcap)
 
   pl.when(kind == live_pairs.EDGE)(lambda: step(True))
   pl.when(kind == live_pairs.FULL)(lambda: step(False))
@@ -597,30 +591,14 @@ def _dkv_pairs_kernel(pairs_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, qrows_r
   _, _, kind, first, last = _pair_entry(pairs_ref, row_of(b, h), p, capacity)
   alive = kind != live_pairs.DEAD
 
-  @pl.when(alive & first)
-  def _init():
-    dk_acc[...] = jnp.zeros_like(dk_acc)
-    dv_acc[...] = jnp.zeros_like(dv_acc)
-
   def step(masked: bool):
-    q = q_ref[...]
-    do = do_ref[...]
-    sc, t = _scores(k_ref[...], q, scale, softcap)  # transposed [bk, bq]: query rows are lane vectors
-    p_ = jnp.exp(sc - stats_ref[0:1])
-    if masked:
-      p_ = jnp.where(_dkv_mask(qrows_ref, krows_ref, window, num_global), p_, 0.0)
-    dv_acc[...] += jnp.dot(p_.astype(do.dtype), do, preferred_element_type=_F32)
-    dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=_F32)
-    ds = _uncap(p_ * (dp - stats_ref[1:2]), t)
-    dk_acc[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=_F32)
+    mask = _dkv_mask(qrows_ref, krows_ref, window, num_global) if masked else None
+    _dkv_step(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_acc, dv_acc, mask, scale=scale, softcap=softcap)
 
+  pl.when(alive & first)(lambda: _dkv_init(dk_acc, dv_acc))
   pl.when(kind == live_pairs.EDGE)(lambda: step(True))
   pl.when(kind == live_pairs.FULL)(lambda: step(False))
-
-  @pl.when(alive & last)
-  def _finish():
-    dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+  pl.when(alive & last)(lambda: _dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, scale))
 
 
 def _dkv_pair_grid_specs(*, K: int, nq: int, H: int, group: int, block_q: int, block_k: int, capacity: int,
