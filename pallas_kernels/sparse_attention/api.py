@@ -28,7 +28,15 @@ class FlashConfig(NamedTuple):
   num_stages: int | None = None
 
 
-DEFAULT_BLOCKS = {'tpu': 128}  # Mosaic TPU tiles want lane dimensions in multiples of 128; GPU: gpu.TILES
+TPU_BLOCKS = (512, 256, 128)  # Mosaic lane tiles are multiples of 128; wider blocks amortise the step overhead
+
+
+def tpu_block(t: int) -> int:
+  """The default Mosaic TPU block (query and key) for t tokens: the largest of TPU_BLOCKS that divides t rounded up
+  to 128, so padding never exceeds what 128-blocks need (t = 32768: 512; t = 640: 128). A 512-wide key block is
+  computed in 128-column chunks (tpu.compute_chunk), as splash attention's block_kv / block_kv_compute."""
+  padded = -(-t // 128) * 128
+  return next(b for b in TPU_BLOCKS if padded % b == 0)
 
 
 def default_backend() -> str:
@@ -102,7 +110,7 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, cfg):
   """(out, lse) of the forward kernel; `sched` a pair of live-pair lists selects the TPU live-pair grids."""
   if isinstance(sched, tuple):
     from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
-    return tpu.flash_forward_pairs(q, k, v, q_pos, k_pos, q_seg, k_seg, sched[0], **_kernel_kw(cfg))
+    return tpu.flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched[0], **_kernel_kw(cfg))
   return _kernels(cfg.backend).flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, **_kernel_kw(cfg))
 
 
@@ -118,8 +126,8 @@ def _flash_bwd(cfg, res, do):
     from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
     pairs, dkv_pairs = sched
     args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
-    dq = tpu.flash_dq_pairs(*args, pairs, out, lse, do, **_kernel_kw(cfg))
-    dk, dv = tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, do, **_kernel_kw(cfg))
+    dq = tpu.flash_dq(*args, pairs, out, lse, do, **_kernel_kw(cfg))
+    dk, dv = tpu.flash_dkv(*args, dkv_pairs, out, lse, do, **_kernel_kw(cfg))
     return dq, dk, dv, None, None, None, None, no_grad
   tsched = _transposed(sched, k.shape[1] // cfg.block_k)
   dq, dk, dv = _kernels(cfg.backend).flash_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, sched, tsched, out,
@@ -141,8 +149,8 @@ def kernel_config(q, *, window, num_global, scale, softcap, block_q, block_k, ba
     tiles = gpu.default_tiles(q.shape[-1], q.dtype, window)
     block_q, block_k, num_warps, num_stages = (t if x is None else x for x, t in
                                                zip((block_q, block_k, num_warps, num_stages), tiles))
-  block_q = DEFAULT_BLOCKS.get(backend) if block_q is None else block_q
-  block_k = DEFAULT_BLOCKS.get(backend) if block_k is None else block_k
+  if backend == 'tpu':
+    block_q, block_k = (tpu_block(q.shape[1]) if x is None else x for x in (block_q, block_k))
   if int(block_q) != block_q or int(block_k) != block_k or block_q < 1 or block_k < 1:
     raise ValueError(f'block sizes must be positive ints; got block_q={block_q}, block_k={block_k}')
   if interpret is None:
@@ -199,7 +207,8 @@ def sparse_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=None, num_gl
   (see schedule.py); the element mask itself is exact.
   block_q, block_k, num_warps, num_stages: kernel tiles and Triton launch settings; each None comes, on GPU, from
   `gpu.default_tiles(head_dim, dtype, window)` (the `gpu.TILES` table, e.g. 128 x 64 tiles, 8 warps, 2 stages at
-  head_dim 128 bf16; 64 x 64 and Pallas' default warps / stages for shapes not in it), on TPU 128 x 128 tiles.
+  head_dim 128 bf16; 64 x 64 and Pallas' default warps / stages for shapes not in it), on TPU `tpu_block(T)` for
+  both (512 x 512 at long T, computed in 128-column chunks).
   interpret: None -> True unless the default device is the kernel's backend (so CPU runs the kernels in Pallas
   interpret mode).
   """

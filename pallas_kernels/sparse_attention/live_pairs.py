@@ -108,9 +108,9 @@ def row_capacity(T: int, *, block_q: int, block_k: int, window: int | None, num_
   """Static bound on the entries of one row: the size P of the pair lists.
 
   Per-head rows (compacted tokens) may see any key block: nq * nk. Shared metadata meets the precondition, so
-  query block i sees key blocks up to its last token, and with a window only blocks of its local range plus the
-  one run of num_global tokens of the document open at its first query (see tpu.forward_steps); an empty block
-  takes one entry.
+  query block i sees key blocks up to its last token, and with a window only the blocks of its local range
+  [i*bq - window + 1, (i+1)*bq - 1] plus those of the one run of num_global tokens of the document open at its first
+  query (a merged range is no longer than the two); an empty block takes one entry.
   """
   nq, nk = T // block_q, T // block_k
   if per_head:

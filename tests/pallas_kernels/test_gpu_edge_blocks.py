@@ -209,8 +209,8 @@ def test_tile_table_defaults_and_overrides():
   small = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)  # not in the table: the previous defaults
   cfg = api.kernel_config(small, window=None, **kw)
   assert (cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages) == gpu.FALLBACK_TILES == (64, 64, None, None)
-  cfg = api.kernel_config(q, window=None, **dict(kw, backend='tpu'))
-  assert (cfg.block_q, cfg.block_k) == (128, 128)
+  cfg = api.kernel_config(q, window=None, **dict(kw, backend='tpu'))  # T = 256: the widest TPU block dividing it
+  assert (cfg.block_q, cfg.block_k) == (256, 256)
 
 
 def test_forward_and_backward_lower_to_triton_for_cuda():

@@ -146,7 +146,7 @@ def test_validation_errors():
 @pytest.mark.parametrize('kernel', ['sparse', 'routed'])
 def test_public_api_on_the_tpu_backend(kernel):
   """sparse_attention / routed_attention with backend='tpu' (Mosaic kernels, TPU interpret mode) vs the references:
-  forward and gradients through the custom VJP (the kernels themselves are tested in test_sparse_attention_tpu)."""
+  forward and gradients through the custom VJP (the kernels themselves are tested in test_sparse_attention_tpu.py)."""
   rng = np.random.default_rng(3)
   pos, seg = layout([([30, 20], 14)])
   B, T, N, K, H = 1, 64, 4, 2, 16

@@ -1,4 +1,6 @@
-"""Tests for the Mosaic TPU kernels (pallas_kernels.sparse_attention.tpu), run in TPU interpret mode on CPU."""
+"""Tests for the Mosaic TPU kernels (pallas_kernels.sparse_attention.tpu) in TPU interpret mode on CPU: forward, dq
+and dk/dv against a dense float32 oracle, the inner compute loop over wide key blocks, the Mosaic lowering at the
+default block sizes. The live-pair lists and grid-step counts are tested in test_tpu_live_pairs.py."""
 import functools
 import math
 
@@ -7,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sparse_attention import tpu
+from pallas_kernels.sparse_attention import api, tpu
+from pallas_kernels.sparse_attention import live_pairs as lp
 from pallas_kernels.sparse_attention.reference import sparse_attention_mask
-from pallas_kernels.sparse_attention.schedule import count_visited_blocks, make_schedule, transpose_schedule
 
 
 def layout(rows, pad=0):
@@ -56,57 +58,62 @@ def dense_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale, window, num_g
   return jnp.einsum('bnts,bsnh->btnh', p, vf, precision='highest')
 
 
-@functools.partial(jax.jit, static_argnames=('T', 'block_q', 'block_k', 'window', 'num_global'))
-def schedules(q_pos, q_seg, q_index, *, T, block_q, block_k, window, num_global):
-  """Forward and transposed schedules, per head ((B*N) as the batch) when q_pos is [B, N, T]."""
-  kw = dict(block_q=block_q, block_k=block_k, window=window, num_global=num_global)
-  nk = T // block_k
-  if q_pos.ndim == 2:
-    sched = make_schedule(q_pos, q_seg, **kw)
-    return sched, transpose_schedule(sched, nk)
-  B, N, _ = q_pos.shape
-  flat = lambda x: x.reshape(B * N, T)
-  sched = make_schedule(flat(q_pos), flat(q_seg), q_index=flat(q_index), **kw)
-  tsched = transpose_schedule(sched, nk)
-  return sched.reshape(B, N, -1, 4), tsched.reshape(B, N, nk, 2)
+def run_kernels(q, k, v, do, q_pos, k_pos, q_seg, k_seg, q_index=None, *, block_q, block_k, block_k_compute=None,
+                **kw):
+  """(out, lse, dq, dk, dv) of the three kernels over the live-pair lists of the metadata."""
+  blocks = dict(block_q=block_q, block_k=block_k, window=kw['window'], num_global=kw['num_global'])
+  pairs = lp.live_pairs(q_pos, q_seg, k_pos, k_seg, q_index=q_index, **blocks)
+  dkv_pairs = lp.dkv_live_pairs(q_pos, q_seg, k_pos, k_seg, q_index=q_index, group=q.shape[2] // k.shape[2],
+                                **blocks)
+  kw = dict(kw, block_q=block_q, block_k=block_k, block_k_compute=block_k_compute, interpret=True)
+  args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
+  out, lse = tpu.flash_forward(*args, pairs, **kw)
+  dq = tpu.flash_dq(*args, pairs, out, lse, do, **kw)
+  return (out, lse, dq, *tpu.flash_dkv(*args, dkv_pairs, out, lse, do, **kw))
 
 
 # Each case compiles three interpret-mode kernels (~2 s each), so batch rows carry the layout variety.
-# (name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, per_head)
+# (name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, block_k_compute, per_head)
 CASES = [
+    ('f32_causal_packed_gqa2', jnp.float32, 2, 1, 16, [[64, 16], [20, 30, 14, 16]], 16, None, 0, None, 16, 16, None,
+     False),
+    ('f32_window_globals_packed_tail_softcap', jnp.float32, 2, 2, 16, [[40, 30, 18], [75, 13]], 8, 12, 3, 1.0,
+     32, 16, None, False),
+    ('bf16_per_head_window_globals_gqa2', jnp.bfloat16, 4, 2, 32, [[30, 28], [58]], 6, 16, 2, None, 16, 32, None,
+     True),
+    ('f32_window_packed_gqa4', jnp.float32, 4, 1, 16, [[50, 30], [80]], 16, 20, 0, None, 16, 16, None, False),
+    ('bf16_causal_packed_tail', jnp.bfloat16, 2, 2, 32, [[40, 24], [64]], 32, None, 0, None, 32, 16, None, False),
+    ('f32_per_head_causal_gqa2', jnp.float32, 4, 2, 16, [[30, 20], [50]], 14, None, 0, None, 16, 16, None, True),
+    # Wide key blocks walked in chunks: the online softmax across chunks, chunks fully masked for some rows.
+    ('f32_wide_keys_window_globals_chunks_softcap', jnp.float32, 2, 1, 16, [[40, 30, 18], [75, 13]], 40, 12, 3,
+     1.0, 32, 64, 16, False),
+    ('bf16_wide_keys_causal_packed_chunks_gqa2', jnp.bfloat16, 4, 2, 32, [[70, 50], [120]], 8, None, 0, None, 16,
+     64, 32, False),
+    ('f32_per_head_wide_keys_window_chunks', jnp.float32, 4, 2, 16, [[30, 28], [58]], 6, 16, 2, None, 16, 32, 8,
+     True),
     ('f32_causal_single_doc_and_packed_mha', jnp.float32, 2, 2, 32, [[64], [20, 30, 14]], 0, None, 0, None,
-     32, 16, False),
-    ('f32_window_globals_packed_tail_gqa2_softcap', jnp.float32, 2, 1, 16, [[40, 30, 18], [75, 13]], 8, 12,
-     3, 1.0, 32, 16, False),
-    ('bf16_window_packed_tail_gqa4', jnp.bfloat16, 4, 1, 128, [[45, 30, 13]], 8, 16, 0, None, 16, 32, False),
-    ('f32_per_head_window_globals_gqa2_softcap', jnp.float32, 4, 2, 16, [[30, 28], [58]], 6, 16, 2, 1.0,
-     16, 32, True),
-    ('bf16_per_head_causal_gqa4_softcap', jnp.bfloat16, 4, 1, 32, [[40, 18]], 6, None, 0, 2.0, 32, 32, True),
+     32, 16, None, False),
+    ('bf16_window_packed_tail_gqa4', jnp.bfloat16, 4, 1, 128, [[45, 30, 13]], 8, 16, 0, None, 16, 32, None, False),
+    ('bf16_per_head_causal_gqa4_softcap', jnp.bfloat16, 4, 1, 32, [[40, 18]], 6, None, 0, 2.0, 32, 32, None,
+     True),
 ]
+SLOW_CASES = ('f32_causal_single_doc_and_packed_mha', 'bf16_window_packed_tail_gqa4',
+              'bf16_per_head_causal_gqa4_softcap')  # ~7 s each on 2 cores; run with -m slow
 
 
-# Two cases by default (shared metadata with window, globals, softcap and a padded tail; per-head rows); the
-# rest under -m slow (interpret mode costs ~7 s a case on 2 cores).
-DEFAULT_CASES = ('f32_window_globals_packed_tail_gqa2_softcap', 'bf16_per_head_causal_gqa4_softcap')
-
-
-@pytest.mark.parametrize('case', [c if c[0] in DEFAULT_CASES else pytest.param(c, marks=pytest.mark.slow)
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.slow) if c[0] in SLOW_CASES else c
                                   for c in CASES], ids=[c[0] for c in CASES])
 def test_kernels_match_dense_oracle(case):
-  name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, per_head = case
+  name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, chunk, per_head = case
   pos, seg = layout(rows, pad)
   B, T = pos.shape
   rng = np.random.default_rng(len(name))
   q_pos, q_seg, q_index = routed_rows(rng, pos, seg, N) if per_head else (pos, seg, None)
   q, do = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(2))
   k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), dtype) for _ in range(2))
-  sched, tsched = schedules(q_pos, q_seg, q_index, T=T, block_q=block_q, block_k=block_k, window=window,
-                            num_global=num_global)
   kw = dict(scale=1 / math.sqrt(H), window=window, num_global=num_global, softcap=softcap)
-  out, lse = tpu.flash_forward(q, k, v, q_pos, pos, q_seg, seg, sched, block_q=block_q, block_k=block_k,
-                               interpret=True, **kw)
-  grads = tpu.flash_backward(q, k, v, q_pos, pos, q_seg, seg, sched, tsched, out, lse, do, block_q=block_q,
-                             block_k=block_k, interpret=True, **kw)
+  out, lse, *grads = run_kernels(q, k, v, do, q_pos, pos, q_seg, seg, q_index, block_q=block_q, block_k=block_k,
+                                 block_k_compute=chunk, **kw)
   want, vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, q_pos, pos, q_seg, seg, **kw), q, k, v)
   # float32: the same math up to summation order. bfloat16: the kernels round p (and ds in the backward)
   # to bf16 before the matmuls, as flash attention does, while the oracle stays in float32 throughout;
@@ -120,119 +127,99 @@ def test_kernels_match_dense_oracle(case):
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)))
     bound = tol * float(jnp.max(jnp.abs(ref)))
     assert err <= bound, f'{name} {what}: max abs err {err} > {bound}'
-  # Queries that see nothing (segment -1) give exactly 0.
+  # Queries that see nothing (segment -1) give exactly 0, and lse 0; padding keys get dk = dv = 0.
   blind = np.broadcast_to(np.asarray(q_seg if per_head else q_seg[:, None]) == -1, (B, N, T))
   assert np.all(np.asarray(out, np.float32).transpose(0, 2, 1, 3)[blind] == 0)
+  assert np.all(np.asarray(lse)[blind] == 0)
+  unseen = np.asarray(seg) == -1
+  for g in grads[1:]:
+    assert np.all(np.asarray(g, np.float32)[unseen] == 0)
 
 
-def _max_counts(sched, tsched):
-  fwd = (sched[..., 1] - sched[..., 0]) + (sched[..., 3] - sched[..., 2])
-  return int(jnp.max(fwd)), int(jnp.max(tsched[..., 1] - tsched[..., 0]))
+def test_compute_chunk():
+  assert tpu.compute_chunk(512) == tpu.compute_chunk(128) == 128
+  assert tpu.compute_chunk(48) == 48  # interpret-mode blocks below a lane tile: one chunk
+  assert tpu.compute_chunk(512, 256) == 256
+  with pytest.raises(ValueError, match='block_k_compute=96 must be a positive divisor of block_k=512'):
+    tpu.compute_chunk(512, 96)
 
 
-@pytest.mark.parametrize('window,num_global', [(None, 0), (7, 0), (7, 3), (33, 1), (40, 0), (500, 2)])
-@pytest.mark.parametrize('bq,bk', [(16, 16), (32, 16), (16, 32), (48, 16)])
-def test_step_bounds_cover_every_schedule(window, num_global, bq, bk):
-  # Documents of many lengths, block-aligned and not, a padded tail.
-  pos, seg = layout([[30, 3, 50, 20, 41, 32], [1, 40, 60, 43, 32], [176], [2] * 88], pad=16)
-  T = pos.shape[1]
-  sched, tsched = schedules(pos, seg, None, T=T, block_q=bq, block_k=bk, window=window, num_global=num_global)
-  bounds = dict(block_q=bq, block_k=bk, window=window, num_global=num_global, per_head=False)
-  fwd, dkv = _max_counts(sched, tsched)
-  assert fwd <= tpu.forward_steps(T, **bounds)
-  assert dkv <= tpu.dkv_steps(T, **bounds)
+def test_inner_loop_computes_every_chunk_once(monkeypatch):
+  """With 64-wide key blocks in 16-column chunks, each live pair computes scores 4 times and each edge pair
+  evaluates 4 chunk masks, counted with host callbacks in interpret mode; the grid is still one step per pair."""
+  counts = {'scores': 0, 'masks': 0, 'steps': 0}
 
+  def counting(name, fn):
+    def wrapped(*args, **kwargs):
+      jax.debug.callback(lambda: counts.__setitem__(name, counts[name] + 1))
+      return fn(*args, **kwargs)
+    return wrapped
 
-def test_step_bounds_are_tight():
-  T, b = 256, 16
-  kw = dict(T=T, block_q=b, block_k=b)
-  bounds = lambda window, num_global: dict(block_q=b, block_k=b, window=window, num_global=num_global,
-                                           per_head=False)
-  pos, seg = layout([[T]])
-  for window, num_global in [(None, 0), (b, 0), (3 * b + 5, 0), (b, 2)]:
-    sched, tsched = schedules(pos, seg, None, window=window, num_global=num_global, **kw)
-    fwd, dkv = _max_counts(sched, tsched)
-    assert dkv == tpu.dkv_steps(T, **bounds(window, num_global))
-    if not num_global:
-      assert fwd == tpu.forward_steps(T, **bounds(window, num_global))
-  # Global keys straddling a block boundary (a document starting at 79): 2 global + 2 local blocks.
-  pos, seg = layout([[79, T - 79]])
-  sched, tsched = schedules(pos, seg, None, window=b, num_global=2, **kw)
-  assert _max_counts(sched, tsched)[0] == tpu.forward_steps(T, **bounds(b, 2)) == 4
-  # Skipping is real: 4 or 2 steps instead of 16.
-  assert tpu.dkv_steps(T, **bounds(b, 0)) == 2
-  assert tpu.forward_steps(T, block_q=b, block_k=b, window=b, num_global=2, per_head=True) == T // b
-
-
-def test_dead_steps_repeat_the_last_block():
-  """Steps past a row's count map to the block of its last live step, so the pipeline fetches nothing new."""
-  pos, seg = layout([[40, 70, 18], [128]], pad=0)
-  T, bq, bk = pos.shape[1], 16, 16
-  sched, tsched = schedules(pos, seg, None, T=T, block_q=bq, block_k=bk, window=20, num_global=3)
-  cases = [(tpu.sched_step, np.asarray(sched).reshape(-1), 4, tpu.forward_steps),
-           (tpu.tsched_step, np.asarray(tsched).reshape(-1), 2, tpu.dkv_steps)]
-  for step, table, width, bound in cases:
-    steps = bound(T, block_q=bq, block_k=bk, window=20, num_global=3, per_head=False)
-    for row in range(table.size // width):
-      blocks, live = zip(*[(int(x), bool(y)) for x, y in (step(table, row, s) for s in range(steps))])
-      n_live = sum(live)
-      assert live == (True,) * n_live + (False,) * (steps - n_live)
-      if n_live:
-        assert set(blocks[n_live:]) <= {blocks[n_live - 1]}
-        assert len(set(blocks[:n_live])) == n_live  # no block is visited twice
-
-
-def test_only_scheduled_blocks_compute(monkeypatch):
-  """Counts the grid steps that reach the score computation (a host callback in interpret mode)."""
-  calls = {'n': 0}
-  scores = tpu._scores
-
-  def counting_scores(*args):
-    jax.debug.callback(lambda: calls.__setitem__('n', calls['n'] + 1))
-    return scores(*args)
-
-  monkeypatch.setattr(tpu, '_scores', counting_scores)
-  pos, seg = layout([[40, 70, 18]])
+  monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
+  monkeypatch.setattr(tpu, '_fwd_mask', counting('masks', tpu._fwd_mask))
+  monkeypatch.setattr(tpu, '_fwd_kernel', counting('steps', tpu._fwd_kernel))
+  pos, seg = layout([[100, 60, 32], [192]])
   B, T = pos.shape
-  N, K, H, bq, bk, window, num_global = 2, 1, 8, 16, 16, 20, 3
-  sched, tsched = schedules(pos, seg, None, T=T, block_q=bq, block_k=bk, window=window, num_global=num_global)
+  N, K, H, bq, bk, chunk = 2, 1, 8, 32, 64, 16
+  blocks = dict(block_q=bq, block_k=bk, window=None, num_global=0)
+  mask = np.asarray(sparse_attention_mask(pos, pos, seg, seg, window=None, num_global=0))
+  pair_blocks = mask.reshape(B, T // bq, bq, T // bk, bk)
+  live, full = pair_blocks.any(axis=(2, 4)), pair_blocks.all(axis=(2, 4))
+  pairs = lp.live_pairs(pos, seg, pos, seg, **blocks)
   q = jnp.ones((B, T, N, H))
   k = jnp.ones((B, T, K, H))
-  kw = dict(scale=1.0, block_q=bq, block_k=bk, window=window, num_global=num_global, softcap=None,
-            interpret=True)
-  out, lse = tpu.flash_forward(q, k, k, pos, pos, seg, seg, sched, **kw)
+  out, _ = tpu.flash_forward(q, k, k, pos, pos, seg, seg, pairs, scale=1.0, softcap=None, interpret=True,
+                             block_k_compute=chunk, **blocks)
   jax.block_until_ready(out)
-  visited = count_visited_blocks(pos, seg, block_q=bq, block_k=bk, window=window, num_global=num_global)
-  grid = B * N * (T // bq) * tpu.forward_steps(T, block_q=bq, block_k=bk, window=window,
-                                               num_global=num_global, per_head=False)
-  assert calls['n'] == N * visited < grid
-  calls['n'] = 0
-  jax.block_until_ready(tpu.flash_backward(q, k, k, pos, pos, seg, seg, sched, tsched, out, lse, q, **kw))
-  covered = int(jnp.sum(tsched[..., 1] - tsched[..., 0]))
-  assert calls['n'] == N * (visited + covered)  # dq visits the forward's blocks, dk/dv the transposed ranges
+  assert counts['steps'] == B * N * int(pairs.steps)
+  assert counts['scores'] == N * int(live.sum()) * (bk // chunk)
+  assert counts['masks'] == N * int((live & ~full).sum()) * (bk // chunk) < counts['scores']
 
 
-@pytest.mark.parametrize('per_head', [False, True])
-def test_lowers_to_mosaic_with_128_blocks(per_head):
-  """Real-TPU block sizes pass the Pallas TPU lowering (block-shape rules, index maps, kernel ops); Mosaic's
-  own compilation needs a TPU and is not checked here. 64-row blocks are rejected by the same lowering."""
-  B, T, N, K, H = 1, 512, 4, 2, 128
-  keys = jnp.zeros((B, T), jnp.int32)  # k_pos, k_seg
-  rows = jnp.zeros((B, N, T), jnp.int32) if per_head else keys  # q_pos, q_seg
-  sched = jnp.zeros((*rows.shape[:-1], T // 128, 4), jnp.int32)
-  tsched = jnp.zeros((*rows.shape[:-1], T // 128, 2), jnp.int32)
+def test_default_tpu_blocks():
+  """512 where T (rounded up to 128) allows it, never more padding than 128-blocks."""
+  assert [api.tpu_block(t) for t in (57, 128, 300, 512, 640, 1000, 1536, 32768)] == [
+      128, 128, 128, 512, 128, 512, 512, 512]
+  q = jnp.zeros((1, 1000, 2, 128), jnp.bfloat16)
+  cfg = api.kernel_config(q, window=None, num_global=0, scale=None, softcap=None, block_q=None, block_k=None,
+                          backend='tpu', interpret=True)
+  assert (cfg.block_q, cfg.block_k) == (512, 512)
+  assert api.padded_length(1000, cfg.block_q, cfg.block_k) == 1024
+
+
+@pytest.mark.parametrize('per_head,window,num_global,T,block', [
+    (False, None, 0, 2048, 512), (False, 256, 4, 1024, 512), (True, 256, 4, 1024, 256), (True, None, 0, 256, 128),
+    (False, 1024, 0, 1536, 512)])
+def test_kernels_lower_to_mosaic(per_head, window, num_global, T, block):
+  """The default blocks (512 x 512 computed in 128-column chunks, and 256 / 128) pass the Pallas TPU lowering with
+  the dynamic pair-axis grid (block shapes, index maps, kernel ops); Mosaic's own compilation needs a TPU. 64-row
+  blocks are rejected by the same lowering."""
+  B, N, K, H = 2, 4, 2, 128
+  keys = jnp.zeros((B, T), jnp.int32)
+  rows = jnp.zeros((B, N, T), jnp.int32) if per_head else keys
   q = jnp.zeros((B, T, N, H), jnp.bfloat16)
   k = jnp.zeros((B, T, K, H), jnp.bfloat16)
 
-  def attention(q, k, v, do, block):
-    kw = dict(scale=0.1, block_q=block, block_k=block, window=256, num_global=4, softcap=30.0, interpret=False)
-    out, lse = tpu.flash_forward(q, k, v, rows, keys, rows, keys, sched, **kw)
-    return tpu.flash_backward(q, k, v, rows, keys, rows, keys, sched, tsched, out, lse, do, **kw)
+  def attention(q, k, v, do, pos, seg, block):
+    qp, qs = (jnp.broadcast_to(x[:, None], rows.shape) if per_head else x for x in (pos, seg))
+    blocks = dict(q_index=qp if per_head else None, block_q=block, block_k=block, window=window,
+                  num_global=num_global)
+    pairs = lp.live_pairs(qp, qs, pos, seg, **blocks)
+    dkv_pairs = lp.dkv_live_pairs(qp, qs, pos, seg, group=N // K, **blocks)
+    kw = dict(scale=0.1, block_q=block, block_k=block, window=window, num_global=num_global, softcap=30.0,
+              interpret=False)
+    args = (q, k, v, qp, pos, qs, seg)
+    out, lse = tpu.flash_forward(*args, pairs, **kw)
+    return (tpu.flash_dq(*args, pairs, out, lse, do, **kw), *tpu.flash_dkv(*args, dkv_pairs, out, lse, do, **kw))
 
   def lower(block):
-    traced = jax.jit(functools.partial(attention, block=block)).trace(q, k, k, q)
-    return traced.lower(lowering_platforms=('tpu',))
+    traced = jax.jit(functools.partial(attention, block=block)).trace(q, k, k, q, keys, keys)
+    return traced.lower(lowering_platforms=('tpu',)).as_text()
 
-  assert lower(128).as_text().count('tpu_custom_call') == 3
-  with pytest.raises(ValueError, match='divisible by 8 and 128'):
-    lower(64)
+  text = lower(block)
+  assert text.count('tpu_custom_call') == 3
+  for name in ('sparse_attention_fwd', 'sparse_attention_dq', 'sparse_attention_dkv'):
+    assert name in text
+  if block == 512:
+    with pytest.raises(ValueError, match='divisible by 8 and 128'):
+      lower(64)

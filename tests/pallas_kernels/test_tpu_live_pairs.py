@@ -1,8 +1,6 @@
-"""Tests for the live-pair grids of the Mosaic TPU kernels (live_pairs.py, tpu.flash_forward_pairs /
-flash_dq_pairs / flash_dkv_pairs): the pair lists (and the transposed dk/dv lists) against the dense reference
-mask, the grid steps, the outputs and dq, dk, dv in TPU interpret mode, and the TPU lowering."""
-import functools
-import math
+"""Tests for the live-pair grids of the Mosaic TPU kernels (live_pairs.py): the pair lists (and the transposed
+dk/dv lists) against the dense reference mask, and the grid steps of tpu.flash_forward / flash_dkv counted in TPU
+interpret mode. The kernels' values and lowering are tested in test_sparse_attention_tpu.py."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import pytest
 from pallas_kernels.sparse_attention import live_pairs as lp
 from pallas_kernels.sparse_attention import tpu
 from pallas_kernels.sparse_attention.reference import sparse_attention_mask
-from tests.pallas_kernels.test_sparse_attention_tpu import dense_attention, layout, routed_rows
+from tests.pallas_kernels.test_sparse_attention_tpu import layout, routed_rows
 
 
 def brute_force(q_pos, q_seg, k_pos, k_seg, *, block_q, block_k, window, num_global):
@@ -141,55 +139,6 @@ def test_pair_counts_remove_dead_steps():
   assert int(pairs.steps) == 2 * nq - 1
 
 
-# (name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, per_head)
-CASES = [
-    ('f32_causal_packed_gqa2', jnp.float32, 2, 1, 16, [[64, 16], [20, 30, 14, 16]], 16, None, 0, None, 16, 16,
-     False),
-    ('f32_window_globals_packed_tail_softcap', jnp.float32, 2, 2, 16, [[40, 30, 18], [75, 13]], 8, 12, 3, 1.0,
-     32, 16, False),
-    ('bf16_per_head_window_globals_gqa2', jnp.bfloat16, 4, 2, 32, [[30, 28], [58]], 6, 16, 2, None, 16, 32,
-     True),
-    ('f32_window_packed_gqa4', jnp.float32, 4, 1, 16, [[50, 30], [80]], 16, 20, 0, None, 16, 16, False),
-    ('bf16_causal_packed_tail', jnp.bfloat16, 2, 2, 32, [[40, 24], [64]], 32, None, 0, None, 32, 16, False),
-    ('f32_per_head_causal_gqa2', jnp.float32, 4, 2, 16, [[30, 20], [50]], 14, None, 0, None, 16, 16, True),
-]
-
-
-@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
-def test_pair_kernels_match_dense_oracle(case):
-  name, dtype, N, K, H, rows, pad, window, num_global, softcap, block_q, block_k, per_head = case
-  pos, seg = layout(rows, pad)
-  B, T = pos.shape
-  rng = np.random.default_rng(len(name))
-  q_pos, q_seg, q_index = routed_rows(rng, pos, seg, N) if per_head else (pos, seg, None)
-  q, do = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(2))
-  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), dtype) for _ in range(2))
-  kw = dict(window=window, num_global=num_global)
-  blocks = dict(q_index=q_index, block_q=block_q, block_k=block_k, **kw)
-  pairs = lp.live_pairs(q_pos, q_seg, pos, seg, **blocks)
-  dkv_pairs = lp.dkv_live_pairs(q_pos, q_seg, pos, seg, group=N // K, **blocks)
-  kw.update(scale=1 / math.sqrt(H), softcap=softcap)
-  args = (q, k, v, q_pos, pos, q_seg, seg)
-  out, lse = tpu.flash_forward_pairs(*args, pairs, block_q=block_q, block_k=block_k, interpret=True, **kw)
-  dq = tpu.flash_dq_pairs(*args, pairs, out, lse, do, block_q=block_q, block_k=block_k, interpret=True, **kw)
-  dk, dv = tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, do, block_q=block_q, block_k=block_k, interpret=True,
-                               **kw)
-  want, vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, q_pos, pos, q_seg, seg, **kw), q, k, v)
-  grads = vjp(do.astype(jnp.float32))
-  tol = 2e-5 if dtype == jnp.float32 else 2e-2
-  for got, ref, what in ((out, want, 'out'), *zip((dq, dk, dv), grads, ('dq', 'dk', 'dv'))):
-    assert got.shape == ref.shape and got.dtype == dtype, what
-    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)))
-    bound = tol * float(jnp.max(jnp.abs(ref)))
-    assert err <= bound, f'{name} {what}: max abs err {err} > {bound}'
-  blind = np.broadcast_to(np.asarray(q_seg if per_head else q_seg[:, None]) == -1, (B, N, T))
-  assert np.all(np.asarray(out, np.float32).transpose(0, 2, 1, 3)[blind] == 0)
-  assert np.all(np.asarray(lse)[blind] == 0)
-  unseen = np.asarray(seg) == -1  # padding keys: their key blocks are EMPTY entries (or masked), dk = dv = 0
-  for g in (dk, dv):
-    assert np.all(np.asarray(g, np.float32)[unseen] == 0)
-
-
 def test_grid_steps_are_the_live_pairs(monkeypatch):
   """Counts, with host callbacks in TPU interpret mode, the grid steps (kernel body runs) and the steps that
   compute scores, masked or not: B * N * steps runs (steps: the longest row's live pairs plus one entry per
@@ -204,7 +153,7 @@ def test_grid_steps_are_the_live_pairs(monkeypatch):
 
   monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
   monkeypatch.setattr(tpu, '_fwd_mask', counting('masks', tpu._fwd_mask))
-  monkeypatch.setattr(tpu, '_fwd_pairs_kernel', counting('steps', tpu._fwd_pairs_kernel))
+  monkeypatch.setattr(tpu, '_fwd_kernel', counting('steps', tpu._fwd_kernel))
   pos, seg = layout([[40, 70, 18], [128]])
   B, T = pos.shape
   N, K, H, b = 2, 1, 8, 16
@@ -213,7 +162,7 @@ def test_grid_steps_are_the_live_pairs(monkeypatch):
   pairs = lp.live_pairs(pos, seg, pos, seg, **kw)
   q = jnp.ones((B, T, N, H))
   k = jnp.ones((B, T, K, H))
-  out, _ = tpu.flash_forward_pairs(q, k, k, pos, pos, seg, seg, pairs, scale=1.0, softcap=None, interpret=True,
+  out, _ = tpu.flash_forward(q, k, k, pos, pos, seg, seg, pairs, scale=1.0, softcap=None, interpret=True,
                                    **kw)
   jax.block_until_ready(out)
   assert counts['steps'] == B * N * int(pairs.steps)
@@ -239,7 +188,7 @@ def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
   q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
   args = (q, k, k, pos, pos, seg, seg)
-  out, lse = tpu.flash_forward_pairs(*args, pairs, scale=1.0, softcap=None, interpret=True, **kw)
+  out, lse = tpu.flash_forward(*args, pairs, scale=1.0, softcap=None, interpret=True, **kw)
   counts = {'steps': 0, 'scores': 0, 'masks': 0}
 
   def counting(name, fn):
@@ -250,8 +199,8 @@ def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
 
   monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
   monkeypatch.setattr(tpu, '_dkv_mask', counting('masks', tpu._dkv_mask))
-  monkeypatch.setattr(tpu, '_dkv_pairs_kernel', counting('steps', tpu._dkv_pairs_kernel))
-  dk, dv = tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, q, scale=1.0, softcap=None, interpret=True, **kw)
+  monkeypatch.setattr(tpu, '_dkv_kernel', counting('steps', tpu._dkv_kernel))
+  dk, dv = tpu.flash_dkv(*args, dkv_pairs, out, lse, q, scale=1.0, softcap=None, interpret=True, **kw)
   jax.block_until_ready((dk, dv))
   empty = ~live.any(axis=1)  # [B, nk]
   assert empty[:, -1].all() and empty.sum() == B
@@ -262,34 +211,6 @@ def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
   for g in (dk, dv):
     g = np.asarray(g)
     assert np.all(np.isfinite(g)) and np.all(g[:, -b:] == 0) and np.abs(g[:, :-b]).max() > 0
-
-
-@pytest.mark.parametrize('per_head,window,num_global,T', [(False, None, 0, 1024), (False, 256, 4, 512),
-                                                         (True, 256, 4, 512), (True, None, 0, 256)])
-def test_pair_kernels_lower_to_mosaic(per_head, window, num_global, T):
-  """128-blocks pass the Pallas TPU lowering with the dynamic pair-axis grid (Mosaic's own compilation needs
-  a TPU)."""
-  B, N, K, H = 2, 4, 2, 128
-  keys = jnp.zeros((B, T), jnp.int32)
-  rows = jnp.zeros((B, N, T), jnp.int32) if per_head else keys
-  q = jnp.zeros((B, T, N, H), jnp.bfloat16)
-  k = jnp.zeros((B, T, K, H), jnp.bfloat16)
-
-  def attention(q, k, v, do, pos, seg):
-    qp, qs = (jnp.broadcast_to(x[:, None], rows.shape) if per_head else x for x in (pos, seg))
-    blocks = dict(q_index=qp if per_head else None, block_q=128, block_k=128, window=window, num_global=num_global)
-    pairs = lp.live_pairs(qp, qs, pos, seg, **blocks)
-    dkv_pairs = lp.dkv_live_pairs(qp, qs, pos, seg, group=N // K, **blocks)
-    kw = dict(scale=0.1, block_q=128, block_k=128, window=window, num_global=num_global, softcap=30.0,
-              interpret=False)
-    args = (q, k, v, qp, pos, qs, seg)
-    out, lse = tpu.flash_forward_pairs(*args, pairs, **kw)
-    return (tpu.flash_dq_pairs(*args, pairs, out, lse, do, **kw),
-            *tpu.flash_dkv_pairs(*args, dkv_pairs, out, lse, do, **kw))
-
-  text = jax.jit(attention).trace(q, k, k, q, keys, keys).lower(lowering_platforms=('tpu',)).as_text()
-  assert text.count('tpu_custom_call') == 3
-  assert 'sparse_attention_dkv_pairs' in text
 
 
 def test_public_forward_with_lse_on_the_tpu_backend():
