@@ -6,7 +6,9 @@ without loading anything. The attention kernel then runs on these rows with per-
 work done for head n is proportional to the number of tokens that chose it.
 
 Only jnp gathers happen here (O(B*T*N*H) memory traffic, no sort: a cumulative sum gives each active token
-its row). Both directions are gathers, so autodiff turns them into scatter-adds.
+its row). gather_rows and scatter_rows are a permutation of the active (token, head) pairs and its inverse (zeros
+elsewhere), so each is the other's transpose: their custom VJPs say so, and the backward runs the other gather
+instead of the scatter-add that autodiff of a gather gives (atomics on GPU, serialised updates on TPU).
 """
 from __future__ import annotations
 
@@ -36,10 +38,12 @@ def group_by_head(active: jax.Array) -> HeadGroups:
   return HeadGroups(index, valid, slot.astype(jnp.int32))
 
 
+@jax.custom_vjp
 def gather_rows(x: jax.Array, groups: HeadGroups) -> jax.Array:
-  """x [B, T, N, H] -> rows [B, C, N, H]: rows[b, c, n] = x[b, index[b, n, c], n]."""
+  """x [B, T, N, H] -> rows [B, C, N, H]: rows[b, c, n] = x[b, index[b, n, c], n] on valid rows, 0 on padding."""
   idx = jnp.swapaxes(groups.index, 1, 2)[..., None]  # [B, C, N, 1]
-  return jnp.take_along_axis(x, idx, axis=1)
+  valid = jnp.swapaxes(groups.valid, 1, 2)[..., None]
+  return jnp.where(valid, jnp.take_along_axis(x, idx, axis=1), jnp.zeros((), x.dtype))
 
 
 def gather_metadata(x: jax.Array, groups: HeadGroups, fill: int) -> jax.Array:
@@ -48,9 +52,20 @@ def gather_metadata(x: jax.Array, groups: HeadGroups, fill: int) -> jax.Array:
   return jnp.where(groups.valid, rows, fill)
 
 
+@jax.custom_vjp
 def scatter_rows(rows: jax.Array, groups: HeadGroups) -> jax.Array:
   """Inverse of gather_rows: rows [B, C, N, H] -> [B, T, N, H], zeros at inactive (token, head) pairs."""
   C = rows.shape[1]
   slot = jnp.minimum(groups.slot, C - 1)[..., None]  # [B, T, N, 1]
   out = jnp.take_along_axis(rows, slot, axis=1)
   return jnp.where((groups.slot < C)[..., None], out, jnp.zeros((), rows.dtype))
+
+
+def _no_grad(groups: HeadGroups) -> HeadGroups:
+  return HeadGroups(*(None for _ in groups))
+
+
+gather_rows.defvjp(lambda x, groups: (gather_rows(x, groups), groups),
+                   lambda groups, ct: (scatter_rows(ct, groups), _no_grad(groups)))
+scatter_rows.defvjp(lambda rows, groups: (scatter_rows(rows, groups), groups),
+                    lambda groups, ct: (gather_rows(ct, groups), _no_grad(groups)))

@@ -50,6 +50,62 @@ def test_grouping_against_loop_oracle():
   np.testing.assert_array_equal(np.asarray(back), np.where(active[..., None], np.asarray(x), 0.0))
 
 
+def _one_hot_rows(active):
+  """Dense oracle of the grouping: P [B, N, C, T] with P[b, n, c, t] = 1 iff token t is head n's c-th active
+  token (numpy loops, independent of grouping.py)."""
+  B, T, N = active.shape
+  P = np.zeros((B, N, T, T), np.float32)
+  for b in range(B):
+    for n in range(N):
+      for c, t in enumerate(np.flatnonzero(active[b, :, n])):
+        P[b, n, c, t] = 1.0
+  return jnp.asarray(P)
+
+
+def test_grouping_vjps_are_the_transposes():
+  """gather_rows / scatter_rows and their custom VJPs against the one-hot matrix oracle and its autodiff."""
+  rng = np.random.default_rng(1)
+  B, T, N, H = 2, 11, 3, 4
+  active = rng.random((B, T, N)) < 0.5
+  groups = group_by_head(jnp.asarray(active))
+  P = _one_hot_rows(active)
+  x = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  rows_ct = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  oracle_gather = lambda x: jnp.einsum('bnct,btnh->bcnh', P, x, precision='highest')
+  oracle_scatter = lambda r: jnp.einsum('bnct,bcnh->btnh', P, r, precision='highest')
+  for fn, oracle, arg in ((gather_rows, oracle_gather, x), (scatter_rows, oracle_scatter, rows_ct)):
+    got, got_vjp = jax.vjp(lambda a, fn=fn: fn(a, groups), arg)
+    want, want_vjp = jax.vjp(oracle, arg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    ct = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(got_vjp(ct)[0]), np.asarray(want_vjp(ct)[0]), atol=1e-6)
+
+
+def test_routed_backward_has_no_scatter_add():
+  """The routed backward reverses the grouping with the opposite gathers (custom VJPs), not with the scatter-adds
+  that autodiff of a gather gives: no scatter-add in the jaxpr of the gradient, sub-jaxprs included; the control,
+  autodiff of a plain take_along_axis, has one."""
+  from tests.pallas_kernels.test_decode_no_copy import equations  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  B, T, N, K, H = 1, 32, 4, 2, 16
+  pos, seg = layout([([20, 12],)])
+  gates, active = random_routing(rng, B, T, N, 2)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
+
+  def loss(q, k, gates):
+    out = routed_attention(q, k, k, pos, pos, seg, seg, gates, active, block_q=16, block_k=16, backend='gpu',
+                           interpret=True)
+    return jnp.sum(out ** 2)
+
+  prims = lambda fn, *a: {e.primitive.name for e in equations(jax.make_jaxpr(fn)(*a).jaxpr)}
+  found = prims(jax.grad(loss, argnums=(0, 1, 2)), q, k, gates)
+  assert 'scatter-add' not in found and 'gather' in found
+  idx = jnp.zeros((B, T, N, 1), jnp.int32)
+  control = prims(jax.grad(lambda x: jnp.sum(jnp.take_along_axis(x, idx, axis=1))), q)
+  assert 'scatter-add' in control
+
+
 # (name, dtype, B, N, K, H, rows, window, num_global, top_k, num_shared, block_q, block_k, softcap)
 CASES = [
     ('f32_causal_k2of4_mha', jnp.float32, 1, 4, 4, 16, [([64],)], None, 0, 2, 0, 16, 16, None),
