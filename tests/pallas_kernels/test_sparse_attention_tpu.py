@@ -58,6 +58,18 @@ def dense_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale, window, num_g
   return jnp.einsum('bnts,bsnh->btnh', p, vf, precision='highest')
 
 
+def count_calls(monkeypatch, module, **attrs) -> dict:
+  """Wraps module.<attr> for each key=attr so that every run of a traced call adds 1 to counts[key] (a host
+  callback, so kernel bodies in interpret mode count per grid step); returns counts."""
+  counts = dict.fromkeys(attrs, 0)
+  for key, attr in attrs.items():
+    def wrapped(*args, _fn=getattr(module, attr), _key=key, **kwargs):
+      jax.debug.callback(lambda: counts.__setitem__(_key, counts[_key] + 1))
+      return _fn(*args, **kwargs)
+    monkeypatch.setattr(module, attr, wrapped)
+  return counts
+
+
 def run_kernels(q, k, v, do, q_pos, k_pos, q_seg, k_seg, q_index=None, *, block_q, block_k, block_k_compute=None,
                 **kw):
   """(out, lse, dq, dk, dv) of the three kernels over the live-pair lists of the metadata."""
@@ -147,17 +159,7 @@ def test_compute_chunk():
 def test_inner_loop_computes_every_chunk_once(monkeypatch):
   """With 64-wide key blocks in 16-column chunks, each live pair computes scores 4 times and each edge pair
   evaluates 4 chunk masks, counted with host callbacks in interpret mode; the grid is still one step per pair."""
-  counts = {'scores': 0, 'masks': 0, 'steps': 0}
-
-  def counting(name, fn):
-    def wrapped(*args, **kwargs):
-      jax.debug.callback(lambda: counts.__setitem__(name, counts[name] + 1))
-      return fn(*args, **kwargs)
-    return wrapped
-
-  monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
-  monkeypatch.setattr(tpu, '_fwd_mask', counting('masks', tpu._fwd_mask))
-  monkeypatch.setattr(tpu, '_fwd_kernel', counting('steps', tpu._fwd_kernel))
+  counts = count_calls(monkeypatch, tpu, scores='_scores', masks='_fwd_mask', steps='_fwd_kernel')
   pos, seg = layout([[100, 60, 32], [192]])
   B, T = pos.shape
   N, K, H, bq, bk, chunk = 2, 1, 8, 32, 64, 16

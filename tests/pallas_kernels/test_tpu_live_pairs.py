@@ -10,7 +10,7 @@ import pytest
 from pallas_kernels.sparse_attention import live_pairs as lp
 from pallas_kernels.sparse_attention import tpu
 from pallas_kernels.sparse_attention.reference import sparse_attention_mask
-from tests.pallas_kernels.test_sparse_attention_tpu import layout, routed_rows
+from tests.pallas_kernels.test_sparse_attention_tpu import count_calls, layout, routed_rows
 
 
 def brute_force(q_pos, q_seg, k_pos, k_seg, *, block_q, block_k, window, num_global):
@@ -143,17 +143,7 @@ def test_grid_steps_are_the_live_pairs(monkeypatch):
   """Counts, with host callbacks in TPU interpret mode, the grid steps (kernel body runs) and the steps that
   compute scores, masked or not: B * N * steps runs (steps: the longest row's live pairs plus one entry per
   empty query block), N * live pairs computing, N * edge pairs masked."""
-  counts = {'steps': 0, 'scores': 0, 'masks': 0}
-
-  def counting(name, fn):
-    def wrapped(*args, **kwargs):
-      jax.debug.callback(lambda: counts.__setitem__(name, counts[name] + 1))
-      return fn(*args, **kwargs)
-    return wrapped
-
-  monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
-  monkeypatch.setattr(tpu, '_fwd_mask', counting('masks', tpu._fwd_mask))
-  monkeypatch.setattr(tpu, '_fwd_kernel', counting('steps', tpu._fwd_kernel))
+  counts = count_calls(monkeypatch, tpu, scores='_scores', masks='_fwd_mask', steps='_fwd_kernel')
   pos, seg = layout([[40, 70, 18], [128]])
   B, T = pos.shape
   N, K, H, b = 2, 1, 8, 16
@@ -189,17 +179,7 @@ def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
   k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
   args = (q, k, k, pos, pos, seg, seg)
   out, lse = tpu.flash_forward(*args, pairs, scale=1.0, softcap=None, interpret=True, **kw)
-  counts = {'steps': 0, 'scores': 0, 'masks': 0}
-
-  def counting(name, fn):
-    def wrapped(*args, **kwargs):
-      jax.debug.callback(lambda: counts.__setitem__(name, counts[name] + 1))
-      return fn(*args, **kwargs)
-    return wrapped
-
-  monkeypatch.setattr(tpu, '_scores', counting('scores', tpu._scores))
-  monkeypatch.setattr(tpu, '_dkv_mask', counting('masks', tpu._dkv_mask))
-  monkeypatch.setattr(tpu, '_dkv_kernel', counting('steps', tpu._dkv_kernel))
+  counts = count_calls(monkeypatch, tpu, scores='_scores', masks='_dkv_mask', steps='_dkv_kernel')
   dk, dv = tpu.flash_dkv(*args, dkv_pairs, out, lse, q, scale=1.0, softcap=None, interpret=True, **kw)
   jax.block_until_ready((dk, dv))
   empty = ~live.any(axis=1)  # [B, nk]
