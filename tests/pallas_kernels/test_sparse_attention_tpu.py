@@ -109,8 +109,10 @@ CASES = [
     ('bf16_per_head_causal_gqa4_softcap', jnp.bfloat16, 4, 1, 32, [[40, 18]], 6, None, 0, 2.0, 32, 32, None,
      True),
 ]
+# ~7-15 s each on 2 cores; run with -m slow. The default cases still cover causal, window, window + globals, softcap,
+# padding, GQA 1/2/4, per-head rows, f32 and bf16, one chunk and several.
 SLOW_CASES = ('f32_causal_single_doc_and_packed_mha', 'bf16_window_packed_tail_gqa4',
-              'bf16_per_head_causal_gqa4_softcap')  # ~7 s each on 2 cores; run with -m slow
+              'bf16_per_head_causal_gqa4_softcap', 'f32_per_head_causal_gqa2', 'bf16_causal_packed_tail')
 
 
 @pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.slow) if c[0] in SLOW_CASES else c
@@ -225,3 +227,32 @@ def test_kernels_lower_to_mosaic(per_head, window, num_global, T, block):
   if block == 512:
     with pytest.raises(ValueError, match='divisible by 8 and 128'):
       lower(64)
+
+
+@pytest.mark.parametrize('window,num_global', [(None, 0), (1024, 4)])
+def test_public_training_call_lowers_at_32k_with_512_blocks(window, num_global):
+  """The public sparse_attention forward + backward at the size users train (T = 32768, 16 heads of 128, GQA 2),
+  traced from shapes only and lowered for TPU: the default blocks are 512 x 512, and each kernel's prefetched list
+  has room for one int32 word per possibly live pair: the causal triangle of 64 query blocks, 64 * 65 / 2 = 2080
+  words (about 128 KiB at 128-blocks: 32896), or with a window of 1024 three local blocks plus two for the sink
+  run (a document starting mid-block puts its 4 sinks across a boundary), fewer for the first four query blocks:
+  1 + 2 + 3 + 4 + 60 * 5 = 310 words."""
+  B, T, N, K, H = 1, 32768, 16, 8, 128
+  q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
+  meta = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+  def loss(q, k, v, pos, seg):
+    from pallas_kernels.sparse_attention import sparse_attention  # pylint: disable=g-import-not-at-top
+    out = sparse_attention(q, k, v, pos, pos, seg, seg, window=window, num_global=num_global, backend='tpu',
+                           interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, meta, meta).lower(
+      lowering_platforms=('tpu',))
+  text = lowered.as_text()
+  assert text.count('tpu_custom_call') == 3
+  nq = T // 512
+  words = nq * (nq + 1) // 2 if window is None else 1 + 2 + 3 + 4 + (nq - 4) * 5
+  # The forward's list is an int32 [B * words] operand of the kernel call (scalar prefetch).
+  assert f'tensor<{B * words}xi32>' in text

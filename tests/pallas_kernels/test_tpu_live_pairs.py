@@ -166,9 +166,9 @@ def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
   entry per key block nothing sees, here the padded tail), computes scores on exactly K * group * live pairs and
   the mask on the edge ones, and writes zero dk/dv for the EMPTY key block (interpret mode fills unwritten
   outputs with NaN)."""
-  pos, seg = layout([[40, 70, 18], [128]], pad=16)
+  pos, seg = layout([[40, 70, 18], [128]], pad=32)
   B, T = pos.shape
-  N, K, H, b = 4, 2, 8, 16
+  N, K, H, b = 4, 2, 8, 32
   group = N // K
   kw = dict(block_q=b, block_k=b, window=None, num_global=0)
   live, full = brute_force(pos, seg, pos, seg, **kw)

@@ -98,7 +98,12 @@ def run_on_one_device(kind: str, tmp: str) -> list[float]:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('kind', KINDS)
+# lora, distill and dp take 27-36 s each on 2 cores (a fresh process, a teacher or base run first); each feature has
+# its own default tests against references (test_lora.py, test_distill.py, test_privacy.py), so they run with -m slow.
+SLOW_KINDS = ('lora', 'distill', 'dp')
+
+
+@pytest.mark.parametrize('kind', [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_KINDS else k for k in KINDS])
 def test_few_step_losses_match_main(kind, tmp_path):
   expected = _golden()[kind]
   got = run_on_one_device(kind, str(tmp_path))
