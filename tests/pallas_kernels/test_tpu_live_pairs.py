@@ -139,26 +139,42 @@ def test_pair_counts_remove_dead_steps():
   assert int(pairs.steps) == 2 * nq - 1
 
 
-def test_grid_steps_are_the_live_pairs(monkeypatch):
+@pytest.mark.parametrize('window,num_global,per_head', [(None, 0, False), (20, 0, False), (20, 3, False),
+                                                       (None, 0, True), (20, 3, True)])
+def test_grid_steps_are_the_live_pairs(monkeypatch, window, num_global, per_head):
   """Counts, with host callbacks in TPU interpret mode, the grid steps (kernel body runs) and the steps that
-  compute scores, masked or not: B * N * steps runs (steps: the longest row's live pairs plus one entry per
-  empty query block), N * live pairs computing, N * edge pairs masked."""
+  compute scores, masked or not, for causal, window, window + globals and routed per-head rows: B * N * steps runs
+  (steps: the longest row's live pairs plus one entry per empty query block), scores on exactly the live pairs and
+  the mask on exactly the edge pairs (pairs from the dense mask by brute force)."""
   counts = count_calls(monkeypatch, tpu, scores='_scores', masks='_fwd_mask', steps='_fwd_kernel')
   pos, seg = layout([[40, 70, 18], [128]])
   B, T = pos.shape
   N, K, H, b = 2, 1, 8, 16
-  kw = dict(block_q=b, block_k=b, window=None, num_global=0)
-  live, full = brute_force(pos, seg, pos, seg, **kw)
-  pairs = lp.live_pairs(pos, seg, pos, seg, **kw)
+  kw = dict(block_q=b, block_k=b, window=window, num_global=num_global)
+  if per_head:  # one list per (batch row, head): the dense mask of each head's compacted rows
+    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(4), pos, seg, N)
+    flat = lambda x: x.reshape(B * N, T)
+    live, full = brute_force(flat(q_pos), flat(q_seg), jnp.repeat(pos, N, 0), jnp.repeat(seg, N, 0), **kw)
+    heads = 1  # each list row is one (batch row, head)
+  else:
+    q_pos, q_seg, q_index = pos, seg, None
+    live, full = brute_force(pos, seg, pos, seg, **kw)
+    heads = N  # each list row serves every head
+  pairs = lp.live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, **kw)
   q = jnp.ones((B, T, N, H))
   k = jnp.ones((B, T, K, H))
-  out, _ = tpu.flash_forward(q, k, k, pos, pos, seg, seg, pairs, scale=1.0, softcap=None, interpret=True,
-                                   **kw)
+  out, _ = tpu.flash_forward(q, k, k, q_pos, pos, q_seg, seg, pairs, scale=1.0, softcap=None, interpret=True,
+                             **kw)
   jax.block_until_ready(out)
+  nq = T // b
   assert counts['steps'] == B * N * int(pairs.steps)
-  assert int(pairs.steps) == max(int(live[r].sum() + (~live[r].any(-1)).sum()) for r in range(B))
-  assert counts['scores'] == N * int(live.sum()) < B * N * (T // b) ** 2 // 2
-  assert counts['masks'] == N * int((live & ~full).sum()) < counts['scores']
+  assert int(pairs.steps) == max(int(live[r].sum() + (~live[r].any(-1)).sum()) for r in range(live.shape[0]))
+  assert counts['scores'] == heads * int(live.sum())
+  assert counts['masks'] == heads * int((live & ~full).sum())
+  # Against the old static grids: nq * nq steps per row for causal and per-head rows; under a window most are dead.
+  assert int(pairs.steps) < (nq * nq // 2 if window is not None else nq * nq)
+  if window is None:  # long causal documents: most live pairs are full (a window of 20 cuts every 16-block)
+    assert counts['masks'] < counts['scores']
 
 
 def test_dkv_grid_steps_are_the_live_pairs(monkeypatch):
