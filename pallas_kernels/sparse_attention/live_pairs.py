@@ -103,18 +103,39 @@ def block_masks(q_pos, q_seg, k_pos, k_seg, *, block_q, block_k, window=None, nu
   return live, full & live
 
 
+def per_head_capacity(T: int, *, block_q: int, block_k: int) -> int:
+  """Static bound on the entries of one per-head row whose valid rows are distinct tokens in increasing order at
+  rows 0..count-1 (grouping.group_by_head's layout), padding (segment -1) after.
+
+  Causality alone bounds it (a window only removes pairs). With m non-empty query blocks there are at least
+  (m - 1) * bq + 1 valid rows, and row r < count holds a token of index at most T - count + r (the rows after it
+  need distinct later tokens), so block i < m - 1 sees key blocks up to (T - count + (i + 1) * bq - 1) // bk; the
+  last non-empty block may see all nk; each of the nq - m empty blocks takes one EMPTY entry. The maximum over m
+  is about nq * nk / 2 (the causal triangle) instead of nq * nk.
+  """
+  nq, nk = T // block_q, T // block_k
+  best = 0
+  for m in range(1, nq + 1):
+    count = (m - 1) * block_q + 1
+    total = nk + nq - m + sum(min(nk, (T - count + (i + 1) * block_q - 1) // block_k + 1) for i in range(m - 1))
+    best = max(best, total)
+  return min(best, nq * nk)
+
+
 def row_capacity(T: int, *, block_q: int, block_k: int, window: int | None, num_global: int,
                  per_head: bool) -> int:
   """Static bound on the entries of one row: the size P of the pair lists.
 
-  Per-head rows (compacted tokens) may see any key block: nq * nk. Shared metadata meets the precondition, so
+  Per-head rows (routed attention's compacted rows: a head's tokens in increasing token order at rows
+  0..count-1, padding after) are bounded by `per_head_capacity`, about half of nq * nk. Shared metadata meets the
+  precondition, so
   query block i sees key blocks up to its last token, and with a window only the blocks of its local range
   [i*bq - window + 1, (i+1)*bq - 1] plus those of the one run of num_global tokens of the document open at its first
   query (a merged range is no longer than the two); an empty block takes one entry.
   """
   nq, nk = T // block_q, T // block_k
   if per_head:
-    return nq * nk
+    return per_head_capacity(T, block_q=block_q, block_k=block_k)
   runs = (num_global + 2 * block_k - 2) // block_k if (window is not None and num_global) else 0
   total = 0
   for i in range(nq):

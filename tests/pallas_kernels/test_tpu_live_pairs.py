@@ -116,13 +116,40 @@ def test_per_head_pair_lists_match_dense_mask():
     live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
                              jnp.repeat(seg, N, 0), **kw)
     pairs = lp.live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, **kw)
-    assert pairs.pairs.shape == (B * N, (T // 16) * (T // 32))
+    assert pairs.pairs.shape == (B * N, lp.per_head_capacity(T, block_q=16, block_k=32))
     for r, (entries, _, _) in enumerate(decode_rows(pairs)):
       got = {(i, j): kind for i, j, kind in entries if kind != lp.EMPTY}
       assert got == {(i, j): lp.FULL if full[r, i, j] else lp.EDGE for i, j in zip(*np.nonzero(live[r]))}
     assert live.sum() < live.size / 2
     if window is None:
       assert full.any()  # compacted rows of a long causal document
+
+
+@pytest.mark.parametrize('bq,bk', [(16, 16), (16, 32), (32, 16)])
+def test_per_head_capacity_is_the_tight_bound(bq, bk):
+  """Every head routed to the last `count` tokens of one document (for each count: the layout with the most live
+  pairs per query block) and random routings: no row has more entries than per_head_capacity, and the worst
+  layout has exactly that many (so no entry is ever dropped, and the SMEM list is no larger than needed)."""
+  T = 128
+  pos, seg = layout([[T]])
+  rows = np.zeros((3, T, T), np.int32)  # (q_pos, q_seg, q_index) per count
+  rows[1] = -1
+  for count in range(1, T + 1):
+    idx = np.arange(T - count, T)
+    rows[0, count - 1, :count], rows[1, count - 1, :count], rows[2, count - 1, :count] = idx, 1, idx
+  rng = np.random.default_rng(6)
+  random_pos, random_seg, random_index = routed_rows(rng, jnp.repeat(pos, 8, 0), jnp.repeat(seg, 8, 0), 4)
+  cap = lp.per_head_capacity(T, block_q=bq, block_k=bk)
+  assert cap < (T // bq) * (T // bk)
+  kw = dict(block_q=bq, block_k=bk)
+  live, _ = lp.block_masks(jnp.asarray(rows[0]), jnp.asarray(rows[1]), jnp.repeat(pos, T, 0), jnp.repeat(seg, T, 0),
+                           q_index=jnp.asarray(rows[2]), **kw)
+  entries = np.asarray(live).sum(axis=(1, 2)) + (~np.asarray(live).any(-1)).sum(-1)  # live pairs + EMPTY blocks
+  assert entries.max() == cap
+  flat = lambda x: x.reshape(-1, T)
+  live, _ = lp.block_masks(flat(random_pos), flat(random_seg), jnp.repeat(pos, 32, 0), jnp.repeat(seg, 32, 0),
+                           q_index=flat(random_index), **kw)
+  assert (np.asarray(live).sum(axis=(1, 2)) + (~np.asarray(live).any(-1)).sum(-1)).max() <= cap
 
 
 def test_pair_counts_remove_dead_steps():
