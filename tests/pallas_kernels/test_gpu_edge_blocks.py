@@ -23,21 +23,12 @@ from pallas_kernels.sparse_attention import (
     sparse_attention_with_lse,
 )
 from pallas_kernels.sparse_attention.schedule import visited_blocks
-
-
-def packed_row(doc_lens, pad=0, never=()):
-  """Positions/segments of one packed row: documents (segments 1, 2, ...), then `pad` kernel-padding tokens
-  (segment -1, position 0); `never`: indices overwritten with segment -1 (holes)."""
-  pos = np.concatenate([np.arange(n) for n in doc_lens] + [np.zeros(pad, int)]).astype(np.int32)
-  seg = np.concatenate([np.full(n, d + 1) for d, n in enumerate(doc_lens)] + [np.full(pad, -1)]).astype(np.int32)
-  for i in never:
-    pos[i], seg[i] = 0, -1
-  return pos, seg
+from tests.pallas_kernels.test_sparse_attention import layout as sparse_layout
 
 
 def layout(rows):
-  pos, seg = zip(*[packed_row(*r) for r in rows])
-  return jnp.asarray(np.stack(pos)), jnp.asarray(np.stack(seg))
+  """Packed rows (doc_lens, pad, never) whose `pad` tail is kernel padding (segment -1, position 0)."""
+  return sparse_layout(rows, pad_segment=-1)
 
 
 def brute_force_pairs(pos, seg, *, block_q, block_k, window, num_global):

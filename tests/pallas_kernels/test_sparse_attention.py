@@ -18,15 +18,16 @@ from pallas_kernels.sparse_attention import (
 from pallas_kernels.sparse_attention.schedule import visited_blocks
 
 
-def packed_row(doc_lens, pad=0, never=()):
-  """Positions/segments of one packed row: documents (segments 1, 2, ...), then `pad` padding tokens
-  (segment 0, positions 0..pad-1). `never`: indices overwritten with segment -1 (position 0)."""
+def packed_row(doc_lens, pad=0, never=(), pad_segment=0):
+  """Positions/segments of one packed row: documents (segments 1, 2, ...), then `pad` padding tokens (segment
+  `pad_segment`: 0, a padding document with positions 0..pad-1, or -1, kernel padding with position 0). `never`:
+  indices overwritten with segment -1 (position 0)."""
   pos, seg = [], []
   for d, n in enumerate(doc_lens):
     pos += list(range(n))
     seg += [d + 1] * n
-  pos += list(range(pad))
-  seg += [0] * pad
+  pos += list(range(pad)) if pad_segment != -1 else [0] * pad
+  seg += [pad_segment] * pad
   pos, seg = np.array(pos, np.int32), np.array(seg, np.int32)
   for i in never:
     # A token that nothing matches. Its neighbours keep their positions, so documents stay contiguous
@@ -35,8 +36,8 @@ def packed_row(doc_lens, pad=0, never=()):
   return pos, seg
 
 
-def layout(rows):
-  pos, seg = zip(*[packed_row(*r) for r in rows])
+def layout(rows, pad_segment=0):
+  pos, seg = zip(*[packed_row(*r, pad_segment=pad_segment) for r in rows])
   return jnp.asarray(np.stack(pos)), jnp.asarray(np.stack(seg))
 
 

@@ -92,15 +92,23 @@ def test_dkv_pair_lists_match_dense_mask(window, num_global, bq, bk, group):
   assert bk > 16 or (~live.any(axis=1)).any()  # the padded tail: key blocks with EMPTY entries
 
 
+def per_head_masks(pos, seg, num_heads, seed, **kw):
+  """Random routed per-head rows of the layout and their brute-force (live, full) [B * N, nq, nk]: returns
+  (q_pos, q_seg, q_index, live, full)."""
+  q_pos, q_seg, q_index = routed_rows(np.random.default_rng(seed), pos, seg, num_heads)
+  B, N, T = q_pos.shape
+  live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
+                           jnp.repeat(seg, N, 0), **kw)
+  return q_pos, q_seg, q_index, live, full
+
+
 def test_per_head_dkv_pair_lists_match_dense_mask():
   """Routed per-head rows, GQA: the list of (batch, kv head) merges its group's query heads."""
   pos, seg = layout([[30, 28, 40], [98]], pad=30)
   for window, num_global in [(None, 0), (16, 2), (40, 0)]:
-    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(1), pos, seg, 4)
     kw = dict(block_q=16, block_k=32, window=window, num_global=num_global)
-    B, N, T = q_pos.shape
-    live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
-                             jnp.repeat(seg, N, 0), **kw)
+    q_pos, q_seg, q_index, live, full = per_head_masks(pos, seg, 4, 1, **kw)
+    B = q_pos.shape[0]
     pairs = lp.dkv_live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, group=2, **kw)
     assert pairs.pairs.shape[0] == B * 2
     check_dkv_lists(pairs, live, full, 2)
@@ -110,11 +118,9 @@ def test_per_head_pair_lists_match_dense_mask():
   """Routed attention's compacted per-head rows (q_index: the token of each row)."""
   pos, seg = layout([[30, 28, 40], [98]], pad=30)
   for window, num_global in [(None, 0), (16, 2), (40, 0)]:
-    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(0), pos, seg, 3)
     kw = dict(block_q=16, block_k=32, window=window, num_global=num_global)
+    q_pos, q_seg, q_index, live, full = per_head_masks(pos, seg, 3, 0, **kw)
     B, N, T = q_pos.shape
-    live, full = brute_force(q_pos.reshape(B * N, T), q_seg.reshape(B * N, T), jnp.repeat(pos, N, 0),
-                             jnp.repeat(seg, N, 0), **kw)
     pairs = lp.live_pairs(q_pos, q_seg, pos, seg, q_index=q_index, **kw)
     assert pairs.pairs.shape == (B * N, lp.per_head_capacity(T, block_q=16, block_k=32))
     for r, (entries, _, _) in enumerate(decode_rows(pairs)):
@@ -179,9 +185,7 @@ def test_grid_steps_are_the_live_pairs(monkeypatch, window, num_global, per_head
   N, K, H, b = 2, 1, 8, 16
   kw = dict(block_q=b, block_k=b, window=window, num_global=num_global)
   if per_head:  # one list per (batch row, head): the dense mask of each head's compacted rows
-    q_pos, q_seg, q_index = routed_rows(np.random.default_rng(4), pos, seg, N)
-    flat = lambda x: x.reshape(B * N, T)
-    live, full = brute_force(flat(q_pos), flat(q_seg), jnp.repeat(pos, N, 0), jnp.repeat(seg, N, 0), **kw)
+    q_pos, q_seg, q_index, live, full = per_head_masks(pos, seg, N, 4, **kw)
     heads = 1  # each list row is one (batch row, head)
   else:
     q_pos, q_seg, q_index = pos, seg, None
